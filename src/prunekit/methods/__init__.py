@@ -1,0 +1,79 @@
+"""The method registry: a name, a hyperparameter dataclass and a function producing masks.
+
+A method is `run(ctx: PruneContext, hp) -> {tensor name: bool mask}`. Scoring methods compute
+scores and call `ctx.select(scores)`; methods that train or solve for new weights may update the
+model's weights too (`ctx.targets[i].dense`). Everything else — choosing tensors, budgets, applying
+masks, measuring — is done once by `prunekit.prune`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..budgets import Budget
+from ..cost import CostMeter
+from ..errors import PrunekitError
+from ..masks import MASKED
+from ..targets import Target
+
+
+@dataclass
+class PruneContext:
+    """What a method sees: the model, its prunable tensors, the budget, data and a meter."""
+
+    model: nn.Module
+    targets: list[Target]
+    sparsity: float
+    budget: Budget
+    data: Any
+    seed: int
+    meter: CostMeter
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def select(self, scores: dict[str, torch.Tensor], sparsity: float | None = None) -> dict[str, torch.Tensor]:
+        """Exact masks from scores under this prune's budget."""
+        return self.budget.select(scores, self.sparsity if sparsity is None else sparsity)
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A CPU generator seeded from the prune's seed, so the same seed gives the same masks."""
+        return torch.Generator().manual_seed(self.seed + offset)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    run: Callable[[PruneContext, Any], dict[str, torch.Tensor]]
+    hparams: type
+    summary: str
+    needs_data: bool = False
+    mask_mode: str = MASKED
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(name: str, hparams: type, summary: str, needs_data: bool = False, mask_mode: str = MASKED):
+    """Decorator adding a method function to the registry under `name`."""
+    def decorate(run):
+        if name in _REGISTRY:
+            raise RuntimeError(f"method {name!r} is registered twice")
+        _REGISTRY[name] = Method(name, run, hparams, summary, needs_data, mask_mode)
+        return run
+    return decorate
+
+
+def get_method(name: str) -> Method:
+    if name not in _REGISTRY:
+        raise PrunekitError(f"unknown method {name!r}; registered methods: {', '.join(sorted(_REGISTRY))} "
+                            "(list them with `prunekit methods`)")
+    return _REGISTRY[name]
+
+
+def all_methods() -> list[Method]:
+    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
+
+
+from . import magnitude  # noqa: E402,F401  (registers its methods)

@@ -1,0 +1,237 @@
+"""Scores to masks with exact counts.
+
+Every selection sorts by score with a stable sort and cuts at an exact index, so ties are broken
+by position and a requested count is always met exactly (never a threshold that ties can shift).
+Sparsity is counted over the tensors given: unstructured budgets prune round(s * weights),
+structured budgets prune round(s * groups), N:M keeps N of every M.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from .errors import PrunekitError
+from .targets import Target
+
+ALLOCATIONS = ("global", "uniform", "erk")
+STRUCTURES = ("unstructured", "nm", "filters", "channels")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How a model-level sparsity becomes per-tensor masks."""
+
+    allocation: str = field(default="global", metadata={
+        "help": "global: one ranking over all tensors; uniform: the same sparsity per tensor; "
+                "erk: Erdős–Rényi-kernel densities (RigL)"})
+    structure: str = field(default="unstructured", metadata={
+        "help": "unstructured | nm (N of every M along the input dimension) | "
+                "filters (whole output filters) | channels (whole input channels)"})
+    n: int = field(default=2, metadata={"help": "N of N:M sparsity (kept weights per group)"})
+    m: int = field(default=4, metadata={"help": "M of N:M sparsity (group size)"})
+    layer_sparsity: Mapping[str, float] | None = field(default=None, metadata={
+        "help": "per-tensor sparsity overrides {name regex: sparsity}; other tensors share the model sparsity"})
+
+    def __post_init__(self) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise PrunekitError(f"budget allocation {self.allocation!r} is unknown; use one of {', '.join(ALLOCATIONS)}")
+        if self.structure not in STRUCTURES:
+            raise PrunekitError(f"budget structure {self.structure!r} is unknown; use one of {', '.join(STRUCTURES)}")
+        if self.structure == "nm" and not 0 < self.n < self.m:
+            raise PrunekitError(f"N:M sparsity needs 0 < N < M, got {self.n}:{self.m} (e.g. --n 2 --m 4)")
+        if self.structure != "unstructured" and self.allocation == "erk":
+            raise PrunekitError("ERK allocation is for unstructured sparsity; use global or uniform with "
+                                f"structure {self.structure!r}")
+        for pattern, value in (self.layer_sparsity or {}).items():
+            check_sparsity(value, f"layer_sparsity[{pattern!r}]")
+
+    @property
+    def fixed_sparsity(self) -> float | None:
+        """N:M fixes the sparsity at 1 - N/M; other structures take the requested one."""
+        return 1 - self.n / self.m if self.structure == "nm" else None
+
+    def skip_reason(self, target: Target) -> str | None:
+        """Why this structure cannot apply to a tensor (it is then left dense), or None."""
+        if self.structure == "nm" and _input_dim(target.shape) % self.m:
+            return f"input dimension {_input_dim(target.shape)} is not a multiple of M={self.m}"
+        if self.structure == "channels" and target.groups > 1:
+            return "grouped convolution: an input channel is not a whole slice of its weight"
+        return None
+
+    def select(self, scores: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+        """Boolean masks (True = kept) that prune the lowest-scoring entries."""
+        _check_scores(scores)
+        if self.structure == "nm":
+            return {name: _n_of_m(score, self.n, self.m) for name, score in scores.items()}
+        group_scores = {name: _group_scores(score, self.structure) for name, score in scores.items()}
+        counts = self.prune_counts({n: s.numel() for n, s in group_scores.items()}, sparsity,
+                                   {n: scores[n].shape for n in scores})
+        keep = _keep_groups(group_scores, counts, keep_one_per_tensor=self.structure != "unstructured")
+        return {name: _expand(keep[name], scores[name].shape, self.structure) for name in scores}
+
+    def requested(self, shapes: Mapping[str, torch.Size], sparsity: float) -> dict[str, float | None]:
+        """Requested sparsity per tensor (None where a global ranking decides)."""
+        if self.fixed_sparsity is not None:
+            return {name: self.fixed_sparsity for name in shapes}
+        overrides = self._overrides(shapes)
+        if self.allocation == "global":
+            return {name: overrides.get(name) for name in shapes}
+        sizes = {n: _group_count(shape, self.structure) for n, shape in shapes.items()}
+        counts = self.prune_counts(sizes, sparsity, shapes)
+        return {name: counts[name] / sizes[name] for name in shapes}
+
+    # ---- counts
+
+    def prune_counts(self, sizes: Mapping[str, int], sparsity: float,
+                     shapes: Mapping[str, torch.Size]) -> dict[str, int]:
+        """Groups to prune per tensor; under global allocation the free tensors share one count under key None."""
+        check_sparsity(sparsity)
+        overrides = self._overrides(shapes)
+        counts = {name: round(value * sizes[name]) for name, value in overrides.items()}
+        free = {name: size for name, size in sizes.items() if name not in overrides}
+        if not free:
+            return counts
+        if self.allocation == "global":
+            counts[None] = round(sparsity * sum(free.values()))
+        elif self.allocation == "uniform":
+            counts.update({name: round(sparsity * size) for name, size in free.items()})
+        else:
+            counts.update(_erk_counts({n: shapes[n] for n in free}, sparsity))
+        return counts
+
+    def _overrides(self, shapes: Mapping[str, torch.Size]) -> dict[str, float]:
+        overrides: dict[str, float] = {}
+        for pattern, value in (self.layer_sparsity or {}).items():
+            matched = [name for name in shapes if re.search(pattern, name)]
+            if not matched:
+                raise PrunekitError(f"layer_sparsity pattern {pattern!r} matches no prunable tensor; "
+                                    f"names look like {next(iter(shapes))!r}")
+            overrides.update({name: value for name in matched if name not in overrides})
+        return overrides
+
+
+def check_sparsity(value: float, what: str = "sparsity") -> float:
+    """Sparsity must lie in [0, 1): pruning everything leaves no model."""
+    if not isinstance(value, (int, float)) or math.isnan(value) or not 0 <= value < 1:
+        raise PrunekitError(f"{what} must be a fraction in [0, 1), e.g. 0.9 for 90% zeros; got {value!r}")
+    return float(value)
+
+
+# ---------------------------------------------------------------- helpers
+
+def _check_scores(scores: Mapping[str, torch.Tensor]) -> None:
+    for name, score in scores.items():
+        if not torch.isfinite(score).all():
+            raise PrunekitError(f"scores for {name} contain NaN or infinity; check the weights "
+                                "(prunekit.sparsity_report) and the method's inputs")
+
+
+def _input_dim(shape: torch.Size) -> int:
+    return shape[1] if len(shape) > 1 else shape[0]
+
+
+def _group_count(shape: torch.Size, structure: str) -> int:
+    if structure == "filters":
+        return shape[0]
+    if structure == "channels":
+        return shape[1]
+    return math.prod(shape)
+
+
+def _group_scores(score: torch.Tensor, structure: str) -> torch.Tensor:
+    """Per-group score: the mean over the group, so groups of different sizes compare fairly."""
+    if structure == "filters":
+        return score.reshape(score.shape[0], -1).mean(dim=1)
+    if structure == "channels":
+        return score.transpose(0, 1).reshape(score.shape[1], -1).mean(dim=1)
+    return score.reshape(-1)
+
+
+def _expand(keep: torch.Tensor, shape: torch.Size, structure: str) -> torch.Tensor:
+    if structure == "filters":
+        return keep.view(-1, *[1] * (len(shape) - 1)).expand(shape).clone()
+    if structure == "channels":
+        return keep.view(1, -1, *[1] * (len(shape) - 2)).expand(shape).clone()
+    return keep.view(shape)
+
+
+def _lowest(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` smallest values; ties go to the earlier index."""
+    return torch.sort(values, stable=True).indices[:count]
+
+
+def _keep_groups(group_scores: Mapping[str, torch.Tensor], counts: Mapping,
+                 keep_one_per_tensor: bool) -> dict[str, torch.Tensor]:
+    keep = {name: torch.ones(score.numel(), dtype=torch.bool, device=score.device)
+            for name, score in group_scores.items()}
+    for name, count in counts.items():
+        if name is not None:
+            keep[name][_lowest(group_scores[name], count)] = False
+    if None in counts:
+        free = [name for name in group_scores if name not in counts]
+        _prune_globally({n: group_scores[n] for n in free}, {n: keep[n] for n in free},
+                        counts[None], keep_one_per_tensor)
+    return keep
+
+
+def _prune_globally(group_scores: Mapping[str, torch.Tensor], keep: Mapping[str, torch.Tensor],
+                    count: int, keep_one_per_tensor: bool) -> None:
+    """One stable ranking over the concatenated scores of all tensors."""
+    names = list(group_scores)
+    flat = torch.cat([group_scores[n].detach().reshape(-1).to(torch.float64).cpu() for n in names])
+    owner = torch.cat([torch.full((group_scores[n].numel(),), i) for i, n in enumerate(names)])
+    offsets = torch.tensor([0] + [group_scores[n].numel() for n in names]).cumsum(0)
+    order = torch.sort(flat, stable=True).indices
+    if keep_one_per_tensor:
+        # A structured global ranking must not remove a whole layer: it would cut the network.
+        # Each tensor's best group is exempt, so the count is still met exactly.
+        best = torch.stack([flat[offsets[i]:offsets[i + 1]].argmax() + offsets[i] for i in range(len(names))])
+        order = order[~torch.isin(order, best)]
+        if count > order.numel():
+            raise PrunekitError(f"cannot prune {count} groups and keep one per tensor; lower the sparsity")
+    pruned = order[:count]
+    for i, name in enumerate(names):
+        local = pruned[owner[pruned] == i] - offsets[i]
+        keep[name][local.to(keep[name].device)] = False
+
+
+def _n_of_m(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the N highest of every M consecutive weights along the input dimension."""
+    moved = score.movedim(1, -1) if score.dim() > 1 else score
+    rows = moved.reshape(-1, m)
+    order = torch.sort(rows, dim=1, descending=True, stable=True).indices
+    keep = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, order[:, :n], True)
+    keep = keep.reshape(moved.shape)
+    return keep.movedim(-1, 1) if score.dim() > 1 else keep
+
+
+def _erk_counts(shapes: Mapping[str, torch.Size], sparsity: float) -> dict[str, int]:
+    """Erdős–Rényi-kernel: density ∝ sum(shape)/prod(shape), capped at 1, exact total."""
+    sizes = {n: math.prod(s) for n, s in shapes.items()}
+    total_keep = sum(sizes.values()) - round(sparsity * sum(sizes.values()))
+    raw = {n: sum(s) / sizes[n] for n, s in shapes.items()}
+    dense: set[str] = set()
+    while True:
+        budget = total_keep - sum(sizes[n] for n in dense)
+        scale = budget / sum(raw[n] * sizes[n] for n in sizes if n not in dense)
+        over = {n for n in sizes if n not in dense and raw[n] * scale > 1}
+        if not over:
+            break
+        dense |= over
+    keep = {n: float(sizes[n]) if n in dense else raw[n] * scale * sizes[n] for n in sizes}
+    kept = _round_preserving_sum(keep, total_keep)
+    return {n: sizes[n] - kept[n] for n in sizes}
+
+
+def _round_preserving_sum(values: Mapping[str, float], total: int) -> dict[str, int]:
+    """Largest-remainder rounding: integers that sum to `total`."""
+    floors = {n: math.floor(v) for n, v in values.items()}
+    short = total - sum(floors.values())
+    by_remainder = sorted(values, key=lambda n: values[n] - floors[n], reverse=True)
+    for name in by_remainder[:short]:
+        floors[name] += 1
+    return floors

@@ -1,0 +1,118 @@
+import math
+
+import pytest
+import torch
+
+from prunekit.budgets import Budget, check_sparsity
+from prunekit.errors import PrunekitError
+
+
+def scores(*shapes, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return {f"t{i}": torch.rand(shape, generator=generator) for i, shape in enumerate(shapes)}
+
+
+SHAPES = [(16, 3, 3, 3), (32, 16, 3, 3), (10, 128)]
+
+
+def pruned(masks):
+    return sum(int((~m).sum()) for m in masks.values())
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.9, 0.987])
+def test_global_prunes_exact_count_of_lowest_scores(sparsity):
+    s = scores(*SHAPES)
+    masks = Budget("global").select(s, sparsity)
+    total = sum(v.numel() for v in s.values())
+    assert pruned(masks) == round(sparsity * total)
+    kept_min = min(v[m].min() for v, m in zip(s.values(), masks.values()) if m.any())
+    pruned_max = max((v[~m].max() for v, m in zip(s.values(), masks.values()) if (~m).any()), default=-1)
+    assert pruned_max <= kept_min
+
+
+def test_global_ties_are_broken_by_position_not_threshold():
+    s = {"a": torch.ones(10), "b": torch.ones(10)}
+    masks = Budget("global").select(s, 0.35)
+    assert pruned(masks) == 7
+    assert masks["a"].tolist() == [False] * 7 + [True] * 3 and masks["b"].all()
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.75, 0.95])
+def test_uniform_gives_each_tensor_the_sparsity(sparsity):
+    masks = Budget("uniform").select(scores(*SHAPES), sparsity)
+    for mask in masks.values():
+        assert int((~mask).sum()) == round(sparsity * mask.numel())
+
+
+def test_erk_total_exact_and_small_layers_denser():
+    s = scores(*SHAPES)
+    masks = Budget("erk").select(s, 0.9)
+    total = sum(v.numel() for v in s.values())
+    assert pruned(masks) == round(0.9 * total)
+    density = {n: m.float().mean().item() for n, m in masks.items()}
+    assert density["t0"] > density["t1"]  # ERK keeps small layers denser
+
+
+def test_erk_caps_density_at_one_and_redistributes():
+    s = scores((4, 2), (1000, 1000))
+    masks = Budget("erk").select(s, 0.5)
+    assert masks["t0"].all()
+    assert pruned(masks) == round(0.5 * (8 + 10**6))
+
+
+def test_layer_sparsity_overrides_named_tensors():
+    masks = Budget("global", layer_sparsity={"t0": 0.25}).select(scores(*SHAPES), 0.8)
+    assert int((~masks["t0"]).sum()) == round(0.25 * 16 * 27)
+    free = 32 * 16 * 9 + 10 * 128
+    assert int((~masks["t1"]).sum()) + int((~masks["t2"]).sum()) == round(0.8 * free)
+
+
+def test_n_of_m_along_input_dimension():
+    s = scores((8, 16, 3, 3), (6, 12))
+    masks = Budget(structure="nm", n=2, m=4).select(s, 0.5)
+    conv = masks["t0"].movedim(1, -1).reshape(-1, 4)
+    assert (conv.sum(1) == 2).all()
+    linear = masks["t1"].reshape(-1, 4)
+    assert (linear.sum(1) == 2).all()
+    # the two kept are the two largest in each group
+    group = s["t1"].reshape(-1, 4)[0]
+    assert set(torch.nonzero(linear[0]).flatten().tolist()) == set(group.topk(2).indices.tolist())
+
+
+def test_filters_and_channels_remove_whole_groups():
+    s = scores((8, 4, 3, 3), (6, 8))
+    filters = Budget("uniform", structure="filters").select(s, 0.5)
+    per_filter = filters["t0"].reshape(8, -1)
+    assert ((per_filter.all(1)) | (~per_filter.any(1))).all() and int((~per_filter.any(1)).sum()) == 4
+    channels = Budget("uniform", structure="channels").select(s, 0.25)
+    per_channel = channels["t1"].t()
+    assert int((~per_channel.any(1)).sum()) == 2 and ((per_channel.all(1)) | (~per_channel.any(1))).all()
+
+
+def test_global_structured_never_removes_a_whole_layer():
+    s = {"weak": torch.full((4, 3), 0.01), "strong": torch.rand(16, 3) + 1}
+    masks = Budget("global", structure="filters").select(s, 0.3)
+    assert masks["weak"].any()
+    assert sum(int((~m.any(1)).sum()) for m in masks.values()) == round(0.3 * 20)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), "0.5"])
+def test_sparsity_outside_unit_interval_is_refused(bad):
+    with pytest.raises(PrunekitError, match=r"\[0, 1\)"):
+        check_sparsity(bad)
+
+
+def test_bad_budget_settings_are_named():
+    with pytest.raises(PrunekitError, match="allocation 'best'"):
+        Budget("best")
+    with pytest.raises(PrunekitError, match="0 < N < M"):
+        Budget(structure="nm", n=4, m=4)
+    with pytest.raises(PrunekitError, match="ERK"):
+        Budget("erk", structure="filters")
+    with pytest.raises(PrunekitError, match="matches no prunable tensor"):
+        Budget(layer_sparsity={"nope": 0.5}).select(scores((4, 4)), 0.5)
+
+
+def test_nan_scores_are_refused():
+    with pytest.raises(PrunekitError, match="NaN"):
+        Budget().select({"a": torch.tensor([1.0, math.nan])}, 0.5)
