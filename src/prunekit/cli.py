@@ -1,0 +1,244 @@
+"""`prunekit methods | train | prune | eval | demo`; flags are generated from the dataclasses."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any, Sequence
+
+import torch
+
+from . import hparams as hparams_lib
+from .budgets import Budget
+from .errors import PrunekitError
+from .methods import all_methods, get_method
+from .tables import render_table
+from .training import TrainConfig
+
+BUDGET_FLAGS = {"allocation": "budget"}  # Budget field -> flag name where they differ
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        args.run(args)
+    except PrunekitError as exc:
+        print(f"prunekit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunekit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunekit", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=_version())
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _methods_command(commands)
+    _train_command(commands)
+    _prune_command(commands)
+    _eval_command(commands)
+    _demo_command(commands)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"prunekit {__version__} (torch {torch.__version__})"
+
+
+# ---------------------------------------------------------------- commands
+
+def _methods_command(commands) -> None:
+    parser = commands.add_parser("methods", help="list the pruning methods, or one method's hyperparameters")
+    parser.add_argument("name", nargs="?", help="show this method's hyperparameters")
+    parser.set_defaults(run=_run_methods)
+
+
+def _run_methods(args) -> None:
+    if args.name:
+        method = get_method(args.name)
+        print(f"{method.name}: {method.summary}" + (" (needs data)" if method.needs_data else ""))
+        rows = [[f.name, _type_name(f.type), f.default, f.help] for f in hparams_lib.describe(method.hparams)]
+        print(render_table(["hyperparameter", "type", "default", "help"], rows) if rows else "no hyperparameters")
+        return
+    rows = [[m.name, "yes" if m.needs_data else "no", m.summary] for m in all_methods()]
+    print(render_table(["method", "needs data", "what it does"], rows))
+
+
+def _train_command(commands) -> None:
+    parser = commands.add_parser("train", help="train a dense model from the zoo", description=(
+        "Train a zoo model on a dataset and save its weights (safetensors)."))
+    _add_model_and_data_flags(parser, checkpoint_help="start from these weights instead of a fresh model")
+    _add_dataclass_flags(parser.add_argument_group("training"), TrainConfig, use_defaults=True)
+    parser.add_argument("--out", required=True, help="where to write the trained weights (.safetensors)")
+    parser.add_argument("--log", help="JSON-lines log of the epochs")
+    parser.add_argument("--resume", help="checkpoint file for exact resume (created if missing)")
+    parser.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> None:
+    from . import workflow
+
+    config = hparams_lib.build(TrainConfig, _dataclass_values(args, TrainConfig), "training")
+    setup = workflow.setup(args.model, args.dataset, args.data_dir, args.checkpoint, seed=config.seed)
+    _check_output_path(args.out)
+    history = workflow.train(setup, config, log_path=args.log, checkpoint_path=args.resume)
+    workflow.save_weights(setup, args.out, {"training": dataclasses.asdict(config), "history": history[-1:]})
+    print(f"trained {args.model} on {args.dataset}: test accuracy {history[-1].get('eval_accuracy', float('nan')):.4f}; "
+          f"weights written to {args.out}")
+
+
+def _prune_command(commands) -> None:
+    parser = commands.add_parser("prune", help="prune a model with any registered method", description=(
+        "Prune a model and write the pruned weights (and optionally the masks). Method hyperparameters "
+        "are flags; `prunekit methods NAME` lists one method's."))
+    _add_model_and_data_flags(parser, checkpoint_help="dense weights to prune")
+    parser.add_argument("--method", default="magnitude", help="pruning method (see `prunekit methods`)")
+    parser.add_argument("--sparsity", type=float, help="fraction of zeros over the prunable weights (default 0.9)")
+    parser.add_argument("--include", action="append", help="prune only tensors whose name matches this regex")
+    parser.add_argument("--exclude", action="append", help="do not prune tensors whose name matches this regex")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    parser.add_argument("--batch-size", type=int, default=128, help="batch size of the data given to the method")
+    _add_dataclass_flags(parser.add_argument_group("budget"), Budget, rename=BUDGET_FLAGS, use_defaults=False)
+    _add_method_flags(parser.add_argument_group("method hyperparameters (each applies to the methods named)"))
+    parser.add_argument("--out", help="write the pruned weights here (.safetensors)")
+    parser.add_argument("--masks-out", help="write the masks here (.safetensors with metadata)")
+    parser.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation")
+    parser.set_defaults(run=_run_prune)
+
+
+def _run_prune(args) -> None:
+    from . import workflow
+    from .api import prune
+    from .masks import save_masks
+
+    method = get_method(args.method)
+    method_values = {f.name: getattr(args, f.name) for f in hparams_lib.describe(method.hparams)
+                     if hasattr(args, f.name)}
+    _reject_foreign_method_flags(args, method)
+    budget = hparams_lib.build(Budget, _dataclass_values(args, Budget), "budget")
+    hparams_lib.build(method.hparams, method_values, f"method {method.name!r}")  # validate before loading
+    for path in (args.out, args.masks_out):
+        _check_output_path(path)
+    setup = workflow.setup(args.model, args.dataset, args.data_dir, args.checkpoint, seed=args.seed)
+    data = workflow.calibration_loader(setup, args.batch_size, args.seed) if method.needs_data else None
+    result = prune(setup.model, args.method, args.sparsity, data, budget=budget, include=args.include,
+                   exclude=args.exclude, seed=args.seed, **method_values)
+    print(result)
+    if not args.no_eval:
+        metrics = workflow.evaluate(setup)
+        print(f"test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
+    if args.masks_out:
+        save_masks(setup.model, args.masks_out, result.metadata())
+        print(f"masks written to {args.masks_out}")
+    if args.out:
+        workflow.save_weights(setup, args.out, {"pruning": result.metadata(), "sparsity": result.sparsity})
+        print(f"pruned weights written to {args.out}")
+
+
+def _eval_command(commands) -> None:
+    parser = commands.add_parser("eval", help="evaluate a model (optionally with masks) on a test set")
+    _add_model_and_data_flags(parser, checkpoint_help="weights to evaluate")
+    parser.add_argument("--masks", help="attach these masks before evaluating")
+    parser.add_argument("--test-size", type=int, help="evaluate on the first N test examples only")
+    parser.set_defaults(run=_run_eval)
+
+
+def _run_eval(args) -> None:
+    from . import workflow
+    from .masks import load_masks, sparsity_report
+
+    setup = workflow.setup(args.model, args.dataset, args.data_dir, args.checkpoint, test_size=args.test_size)
+    if args.masks:
+        load_masks(setup.model, args.masks)
+    metrics = workflow.evaluate(setup)
+    print(sparsity_report(setup.model))
+    print(f"test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f} on {metrics['examples']} examples")
+
+
+def _demo_command(commands) -> None:
+    parser = commands.add_parser("demo", help="train a small network and prune it with every method")
+    parser.add_argument("--data-dir", help="folder holding MNIST/ (default: $PRUNEKIT_DATA); digits runs offline always")
+    parser.add_argument("--sparsities", default="0.5,0.7,0.9,0.95", help="comma-separated sparsities")
+    parser.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> None:
+    from . import demo
+
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    demo.run(sparsities, args.data_dir)
+
+
+# ---------------------------------------------------------------- flag generation
+
+def _add_model_and_data_flags(parser, checkpoint_help: str) -> None:
+    parser.add_argument("--model", required=True, help="zoo model name (mlpnet, lenet300, lenet5, resnet20, ...)")
+    parser.add_argument("--dataset", required=True, help="mnist, fashion-mnist, cifar10, cifar100, digits, synthetic")
+    parser.add_argument("--data-dir", help="folder holding the datasets (default: $PRUNEKIT_DATA)")
+    parser.add_argument("--checkpoint", help=checkpoint_help)
+
+
+def _flag(name: str, rename: dict[str, str]) -> str:
+    return "--" + rename.get(name, name).replace("_", "-")
+
+
+def _add_dataclass_flags(group, cls: type, rename: dict[str, str] | None = None, use_defaults: bool = True) -> None:
+    """One flag per field; values stay strings here and are parsed by hparams.build like YAML."""
+    for info in hparams_lib.describe(cls):
+        group.add_argument(_flag(info.name, rename or {}), dest=info.name, metavar=_type_name(info.type).upper(),
+                           default=argparse.SUPPRESS, help=f"{info.help} (default: {info.default})")
+
+
+def _add_method_flags(group) -> None:
+    """Every method's hyperparameters; a name shared by several methods is one flag."""
+    owners: dict[str, list[tuple[str, Any, str]]] = {}
+    types: dict[str, Any] = {}
+    for method in all_methods():
+        for info in hparams_lib.describe(method.hparams):
+            owners.setdefault(info.name, []).append((method.name, info.default, info.help))
+            types[info.name] = info.type
+    for name, uses in owners.items():
+        text = "; ".join(f"{m}: {h} (default: {d})" for m, d, h in uses)
+        group.add_argument(_flag(name, {}), dest=name, metavar=_type_name(types[name]).upper(),
+                           default=argparse.SUPPRESS, help=text)
+
+
+def _dataclass_values(args, cls: type) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+
+
+def _reject_foreign_method_flags(args, method) -> None:
+    own = {f.name for f in dataclasses.fields(method.hparams)}
+    for other in all_methods():
+        for field in dataclasses.fields(other.hparams):
+            if field.name not in own and hasattr(args, field.name):
+                raise PrunekitError(f"--{field.name.replace('_', '-')} is a hyperparameter of {other.name}, "
+                                    f"not of {method.name}; see `prunekit methods {method.name}`")
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+
+
+def _check_output_path(path: str | None) -> None:
+    """Fail before the work, not after it, when the output cannot be written."""
+    if path is None:
+        return
+    from pathlib import Path
+
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise PrunekitError(f"cannot write {path}: folder {parent} does not exist")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from prunekit.errors import PrunekitError
+from prunekit.training import Callback, TrainConfig, Trainer, evaluate, lr_multiplier
+
+FEATURES, CLASSES = 8, 3
+
+
+class ToyLoader:
+    """Stand-in for the data contract: each epoch's batches depend only on (seed, epoch)."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, seed: int = 0) -> None:
+        self.inputs, self.targets, self.batch_size, self.seed = inputs, targets, batch_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.targets) / self.batch_size)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        order = torch.randperm(len(self.targets), generator=generator)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            yield self.inputs[batch], self.targets[batch]
+
+
+def blobs(examples: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Well-separated Gaussian blobs: learnable by a linear model."""
+    generator = torch.Generator().manual_seed(seed)
+    targets = torch.arange(examples) % CLASSES
+    centers = 4.0 * torch.eye(CLASSES, FEATURES)
+    inputs = centers[targets] + 0.5 * torch.randn(examples, FEATURES, generator=generator)
+    return inputs, targets
+
+
+def toy_loader(examples: int = 96, batch_size: int = 16) -> ToyLoader:
+    return ToyLoader(*blobs(examples), batch_size=batch_size)
+
+
+def mlp(seed: int = 0, dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(FEATURES, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, CLASSES))
+
+
+def config(**overrides) -> TrainConfig:
+    return TrainConfig(**{"epochs": 3, "lr": 0.05, **overrides})
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+        self.lrs: list[float] = []
+
+    def on_train_begin(self, trainer):
+        self.events.append(("train_begin", trainer.step))
+
+    def on_step_begin(self, trainer, batch):
+        self.events.append(("step_begin", trainer.step))
+
+    def on_before_optimizer_step(self, trainer, loss):
+        self.events.append(("before_optimizer_step", trainer.step))
+        self.lrs.append(trainer.optimizer.param_groups[0]["lr"])
+
+    def on_step_end(self, trainer, loss):
+        self.events.append(("step_end", trainer.step))
+
+    def on_epoch_end(self, trainer, metrics):
+        self.events.append(("epoch_end", trainer.step))
+
+    def on_train_end(self, trainer):
+        self.events.append(("train_end", trainer.step))
+
+
+class ZeroGradRows(Callback):
+    """Zeroes the gradient of the first layer's first rows, as a pruning mask would."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+
+    def on_before_optimizer_step(self, trainer, loss):
+        trainer.model[0].weight.grad[: self.rows] = 0
+
+
+class Mask(nn.Module):
+    def __init__(self, shape: torch.Size) -> None:
+        super().__init__()
+        self.register_buffer("mask", (torch.arange(math.prod(shape)) % 2).reshape(shape).float())
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
+def test_loss_goes_down_and_metrics_are_reported():
+    loader = toy_loader()
+    history = Trainer(mlp(), loader, config(epochs=4), eval_loader=toy_loader(), progress=False).fit()
+    assert [m["epoch"] for m in history] == [1, 2, 3, 4]
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    assert history[-1]["eval_accuracy"] > 0.9
+    for key in ("train_loss", "train_accuracy", "lr", "seconds", "eval_accuracy", "eval_loss"):
+        assert isinstance(history[-1][key], float)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluate_on_separable_set_and_mode_restored(training):
+    model = nn.Linear(CLASSES, CLASSES, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(10 * torch.eye(CLASSES))
+    model.train(training)
+    inputs, targets = torch.eye(CLASSES).repeat(4, 1), torch.arange(CLASSES).repeat(4)
+    loader = [(inputs[:5], targets[:5]), (inputs[5:], targets[5:])]
+    result = evaluate(model, loader)
+    assert result["accuracy"] == 1.0
+    assert result["examples"] == 12
+    expected = nn.functional.cross_entropy(model(inputs), targets).item()
+    assert result["loss"] == pytest.approx(expected, rel=1e-5)
+    assert model.training is training
+
+
+def test_callback_order_and_step_indices():
+    recorder = Recorder()
+    loader = toy_loader(examples=48, batch_size=16)
+    Trainer(mlp(), loader, config(epochs=2), callbacks=[recorder], progress=False).fit()
+    steps_per_epoch = len(loader)
+    expected = [("train_begin", 0)]
+    for epoch in range(2):
+        for index in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch):
+            expected += [("step_begin", index), ("before_optimizer_step", index), ("step_end", index)]
+        expected.append(("epoch_end", (epoch + 1) * steps_per_epoch))
+    expected.append(("train_end", 2 * steps_per_epoch))
+    assert recorder.events == expected
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"momentum": 0.0, "weight_decay": 0.0},
+        {"momentum": 0.9, "nesterov": True, "weight_decay": 0.0},
+        {"optimizer": "adam", "lr": 0.01, "weight_decay": 0.0},
+    ],
+)
+def test_zeroed_gradients_keep_weights_unchanged(overrides):
+    model = mlp()
+    before = model[0].weight.detach().clone()
+    Trainer(model, toy_loader(), config(**overrides), callbacks=[ZeroGradRows(rows=5)], progress=False).fit()
+    after = model[0].weight.detach()
+    assert torch.equal(after[:5], before[:5])
+    assert not torch.equal(after[5:], before[5:])
+
+
+def test_reset_momentum_clears_optimizer_state():
+    class ResetEachEpoch(Callback):
+        def on_epoch_end(self, trainer, metrics):
+            trainer.reset_momentum()
+
+    trainer = Trainer(mlp(), toy_loader(), config(epochs=1), callbacks=[ResetEachEpoch()], progress=False)
+    trainer.fit()
+    assert len(trainer.optimizer.state) == 0
+
+
+def recorded_lrs(**overrides) -> tuple[list[float], list[dict]]:
+    recorder = Recorder()
+    loader = toy_loader(examples=80, batch_size=16)  # 5 steps per epoch
+    history = Trainer(mlp(), loader, config(lr=0.1, **overrides), callbacks=[recorder], progress=False).fit()
+    return recorder.lrs, history
+
+
+def test_cosine_schedule_decays_to_zero():
+    lrs, history = recorded_lrs(epochs=4, lr_schedule="cosine")
+    assert len(lrs) == 20
+    assert lrs[0] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[-1] < 0.01 * 0.1
+    assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_step_schedule_drops_at_milestones():
+    lrs, _ = recorded_lrs(epochs=4, lr_schedule="step", lr_milestones=(0.5, 0.75), lr_gamma=0.1)
+    assert lrs == pytest.approx([0.1] * 10 + [0.01] * 5 + [0.001] * 5)
+
+
+def test_linear_warmup_then_schedule():
+    lrs, _ = recorded_lrs(epochs=3, lr_schedule="constant", warmup_epochs=1.0)
+    assert lrs == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1] + [0.1] * 10)
+    cosine = [lr_multiplier(config(epochs=3, warmup_epochs=1.0), step, 5) for step in range(15)]
+    assert all(a < b for a, b in zip(cosine[:5], cosine[1:5]))
+    assert cosine[4] == cosine[5] == pytest.approx(1.0)
+    assert all(a > b for a, b in zip(cosine[5:], cosine[6:]))
+
+
+class KillDuringEpoch(Callback):
+    """Raises mid-epoch, as if the process were killed after the previous epoch's checkpoint."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer, loss):
+        if trainer.step == self.step:
+            raise KeyboardInterrupt
+
+
+def masked_mlp(seed: int) -> nn.Module:
+    model = mlp(seed, dropout=0.3)
+    parametrize.register_parametrization(model[0], "weight", Mask(model[0].weight.shape))
+    return model
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path):
+    run = config(epochs=3, warmup_epochs=0.5, label_smoothing=0.1, grad_clip=1.0, nesterov=True)
+    reference = masked_mlp(seed=0)
+    Trainer(reference, toy_loader(), run, progress=False).fit()
+
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    kill = KillDuringEpoch(step=2 * len(toy_loader()) + 2)
+    killed = Trainer(
+        masked_mlp(seed=0), toy_loader(), run, checkpoint_path=checkpoint, callbacks=[kill], progress=False
+    )
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+
+    resumed_model = masked_mlp(seed=1)  # different init: the weights must come from the checkpoint
+    resumed = Trainer(resumed_model, toy_loader(), run, checkpoint_path=checkpoint, progress=False)
+    history = resumed.fit()
+
+    assert [m["epoch"] for m in history] == [1, 2, 3]
+    assert resumed.step == resumed.total_steps
+    expected = reference.state_dict()
+    for name, tensor in resumed_model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_checkpoint_contents_and_atomic_writes(tmp_path):
+    checkpoint = tmp_path / "checkpoint.pt"
+    Trainer(mlp(), toy_loader(), config(epochs=2), checkpoint_path=checkpoint, progress=False).fit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    state = torch.load(checkpoint, weights_only=True)
+    assert {"model", "optimizer", "scheduler", "epoch", "step", "rng_state", "history"} <= state.keys()
+    assert state["epoch"] == 2 and state["step"] == 2 * len(toy_loader())
+
+
+def test_resume_with_different_config_is_refused(tmp_path):
+    checkpoint = tmp_path / "checkpoint.pt"
+    Trainer(mlp(), toy_loader(), config(epochs=1), checkpoint_path=checkpoint, progress=False).fit()
+    with pytest.raises(PrunekitError, match="lr"):
+        Trainer(mlp(), toy_loader(), config(epochs=1, lr=0.2), checkpoint_path=checkpoint, progress=False).fit()
+
+
+def test_jsonl_log_has_config_then_one_line_per_epoch(tmp_path):
+    log = tmp_path / "logs" / "train.jsonl"
+    history = Trainer(mlp(), toy_loader(), config(epochs=3), log_path=log, progress=False).fit()
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert lines[0]["config"]["epochs"] == 3 and lines[0]["start_epoch"] == 0
+    assert lines[1:] == history
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("epochs", 0),
+        ("epochs", 2.5),
+        ("batch_size", 0),
+        ("optimizer", "rmsprop"),
+        ("lr", 0.0),
+        ("lr", float("nan")),
+        ("momentum", 1.0),
+        ("weight_decay", -1e-4),
+        ("lr_schedule", "linear"),
+        ("lr_milestones", (0.75, 0.5)),
+        ("lr_milestones", (0.5, 1.5)),
+        ("lr_gamma", 0.0),
+        ("warmup_epochs", 3),
+        ("label_smoothing", 1.0),
+        ("label_smoothing", -0.1),
+        ("seed", -1),
+        ("grad_clip", 0.0),
+    ],
+)
+def test_bad_config_names_the_field(field, value, tmp_path):
+    bad = config(**{field: value})
+    with pytest.raises(PrunekitError, match=rf"TrainConfig\.{field}="):
+        bad.validate()
+    log = tmp_path / "train.jsonl"
+    with pytest.raises(PrunekitError, match=rf"TrainConfig\.{field}="):
+        Trainer(mlp(), toy_loader(), bad, log_path=log, progress=False)
+    assert not log.exists()
+
+
+def test_nesterov_needs_sgd_momentum():
+    with pytest.raises(PrunekitError, match="nesterov"):
+        config(nesterov=True, momentum=0.0).validate()
+    with pytest.raises(PrunekitError, match="nesterov"):
+        config(nesterov=True, optimizer="adam").validate()
+
+
+def test_config_fields_have_help():
+    from dataclasses import fields
+
+    assert all(f.metadata.get("help") for f in fields(TrainConfig))
+
+
+def test_stop_ends_after_current_step():
+    class StopAt(Callback):
+        def on_step_end(self, trainer, loss):
+            if trainer.step == 3:
+                trainer.stop()
+
+    trainer = Trainer(mlp(), toy_loader(), config(epochs=3), callbacks=[StopAt()], progress=False)
+    history = trainer.fit()
+    assert trainer.step == 4
+    assert len(history) == 1
+
+
+def test_params_restricts_training():
+    model = mlp()
+    first_before = model[0].weight.detach().clone()
+    last_before = [p.detach().clone() for p in model[3].parameters()]
+    Trainer(model, toy_loader(), config(epochs=1), params=model[0].parameters(), progress=False).fit()
+    assert not torch.equal(model[0].weight, first_before)
+    assert all(torch.equal(p, q) for p, q in zip(model[3].parameters(), last_before))
+
+
+def test_bad_params_and_loaders_are_refused():
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(PrunekitError, match="params"):
+        Trainer(model, toy_loader(), config(), params=[model[0].weight], progress=False)
+    with pytest.raises(PrunekitError, match="len"):
+        Trainer(mlp(), iter(toy_loader()), config(), progress=False)
+    with pytest.raises(PrunekitError, match="empty"):
+        Trainer(mlp(), [], config(), progress=False)
+
+
+def test_progress_bar_shows_loss_and_lr(capsys):
+    Trainer(mlp(), toy_loader(), config(epochs=1), progress=True).fit()
+    shown = capsys.readouterr().err
+    assert "loss=" in shown and "lr=" in shown
