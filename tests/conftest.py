@@ -11,25 +11,29 @@ from torch import nn
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
-def require_path(path: Path | None, what: str) -> Path:
-    """Skip with a reason when real data is absent; under CI that is a failure instead."""
-    if path is not None and path.exists():
-        return path
-    message = f"{what} not found ({path}); set PRUNEKIT_DATA to the folder holding MNIST/, CIFAR10/"
+def skip_or_fail(reason: str) -> None:
+    """Real data or checkpoints are absent: skip with the reason, but under CI that is a failure."""
     if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+        pytest.fail(f"{reason} (CI=true requires the real data and checkpoints)")
+    pytest.skip(reason)
+
+
+def require_path(path: Path | None, hint: str) -> Path:
+    if path is None or not path.exists():
+        skip_or_fail(f"{path} not found: {hint}")
+    return path
 
 
 @pytest.fixture
 def data_dir() -> Path:
     value = os.environ.get("PRUNEKIT_DATA")
-    return require_path(Path(value) if value else None, "PRUNEKIT_DATA")
+    return require_path(Path(value) if value else None,
+                        "set PRUNEKIT_DATA to the folder holding MNIST/, FashionMNIST/, CIFAR10/")
 
 
 @pytest.fixture
 def checkpoints_dir() -> Path:
-    return require_path(SHARED / "checkpoints" / "woodfisher", "shared checkpoints")
+    return require_path(SHARED / "checkpoints" / "woodfisher", "the shared checkpoints live in ../shared/checkpoints")
 
 
 class TinyNet(nn.Module):

@@ -1,8 +1,6 @@
 """Checkpoints: safe reading, key-layout normalisation, strict fitting onto zoo models, safetensors round trips."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pytest
@@ -18,23 +16,18 @@ from prunekit.checkpoints import (
     read_state_dict,
     save_model,
 )
+from conftest import SHARED, require_path
 from prunekit.errors import PrunekitError
 from prunekit.models import create_model
 
-SHARED_CHECKPOINTS = Path(__file__).resolve().parents[1].parent / "shared" / "checkpoints"
+SHARED_CHECKPOINTS = SHARED / "checkpoints"
 MLPNET_CHECKPOINT = "woodfisher/mnist_25_epoch_93.97.ckpt"
 RESNET20_CHECKPOINT = "woodfisher/resnet20_cifar10.pth.tar"
 
 
 def shared_checkpoint(relative: str) -> Path:
     """A shared checkpoint's path; skips when it is absent, except under CI where that is a failure."""
-    path = SHARED_CHECKPOINTS / relative
-    if not path.is_file():
-        message = f"shared checkpoint {path} is not present"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return require_path(SHARED_CHECKPOINTS / relative, "the shared checkpoints live in ../shared/checkpoints")
 
 
 class PickledCustomObject:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from conftest import skip_or_fail
 import pytest
 import torch
 
@@ -54,12 +55,6 @@ class RealData:
     listing_before: dict[str, tuple[int, int]]
 
 
-def _skip_or_fail(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true requires the real data sets)")
-    pytest.skip(reason)
-
-
 def _listing(root: Path) -> dict[str, tuple[int, int]]:
     return {
         str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns)
@@ -71,7 +66,7 @@ def _listing(root: Path) -> dict[str, tuple[int, int]]:
 def real_data() -> RealData:
     value = os.environ.get("PRUNEKIT_DATA")
     if not value or not Path(value).is_dir():
-        _skip_or_fail(f"PRUNEKIT_DATA is {value!r}: set it to the folder holding MNIST/ and CIFAR10/")
+        skip_or_fail(f"PRUNEKIT_DATA is {value!r}: set it to the folder holding MNIST/ and CIFAR10/")
     root = Path(value)
     return RealData(root, _listing(root))
 
@@ -79,7 +74,7 @@ def real_data() -> RealData:
 def _real_subfolder(real_data: RealData, name: str) -> Path:
     folder = real_data.root / name
     if not folder.is_dir():
-        _skip_or_fail(f"{folder} is missing")
+        skip_or_fail(f"{folder} is missing")
     return folder
 
 

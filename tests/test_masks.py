@@ -126,3 +126,24 @@ def test_save_refuses_unpruned_model(tiny_net, tmp_path):
     with pytest.raises(PrunekitError, match="no masks"):
         prunekit.save_masks(tiny_net, tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "filters"])
+def test_every_supported_module_kind_prunes_and_folds(structure):
+    torch.manual_seed(0)
+    model = nn.ModuleDict({
+        "conv1d": nn.Conv1d(4, 6, 3),
+        "conv3d": nn.Conv3d(2, 4, 3),
+        "grouped": nn.Conv2d(4, 8, 3, groups=2),
+        "depthwise": nn.Conv2d(4, 4, 3, groups=4),
+        "linear": nn.Linear(5, 3),
+    })
+    inputs = {"conv1d": torch.randn(2, 4, 9), "conv3d": torch.randn(2, 2, 5, 5, 5), "grouped": torch.randn(2, 4, 6, 6),
+              "depthwise": torch.randn(2, 4, 6, 6), "linear": torch.randn(2, 5)}
+    result = prunekit.prune(model, sparsity=0.5, budget="uniform", structure=structure)
+    assert len(result.layers) == 5
+    outputs = {name: model[name](x) for name, x in inputs.items()}
+    prunekit.make_permanent(model)
+    for name, x in inputs.items():
+        torch.testing.assert_close(model[name](x), outputs[name], rtol=0, atol=0)
+    assert prunekit.sparsity_report(model).sparsity == pytest.approx(result.sparsity)
