@@ -108,3 +108,29 @@ def test_repruning_updates_masks_in_place(tiny_net):
 
 def test_methods_lists_registry():
     assert {"magnitude", "random"} <= set(prunekit.methods())
+
+
+def test_history_records_progress_with_cumulative_cost(tiny_net, tiny_batches):
+    from dataclasses import dataclass
+
+    from prunekit.methods import _REGISTRY, register
+
+    @dataclass(frozen=True)
+    class NoHparams:
+        pass
+
+    def two_stage(ctx, hp):
+        for stage, sparsity in enumerate((0.5, ctx.sparsity)):
+            for x, _ in ctx.data:
+                ctx.model(x)
+            ctx.record(stage=stage, sparsity=sparsity)
+        return ctx.select({t.name: t.weight.abs() for t in ctx.targets})
+
+    register("two-stage-test", NoHparams, "test only", needs_data=True)(two_stage)
+    try:
+        result = prunekit.prune(tiny_net, "two-stage-test", 0.8, tiny_batches)
+    finally:
+        del _REGISTRY["two-stage-test"]
+    assert [event["stage"] for event in result.history] == [0, 1]
+    assert [event["cost"]["forward_examples"] for event in result.history] == [64, 128]
+    assert result.history[0]["cost"]["seconds"] <= result.history[1]["cost"]["seconds"] <= result.cost.seconds

@@ -40,6 +40,7 @@ class PruneResult:
     skipped: list[Skipped]
     cost: Cost
     budget: Budget = field(default_factory=Budget)
+    history: list[dict[str, Any]] = field(default_factory=list)  # the method's progress, cost so far at each point
 
     @property
     def sparsity(self) -> float:
@@ -103,7 +104,7 @@ def prune(
         masks = spec.run(ctx, hp)
         attach_masks(model, masks, spec.mask_mode)
     return PruneResult(method, hparams_lib.to_dict(hp), sparsity, masks,
-                       _layer_results(targets, masks, budget, sparsity), skipped, meter.cost, budget)
+                       _layer_results(targets, masks, budget, sparsity), skipped, meter.cost, budget, ctx.history)
 
 
 def _resolve_sparsity(sparsity: float | None, budget: Budget) -> float:

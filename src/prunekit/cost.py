@@ -60,6 +60,17 @@ class CostMeter:
         self._hook.remove()
         self._stop_memory()
 
+    def snapshot(self) -> Cost:
+        """The cost so far, while the block is still running."""
+        current = Cost(**self.cost.to_dict())
+        current.seconds += time.perf_counter() - self._start
+        if self.device.type == "cuda":
+            current.peak_memory_bytes = max(current.peak_memory_bytes,
+                                            torch.cuda.max_memory_allocated(self.device) - self._base_memory)
+        else:
+            current.peak_memory_bytes = max(current.peak_memory_bytes, self._peak - self._base_memory)
+        return current
+
     def count(self, forward_examples: int = 0, backward_examples: int = 0, passes: int = 1) -> None:
         """Record passes made where the hooks cannot see them."""
         if forward_examples:

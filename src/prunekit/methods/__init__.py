@@ -7,6 +7,8 @@ masks, measuring — is done once by `prunekit.prune`.
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -32,10 +34,15 @@ class PruneContext:
     seed: int
     meter: CostMeter
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     def select(self, scores: dict[str, torch.Tensor], sparsity: float | None = None) -> dict[str, torch.Tensor]:
         """Exact masks from scores under this prune's budget."""
         return self.budget.select(scores, self.sparsity if sparsity is None else sparsity)
+
+    def record(self, **event: Any) -> None:
+        """Log a point of the method's progress (a stage, a round, a mask update) with the cost so far."""
+        self.history.append({**event, "cost": self.meter.snapshot().to_dict()})
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A CPU generator seeded from the prune's seed, so the same seed gives the same masks."""
@@ -76,4 +83,11 @@ def all_methods() -> list[Method]:
     return [_REGISTRY[name] for name in sorted(_REGISTRY)]
 
 
-from . import magnitude  # noqa: E402,F401  (registers its methods)
+def _import_method_modules() -> None:
+    """Each module in this package registers its methods when imported; no list to keep in sync."""
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_method_modules()
