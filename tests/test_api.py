@@ -128,9 +128,12 @@ def test_history_records_progress_with_cumulative_cost(tiny_net, tiny_batches):
 
     register("two-stage-test", NoHparams, "test only", needs_data=True)(two_stage)
     try:
-        result = prunekit.prune(tiny_net, "two-stage-test", 0.8, tiny_batches)
+        seen = []
+        result = prunekit.prune(tiny_net, "two-stage-test", 0.8, tiny_batches,
+                                observer=lambda model, event: seen.append((model(tiny_batches[0][0]).shape, event["stage"])))
     finally:
         del _REGISTRY["two-stage-test"]
     assert [event["stage"] for event in result.history] == [0, 1]
+    assert seen == [(torch.Size([16, 4]), 0), (torch.Size([16, 4]), 1)]  # observer passes are not counted:
     assert [event["cost"]["forward_examples"] for event in result.history] == [64, 128]
     assert result.history[0]["cost"]["seconds"] <= result.history[1]["cost"]["seconds"] <= result.cost.seconds

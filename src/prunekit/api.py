@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -80,6 +80,7 @@ def prune(
     include: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
     seed: int = 0,
+    observer: Callable[[nn.Module, dict[str, Any]], None] | None = None,
     **method_hparams: Any,
 ) -> PruneResult:
     """Prune `model` in place (masks attached) and say what was done and what it cost.
@@ -87,7 +88,8 @@ def prune(
     `sparsity` is the fraction of zeros over the prunable tensors (default 0.9; N:M implies 1 - N/M).
     `data` is an iterable of (inputs, targets) batches for methods that need data. `budget` is an
     allocation name ("global", "uniform", "erk") or a Budget; `structure`, `n`, `m` and
-    `layer_sparsity` complete it. `include`/`exclude` are regexes on tensor names.
+    `layer_sparsity` complete it. `include`/`exclude` are regexes on tensor names. `observer(model, event)`
+    is called at each point the method records (stages, rounds), with the model as it is then.
     Every argument is checked before any work is done.
     """
     spec = get_method(method)
@@ -100,7 +102,7 @@ def prune(
                             "(from the CLI: --dataset and --data-dir)")
     device = targets[0].dense.device
     with CostMeter(model, device) as meter:
-        ctx = PruneContext(model, targets, sparsity, budget, data, seed, meter, device)
+        ctx = PruneContext(model, targets, sparsity, budget, data, seed, meter, device, observer=observer)
         masks = spec.run(ctx, hp)
         attach_masks(model, masks, spec.mask_mode)
     return PruneResult(method, hparams_lib.to_dict(hp), sparsity, masks,

@@ -35,14 +35,23 @@ class PruneContext:
     meter: CostMeter
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     history: list[dict[str, Any]] = field(default_factory=list)
+    observer: Callable[[nn.Module, dict[str, Any]], None] | None = None
 
     def select(self, scores: dict[str, torch.Tensor], sparsity: float | None = None) -> dict[str, torch.Tensor]:
         """Exact masks from scores under this prune's budget."""
         return self.budget.select(scores, self.sparsity if sparsity is None else sparsity)
 
     def record(self, **event: Any) -> None:
-        """Log a point of the method's progress (a stage, a round, a mask update) with the cost so far."""
-        self.history.append({**event, "cost": self.meter.snapshot().to_dict()})
+        """Log a point of the method's progress (a stage, a round, a mask update) with the cost so far.
+
+        The caller's observer (if any) sees the model as it is at this point, e.g. to evaluate
+        every IMP round; its own passes are not counted.
+        """
+        event = {**event, "cost": self.meter.snapshot().to_dict()}
+        self.history.append(event)
+        if self.observer is not None:
+            with self.meter.paused():
+                self.observer(self.model, event)
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A CPU generator seeded from the prune's seed, so the same seed gives the same masks."""
