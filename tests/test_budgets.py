@@ -116,3 +116,17 @@ def test_bad_budget_settings_are_named():
 def test_nan_scores_are_refused():
     with pytest.raises(PrunekitError, match="NaN"):
         Budget().select({"a": torch.tensor([1.0, math.nan])}, 0.5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_linear_time_selection_equals_a_stable_sort(seed):
+    generator = torch.Generator().manual_seed(seed)
+    # few distinct values: many ties, which a threshold would get wrong
+    s = {"a": torch.randint(0, 4, (7, 9), generator=generator).float(),
+         "b": torch.randint(0, 4, (40,), generator=generator).float()}
+    count = int(torch.randint(0, 103, (1,), generator=generator))
+    masks = Budget("global").select(s, count / 103)
+    flat = torch.cat([s["a"].flatten(), s["b"]])
+    expected = torch.ones(103, dtype=torch.bool)
+    expected[torch.sort(flat, stable=True).indices[:count]] = False
+    assert torch.equal(torch.cat([masks["a"].flatten(), masks["b"]]), expected)

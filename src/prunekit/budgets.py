@@ -160,43 +160,47 @@ def _expand(keep: torch.Tensor, shape: torch.Size, structure: str) -> torch.Tens
 
 
 def _lowest(values: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the `count` smallest values; ties go to the earlier index."""
-    return torch.sort(values, stable=True).indices[:count]
+    """Boolean: True at the `count` smallest values, ties going to the earlier index.
+
+    The same set a stable ascending sort would cut, found in linear time (this runs every step
+    in BiP, Hydra and DPF): everything below the count-th value, then the first ties in index order.
+    """
+    pruned = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    if count == 0:
+        return pruned
+    threshold = torch.kthvalue(values, count).values
+    pruned = values < threshold
+    ties = torch.nonzero(values == threshold).flatten()
+    pruned[ties[: count - int(pruned.sum())]] = True
+    return pruned
 
 
 def _keep_groups(group_scores: Mapping[str, torch.Tensor], counts: Mapping,
                  keep_one_per_tensor: bool) -> dict[str, torch.Tensor]:
-    keep = {name: torch.ones(score.numel(), dtype=torch.bool, device=score.device)
-            for name, score in group_scores.items()}
-    for name, count in counts.items():
-        if name is not None:
-            keep[name][_lowest(group_scores[name], count)] = False
-    if None in counts:
-        free = [name for name in group_scores if name not in counts]
-        _prune_globally({n: group_scores[n] for n in free}, {n: keep[n] for n in free},
-                        counts[None], keep_one_per_tensor)
+    keep = {name: ~_lowest(score, counts[name]) for name, score in group_scores.items() if name in counts}
+    free = [name for name in group_scores if name not in counts]
+    if free:
+        keep.update(_keep_globally({n: group_scores[n] for n in free}, counts[None], keep_one_per_tensor))
     return keep
 
 
-def _prune_globally(group_scores: Mapping[str, torch.Tensor], keep: Mapping[str, torch.Tensor],
-                    count: int, keep_one_per_tensor: bool) -> None:
-    """One stable ranking over the concatenated scores of all tensors."""
+def _keep_globally(group_scores: Mapping[str, torch.Tensor], count: int,
+                   keep_one_per_tensor: bool) -> dict[str, torch.Tensor]:
+    """One ranking over the concatenated scores of all tensors."""
     names = list(group_scores)
-    flat = torch.cat([group_scores[n].detach().reshape(-1).to(torch.float64).cpu() for n in names])
-    owner = torch.cat([torch.full((group_scores[n].numel(),), i) for i, n in enumerate(names)])
-    offsets = torch.tensor([0] + [group_scores[n].numel() for n in names]).cumsum(0)
-    order = torch.sort(flat, stable=True).indices
+    flat = torch.cat([group_scores[n].detach().reshape(-1) for n in names])
+    sizes = [group_scores[n].numel() for n in names]
     if keep_one_per_tensor:
         # A structured global ranking must not remove a whole layer: it would cut the network.
         # Each tensor's best group is exempt, so the count is still met exactly.
-        best = torch.stack([flat[offsets[i]:offsets[i + 1]].argmax() + offsets[i] for i in range(len(names))])
-        order = order[~torch.isin(order, best)]
-        if count > order.numel():
+        if count > flat.numel() - len(names):
             raise PrunekitError(f"cannot prune {count} groups and keep one per tensor; lower the sparsity")
-    pruned = order[:count]
-    for i, name in enumerate(names):
-        local = pruned[owner[pruned] == i] - offsets[i]
-        keep[name][local.to(keep[name].device)] = False
+        flat = flat.clone()
+        offsets = torch.tensor([0] + sizes[:-1]).cumsum(0)
+        best = torch.stack([chunk.argmax() for chunk in flat.split(sizes)]) + offsets.to(flat.device)
+        flat[best] = torch.inf
+    kept = ~_lowest(flat, count)
+    return {name: part.to(group_scores[name].device) for name, part in zip(names, kept.split(sizes))}
 
 
 def _n_of_m(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
