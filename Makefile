@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# `prunekit bench --suite demo` (every registered method on digits, offline), then the report in report/.
+# The report is written even when a run failed; make fails afterwards in that case.
 demo: $(STAMP)
-	$(VENV)/bin/prunekit demo
+	$(VENV)/bin/prunekit bench --suite demo; status=$$?; \
+	$(VENV)/bin/prunekit report --suite demo --out report && exit $$status
 
 test: $(STAMP)
 	$(PY) -m pytest -q

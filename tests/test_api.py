@@ -137,3 +137,8 @@ def test_history_records_progress_with_cumulative_cost(tiny_net, tiny_batches):
     assert seen == [(torch.Size([16, 4]), 0), (torch.Size([16, 4]), 1)]  # observer passes are not counted:
     assert [event["cost"]["forward_examples"] for event in result.history] == [64, 128]
     assert result.history[0]["cost"]["seconds"] <= result.history[1]["cost"]["seconds"] <= result.cost.seconds
+
+
+def test_training_fields_owned_by_prune_are_refused_with_reason(tiny_net):
+    with pytest.raises(PrunekitError, match="batch size of the data"):
+        prunekit.prune(tiny_net, method="magnitude", batch_size=32)

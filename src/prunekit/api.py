@@ -12,7 +12,7 @@ from .budgets import Budget, check_sparsity
 from .cost import Cost, CostMeter
 from .errors import PrunekitError
 from .masks import attach_masks
-from .methods import PruneContext, get_method
+from .methods import PRUNE_OWNED_FIELDS, PruneContext, get_method
 from .tables import render_table
 from .targets import Skipped, Target, find_targets
 
@@ -93,6 +93,7 @@ def prune(
     Every argument is checked before any work is done.
     """
     spec = get_method(method)
+    _reject_prune_owned(method_hparams)
     hp = hparams_lib.build(spec.hparams, method_hparams, f"method {method!r}")
     budget = budget if isinstance(budget, Budget) else Budget(budget, structure, n, m, layer_sparsity)
     sparsity = _resolve_sparsity(sparsity, budget)
@@ -107,6 +108,13 @@ def prune(
         attach_masks(model, masks, spec.mask_mode)
     return PruneResult(method, hparams_lib.to_dict(hp), sparsity, masks,
                        _layer_results(targets, masks, budget, sparsity), skipped, meter.cost, budget, ctx.history)
+
+
+def _reject_prune_owned(method_hparams: Mapping[str, Any]) -> None:
+    for name in PRUNE_OWNED_FIELDS:
+        if name in method_hparams:
+            raise PrunekitError(f"{name} is not a method hyperparameter: training methods are seeded by prune()'s "
+                                "`seed` and take the batch size of the data you pass (the loader's batch size)")
 
 
 def _resolve_sparsity(sparsity: float | None, budget: Budget) -> float:

@@ -1,4 +1,4 @@
-"""`prunekit methods | train | prune | eval | demo`; flags are generated from the dataclasses."""
+"""`prunekit methods | train | prune | eval | bench | report | demo`; flags are generated from the dataclasses."""
 from __future__ import annotations
 
 import argparse
@@ -11,13 +11,12 @@ import torch
 from . import hparams as hparams_lib
 from .budgets import Budget
 from .errors import PrunekitError
-from .methods import all_methods, get_method
+from .methods import all_methods, get_method, method_fields
 from .tables import render_table
 from .training import TrainConfig
 
 BUDGET_FLAGS = {"allocation": "budget"}  # Budget field -> flag name where they differ
-
-
+# `prune` flags that also stand for the method's hyperparameter of the same name (training methods have both).
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -43,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     _train_command(commands)
     _prune_command(commands)
     _eval_command(commands)
+    _bench_command(commands)
+    _report_command(commands)
     _demo_command(commands)
     return parser
 
@@ -65,7 +66,7 @@ def _run_methods(args) -> None:
     if args.name:
         method = get_method(args.name)
         print(f"{method.name}: {method.summary}" + (" (needs data)" if method.needs_data else ""))
-        rows = [[f.name, _type_name(f.type), f.default, f.help] for f in hparams_lib.describe(method.hparams)]
+        rows = [[f.name, _type_name(f.type), f.default, f.help] for f in method_fields(method)]
         print(render_table(["hyperparameter", "type", "default", "help"], rows) if rows else "no hyperparameters")
         return
     rows = [[m.name, "yes" if m.needs_data else "no", m.summary] for m in all_methods()]
@@ -120,8 +121,7 @@ def _run_prune(args) -> None:
     from .masks import save_masks
 
     method = get_method(args.method)
-    method_values = {f.name: getattr(args, f.name) for f in hparams_lib.describe(method.hparams)
-                     if hasattr(args, f.name)}
+    method_values = {f.name: getattr(args, f.name) for f in method_fields(method) if hasattr(args, f.name)}
     _reject_foreign_method_flags(args, method)
     budget = hparams_lib.build(Budget, _dataclass_values(args, Budget), "budget")
     hparams_lib.build(method.hparams, method_values, f"method {method.name!r}")  # validate before loading
@@ -163,18 +163,90 @@ def _run_eval(args) -> None:
     print(f"test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f} on {metrics['examples']} examples")
 
 
+DEFAULT_DB = "runs/prunekit.db"
+
+
+def _bench_command(commands) -> None:
+    parser = commands.add_parser("bench", help="run a comparison suite (resumable; results in SQLite)", description=(
+        "Run every run of a suite that the database does not hold yet: same model, data and budget for every "
+        "method. Interrupt it at any time; the same command resumes. Several bench processes may share a database."))
+    parser.add_argument("--suite", help="a shipped suite's name (see --list) or the path of a suite .yaml file")
+    parser.add_argument("--list", action="store_true", help="list the shipped suites and exit")
+    parser.add_argument("--seeds", type=int, help="run seeds 0..N-1 instead of the suite's seeds")
+    parser.add_argument("--quick", action="store_true", help="one seed, and the suite's `quick:` settings")
+    parser.add_argument("--db", default=DEFAULT_DB, help=f"runs database (default: {DEFAULT_DB}); masks and cached "
+                                                          "dense models are kept beside it")
+    parser.add_argument("--data-dir", help="folder holding the datasets (default: $PRUNEKIT_DATA)")
+    parser.set_defaults(run=_run_bench)
+
+
+def _run_bench(args) -> None:
+    from .bench import list_suites, load_suite
+
+    if args.list:
+        print(render_table(["suite", "what it compares"], list_suites()))
+        return
+    if not args.suite:
+        raise PrunekitError("name a suite: prunekit bench --suite NAME (see `prunekit bench --list`)")
+    suite = load_suite(args.suite, quick=args.quick, seeds=args.seeds, data_dir=args.data_dir)
+    _fail_on_failed_runs(_bench(suite, args.db, args.data_dir), args.db)
+
+
+def _bench(suite, db: str, data_dir: str | None):
+    """Run the suite and print its table; returns the run summary."""
+    from .bench import Store, run_suite
+    from .bench.report import terminal_summary
+
+    summary = run_suite(suite, db, data_dir=data_dir)
+    with Store(db) as store:
+        print(terminal_summary(store, suite.name, summary.plan.setting))
+    print(summary)
+    return summary
+
+
+def _fail_on_failed_runs(summary, db: str) -> None:
+    if summary.failures:
+        raise PrunekitError(f"{len(summary.failures)} run(s) of suite {summary.plan.suite.name} failed, first: "
+                            f"{summary.failures[0]}; `prunekit report --db {db}` lists them with their errors")
+
+
+def _report_command(commands) -> None:
+    from .bench.report import FORMATS
+
+    parser = commands.add_parser("report", help="write a report of the bench runs (markdown + plots, or CSV)")
+    parser.add_argument("--db", default=DEFAULT_DB, help=f"runs database (default: {DEFAULT_DB})")
+    parser.add_argument("--suite", help="only this suite (default: every suite in the database)")
+    parser.add_argument("--out", default="report", help="folder to write into (default: report)")
+    parser.add_argument("--format", choices=FORMATS, default="markdown",
+                        help="markdown (report.md with PNG plots) or csv (results.csv, one row per result)")
+    parser.set_defaults(run=_run_report)
+
+
+def _run_report(args) -> None:
+    _report(args.db, args.out, args.suite, args.format)
+
+
+def _report(db: str, out: str, suite: str | None, fmt: str) -> None:
+    from .bench import write_report
+
+    written = write_report(db, out, suite, fmt)
+    print(f"report written: {', '.join(str(path) for path in written)}")
+
+
 def _demo_command(commands) -> None:
-    parser = commands.add_parser("demo", help="train a small network and prune it with every method")
-    parser.add_argument("--data-dir", help="folder holding MNIST/ (default: $PRUNEKIT_DATA); digits runs offline always")
-    parser.add_argument("--sparsities", default="0.5,0.7,0.9,0.95", help="comma-separated sparsities")
+    parser = commands.add_parser("demo", help="bench every method on digits (offline), then write the report",
+                                 description="`prunekit bench --suite demo`, then `prunekit report --suite demo`.")
+    parser.add_argument("--db", default=DEFAULT_DB, help=f"runs database (default: {DEFAULT_DB})")
+    parser.add_argument("--out", default="report", help="report folder (default: report)")
     parser.set_defaults(run=_run_demo)
 
 
 def _run_demo(args) -> None:
-    from . import demo
+    from .bench import load_suite
 
-    sparsities = [float(s) for s in args.sparsities.split(",")]
-    demo.run(sparsities, args.data_dir)
+    summary = _bench(load_suite("demo"), args.db, None)
+    _report(args.db, args.out, "demo", "markdown")  # failed runs are listed in it
+    _fail_on_failed_runs(summary, args.db)
 
 
 # ---------------------------------------------------------------- flag generation
@@ -202,7 +274,7 @@ def _add_method_flags(group) -> None:
     owners: dict[str, list[tuple[str, Any, str]]] = {}
     types: dict[str, Any] = {}
     for method in all_methods():
-        for info in hparams_lib.describe(method.hparams):
+        for info in method_fields(method):
             owners.setdefault(info.name, []).append((method.name, info.default, info.help))
             types[info.name] = info.type
     for name, uses in owners.items():
@@ -216,9 +288,9 @@ def _dataclass_values(args, cls: type) -> dict[str, Any]:
 
 
 def _reject_foreign_method_flags(args, method) -> None:
-    own = {f.name for f in dataclasses.fields(method.hparams)}
+    own = {f.name for f in method_fields(method)}
     for other in all_methods():
-        for field in dataclasses.fields(other.hparams):
+        for field in method_fields(other):
             if field.name not in own and hasattr(args, field.name):
                 raise PrunekitError(f"--{field.name.replace('_', '-')} is a hyperparameter of {other.name}, "
                                     f"not of {method.name}; see `prunekit methods {method.name}`")

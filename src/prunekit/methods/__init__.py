@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .. import hparams as hparams_lib
 from ..budgets import Budget
 from ..cost import CostMeter
 from ..errors import PrunekitError
@@ -69,6 +70,15 @@ class Method:
 
 
 _REGISTRY: dict[str, Method] = {}
+
+# Fields a training method inherits from TrainConfig that are not its to set: the seed is
+# prune()'s `seed`, the batch size is the data's (the loader passed to prune).
+PRUNE_OWNED_FIELDS = ("seed", "batch_size")
+
+
+def method_fields(method: Method) -> list[hparams_lib.FieldInfo]:
+    """The hyperparameters a user sets for `method` (its dataclass fields less the prune-owned ones)."""
+    return [info for info in hparams_lib.describe(method.hparams) if info.name not in PRUNE_OWNED_FIELDS]
 
 
 def register(name: str, hparams: type, summary: str, needs_data: bool = False, mask_mode: str = MASKED):

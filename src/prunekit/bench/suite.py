@@ -1,0 +1,540 @@
+"""Bench suites: YAML files naming a model, data, a dense start, methods, sparsities and seeds.
+
+Everything in a suite is checked before any work, and every problem is reported as
+`suite FILE, line N: what is wrong; how to fix it`. PyYAML's node marks give the lines: the
+loader below builds dicts and lists that remember the line of each key and item.
+
+    name: demo
+    description: every registered method on digits
+    model: lenet300
+    dataset: digits            # train_size / test_size keep a fixed random subset
+    dense: {epochs: 30, lr: 0.05}   # or checkpoint: PATH, or from_scratch: true
+    batch_size: 128            # batches given to methods that need data
+    sparsities: [0.5, 0.9]
+    seeds: 3                   # or a list of seeds
+    methods:
+      - method: all            # every registered method with its defaults
+      - method: chita          # an explicit entry replaces the method's `all` entry
+        label: chita-backsolve
+        hparams: {solver: backsolve}
+        budget: {allocation: uniform}
+        sparsities: [0.9]      # this entry only
+        optional: true         # skip (with a note) while the method is not registered
+      - method: imp
+        measure_recorded: true # measure the model at every sparsity the method records on its way
+                               # (IMP rounds, CHITA++ stages): one more result row each
+    published:                 # a paper's numbers for this setting, shown beside ours
+      - {method: magnitude, sparsity: 0.9, accuracy: 0.52, source: "Paper et al. 2023, Table 1"}
+    quick:                     # what `--quick` changes (mappings merge, other values replace)
+      sparsities: [0.9]
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .. import hparams as hparams_lib
+from ..api import prune
+from ..budgets import Budget, check_sparsity
+from ..data import DATA_DIR_ENV, DATASETS, resolve_data_dir
+from ..errors import PrunekitError
+from ..methods import PRUNE_OWNED_FIELDS, Method, all_methods
+from ..models import list_models
+from ..training import TrainConfig
+
+SHIPPED = resources.files("prunekit.bench") / "suites"
+ALL = "all"
+DEFAULT_BATCH_SIZE = 128
+
+TOP_LEVEL_KEYS = ("name", "description", "model", "dataset", "train_size", "test_size", "checkpoint", "dense",
+                  "from_scratch", "batch_size", "sparsities", "seeds", "methods", "published", "quick")
+STARTS = ("checkpoint", "dense", "from_scratch")
+ENTRY_KEYS = ("method", "label", "hparams", "budget", "sparsities", "optional", "measure_recorded")
+PUBLISHED_KEYS = ("method", "sparsity", "accuracy", "std", "source")
+NOT_QUICK = ("name", "description", "quick", "published")
+# Hyperparameters named like prune()'s own arguments take prune's value (training methods' `seed` is the run's seed).
+PRUNE_ARGUMENTS = frozenset(inspect.signature(prune).parameters) - {"method_hparams"} | set(PRUNE_OWNED_FIELDS)
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One line of the comparison: a method with its hyperparameters, budget and sparsities."""
+
+    label: str
+    method: str
+    hparams: dict[str, Any]  # every field, defaults included
+    budget: Budget
+    sparsities: tuple[float, ...]
+    measure_recorded: bool = False  # a result row at every sparsity the method records (rounds, stages)
+
+    @property
+    def method_hparams(self) -> dict[str, Any]:
+        """What goes to prune() as keyword arguments: the fields prune() does not set itself."""
+        return {key: value for key, value in self.hparams.items() if key not in PRUNE_ARGUMENTS}
+
+
+@dataclass(frozen=True)
+class Published:
+    label: str
+    sparsity: float
+    accuracy: float  # a fraction, like ours
+    std: float | None
+    source: str
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    path: Path
+    model: str
+    dataset: str
+    train_size: int | None
+    test_size: int | None
+    checkpoint: Path | None  # exactly one of checkpoint, dense and from_scratch says where the model starts
+    dense: TrainConfig | None
+    from_scratch: bool
+    batch_size: int
+    seeds: tuple[int, ...]
+    methods: tuple[MethodEntry, ...]
+    published: tuple[Published, ...] = ()
+    notes: tuple[str, ...] = ()  # optional methods left out, said when the suite runs
+    lines: Mapping[str, int] = field(default_factory=dict, repr=False)  # top-level key -> line, for later errors
+
+    @property
+    def sparsities(self) -> tuple[float, ...]:
+        return tuple(sorted({s for entry in self.methods for s in entry.sparsities}))
+
+
+# ---------------------------------------------------------------- finding suites
+
+def list_suites() -> list[tuple[str, str]]:
+    """(name, description) of every shipped suite."""
+    suites = []
+    for path in sorted(_shipped_files()):
+        document = _read_yaml(Path(str(path)))
+        suites.append((path.name.rsplit(".", 1)[0], str(document.get("description", "")) if document else ""))
+    return suites
+
+
+def find_suite(name_or_path: str) -> Path:
+    """A shipped suite by name, or a suite file by path."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+        if not path.is_file():
+            raise PrunekitError(f"suite file {path} does not exist; check the path (or give a shipped suite's name: "
+                                f"{', '.join(name for name, _ in list_suites())})")
+        return path
+    for shipped in _shipped_files():
+        if shipped.name.rsplit(".", 1)[0] == name_or_path:
+            return Path(str(shipped))
+    raise PrunekitError(f"no suite named {name_or_path!r}; shipped suites: {', '.join(n for n, _ in list_suites())} "
+                        "(`prunekit bench --list`), or pass the path of a .yaml file")
+
+
+def _shipped_files():
+    return [entry for entry in SHIPPED.iterdir() if entry.name.endswith((".yaml", ".yml"))]
+
+
+# ---------------------------------------------------------------- loading
+
+def load_suite(name_or_path: str, *, quick: bool = False, seeds: int | None = None,
+               data_dir: str | os.PathLike | None = None) -> Suite:
+    """Read and check a suite. `quick` applies its `quick:` block and keeps one seed; `seeds=N` runs seeds 0..N-1.
+
+    `${PRUNEKIT_DATA}` in paths is `data_dir` when given; relative paths are relative to the suite file.
+    """
+    path = find_suite(name_or_path)
+    document = _read_yaml(path)
+    checker = _Checker(path, data_dir)
+    if not quick and isinstance(document, dict) and "quick" in document:
+        checker.suite(document, True, seeds)  # a mistake in the quick block shows now, not on the first --quick
+    return checker.suite(document, quick, seeds)
+
+
+class _LineDict(dict):
+    """A YAML mapping that remembers the line of itself and of each key."""
+
+    line = 1
+    lines: dict
+
+
+class _LineList(list):
+    line = 1
+    lines: list
+
+
+class _SuiteLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _SuiteLoader, node: yaml.MappingNode) -> _LineDict:
+    loader.flatten_mapping(node)
+    mapping = _LineDict()
+    mapping.line, mapping.lines = node.start_mark.line + 1, {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in mapping:  # PyYAML would silently keep the last one
+            raise PrunekitError(f"line {key_node.start_mark.line + 1}: {key!r} appears twice in this mapping "
+                                f"(first on line {mapping.lines[key]}); keep one")
+        mapping[key] = loader.construct_object(value_node, deep=True)
+        mapping.lines[key] = key_node.start_mark.line + 1
+    return mapping
+
+
+def _construct_sequence(loader: _SuiteLoader, node: yaml.SequenceNode) -> _LineList:
+    sequence = _LineList(loader.construct_object(item, deep=True) for item in node.value)
+    sequence.line, sequence.lines = node.start_mark.line + 1, [item.start_mark.line + 1 for item in node.value]
+    return sequence
+
+
+_SuiteLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_SuiteLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_SuiteLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        raise PrunekitError(f"suite {path}, line {mark.line + 1 if mark else 1}: not valid YAML "
+                            f"({exc.problem or exc.context}); fix the syntax there") from None
+    except PrunekitError as exc:  # a duplicate key, found by the loader
+        raise PrunekitError(f"suite {path}, {exc}") from None
+
+
+class _Checker:
+    """Turns a parsed YAML document into a Suite, or fails at the first problem with its line."""
+
+    def __init__(self, path: Path, data_dir: str | os.PathLike | None) -> None:
+        self.path = path
+        self.data_dir = data_dir
+
+    def fail(self, node: Any, key: Any, problem: str) -> PrunekitError:
+        line = node.lines.get(key, node.line) if isinstance(node, _LineDict) else _item_line(node, key)
+        return PrunekitError(f"suite {self.path}, line {line}: {problem}")
+
+    def suite(self, document: Any, quick: bool, seeds: int | None) -> Suite:
+        if not isinstance(document, _LineDict):
+            raise PrunekitError(f"suite {self.path}, line 1: a suite is a YAML mapping with keys "
+                                f"{', '.join(TOP_LEVEL_KEYS)}; see `prunekit bench --list` for examples")
+        self.known_keys(document, TOP_LEVEL_KEYS, "a suite")
+        if quick and "quick" in document:
+            document = self.with_quick(document)
+        for key in ("name", "model", "dataset", "sparsities", "methods"):
+            if key not in document:
+                raise self.fail(document, None, f"the suite has no `{key}:`; add it")
+        model = self.choice(document, "model", list_models())
+        dataset = self.choice(document, "dataset", list(DATASETS))
+        if DATASETS[dataset].needs_files:
+            self.data_folder(document)
+        default_sparsities = self.sparsities(document, "sparsities")
+        methods, notes = self.methods(document["methods"], default_sparsities)
+        run_seeds = self.seeds(document)
+        if quick:
+            run_seeds = run_seeds[:1]
+        if seeds is not None:
+            if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+                raise PrunekitError(f"--seeds must be a positive number of seeds, got {seeds!r}")
+            run_seeds = tuple(range(seeds))
+        return Suite(
+            name=self.text(document, "name"),
+            description=str(document.get("description", "")),
+            path=self.path,
+            model=model,
+            dataset=dataset,
+            train_size=self.count(document, "train_size", optional=True),
+            test_size=self.count(document, "test_size", optional=True),
+            checkpoint=self.checkpoint(document),
+            dense=self.dense(document),
+            from_scratch=bool(document.get("from_scratch", False)),
+            batch_size=self.count(document, "batch_size", optional=True) or DEFAULT_BATCH_SIZE,
+            seeds=run_seeds,
+            methods=methods,
+            published=self.published(document),
+            notes=notes,
+            lines=dict(document.lines),
+        )
+
+    # ---- general shapes
+
+    def known_keys(self, mapping: _LineDict, allowed: tuple[str, ...], what: str) -> None:
+        for key in mapping:
+            if key not in allowed:
+                raise self.fail(mapping, key, f"{what} has no key {key!r}; the keys are: {', '.join(allowed)}")
+
+    def mapping(self, parent: _LineDict, key: str, what: str) -> _LineDict:
+        """parent[key] as a mapping; absent or empty (`key:` alone) is an empty mapping."""
+        value = parent.get(key)
+        if value is None:
+            empty = _LineDict()
+            empty.line, empty.lines = _item_line(parent, key), {}
+            return empty
+        if not isinstance(value, _LineDict):
+            raise self.fail(parent, key, f"{what} must be a mapping (key: value lines), got {value!r}")
+        return value
+
+    def text(self, mapping: _LineDict, key: str) -> str:
+        value = mapping[key]
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(mapping, key, f"`{key}` must be a non-empty text, got {value!r}")
+        return value
+
+    def choice(self, mapping: _LineDict, key: str, known: list[str]) -> str:
+        value = self.text(mapping, key)
+        if value not in known:
+            raise self.fail(mapping, key, f"unknown {key} {value!r}; use one of {', '.join(known)}")
+        return value
+
+    def count(self, mapping: _LineDict, key: str, optional: bool = False) -> int | None:
+        if key not in mapping and optional:
+            return None
+        value = mapping[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise self.fail(mapping, key, f"`{key}` must be a whole number >= 1, got {value!r}")
+        return value
+
+    def sparsities(self, mapping: _LineDict, key: str) -> tuple[float, ...]:
+        values = mapping[key]
+        if not isinstance(values, _LineList) or not values:
+            raise self.fail(mapping, key, f"`{key}` must be a non-empty list of fractions, e.g. [0.5, 0.9]")
+        checked = []
+        for index, value in enumerate(values):
+            try:
+                checked.append(check_sparsity(value if not isinstance(value, bool) else None))
+            except PrunekitError as exc:
+                raise self.fail(values, index, str(exc)) from None
+        if len(set(checked)) != len(checked):
+            raise self.fail(mapping, key, f"`{key}` lists a sparsity twice: {list(checked)}; list each once")
+        return tuple(checked)
+
+    def seeds(self, mapping: _LineDict) -> tuple[int, ...]:
+        value = mapping.get("seeds", 1)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return tuple(range(value))
+        listed = isinstance(value, list) and value and len(set(value)) == len(value)
+        if listed and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value):
+            return tuple(value)
+        raise self.fail(mapping, "seeds", f"`seeds` must be a number of seeds (3 runs seeds 0, 1, 2) or a list of "
+                                          f"distinct seeds >= 0, got {value!r}")
+
+    def dataclass_values(self, cls: type, mapping: _LineDict, owner: str) -> Any:
+        """hparams.build, with each value checked on its own first so that an error names its line."""
+        fields = {info.name: info for info in hparams_lib.describe(cls)}
+        for key, value in mapping.items():
+            if key not in fields:
+                raise self.fail(mapping, key, f"{owner} has no hyperparameter {key!r}; its hyperparameters are: "
+                                              f"{', '.join(fields) or 'none'}")
+            try:
+                hparams_lib.parse_value(value, fields[key].type, f"{owner} {key}")
+            except PrunekitError as exc:
+                raise self.fail(mapping, key, str(exc)) from None
+        try:
+            return hparams_lib.build(cls, dict(mapping), owner)
+        except PrunekitError as exc:
+            raise self.fail(mapping, None, str(exc)) from None
+
+    # ---- where the model starts
+
+    def checkpoint(self, document: _LineDict) -> Path | None:
+        starts = [key for key in STARTS if document.get(key) is not None and document[key] is not False]
+        if len(starts) != 1:
+            problem = "names no dense model" if not starts else f"has both `{starts[0]}` and `{starts[1]}`"
+            raise self.fail(document, starts[1] if len(starts) > 1 else None,
+                            f"the suite {problem}; give exactly one of `checkpoint: PATH` (trained weights), `dense: "
+                            "{...}` (a training recipe, cached) or `from_scratch: true` (fresh weights per seed)")
+        if "from_scratch" in document and document["from_scratch"] is not True:
+            raise self.fail(document, "from_scratch", "`from_scratch` can only be true; remove the line otherwise")
+        if starts[0] != "checkpoint":
+            return None
+        raw = self.text(document, "checkpoint")
+        path = Path(self.expand(document, "checkpoint", raw)).expanduser()
+        if not path.is_absolute():
+            path = self.path.parent / path
+        if not path.is_file():
+            raise self.fail(document, "checkpoint", f"checkpoint {path} does not exist; fix the path "
+                                                    f"(relative paths start at the suite's folder, ${{{DATA_DIR_ENV}}} "
+                                                    "and other environment variables are expanded)")
+        return path
+
+    def expand(self, mapping: _LineDict, key: str, text: str) -> str:
+        variables = dict(os.environ)
+        if self.data_dir is not None:
+            variables[DATA_DIR_ENV] = str(self.data_dir)
+
+        def value(match: re.Match) -> str:
+            name = match.group(1) or match.group(2)
+            if name not in variables:
+                hint = " or pass --data-dir" if name == DATA_DIR_ENV else ""
+                raise self.fail(mapping, key, f"`{key}` uses ${{{name}}}, which is not set; set it{hint}")
+            return variables[name]
+
+        return re.sub(r"\$\{(\w+)\}|\$(\w+)", value, text)
+
+    def data_folder(self, document: _LineDict) -> None:
+        """The data set's files are looked for in --data-dir or $PRUNEKIT_DATA: say now when there is none."""
+        try:
+            folder = resolve_data_dir(self.data_dir)
+        except PrunekitError as exc:
+            raise self.fail(document, "dataset", str(exc)) from None
+        if not folder.is_dir():
+            raise self.fail(document, "dataset", f"data folder {folder} does not exist; pass --data-dir DIR or set "
+                                                 f"{DATA_DIR_ENV}=DIR, DIR holding MNIST/, FashionMNIST/ or CIFAR10/")
+
+    def dense(self, document: _LineDict) -> TrainConfig | None:
+        if document.get("dense") is None:
+            return None
+        return self.dataclass_values(TrainConfig, self.mapping(document, "dense", "`dense`"), "dense training")
+
+    # ---- methods
+
+    def methods(self, value: Any,
+                default_sparsities: tuple[float, ...]) -> tuple[tuple[MethodEntry, ...], tuple[str, ...]]:
+        if not isinstance(value, _LineList) or not value:
+            raise PrunekitError(f"suite {self.path}, line {getattr(value, 'line', 1)}: `methods` must be a list of "
+                                "entries such as `- method: magnitude` (or `- method: all`)")
+        registered = {method.name: method for method in all_methods()}
+        explicit = {item.get("method") for item in value if isinstance(item, dict)} - {ALL}
+        entries: list[tuple[MethodEntry, int]] = []  # with the line that names each entry
+        notes: list[str] = []
+        for index, item in enumerate(value):
+            if not isinstance(item, _LineDict) or "method" not in item:
+                raise self.fail(value, index, "each entry of `methods` is a mapping with at least `method: NAME`")
+            self.known_keys(item, ENTRY_KEYS, "a method entry")
+            name = self.text(item, "method")
+            for flag in ("optional", "measure_recorded"):
+                if not isinstance(item.get(flag, False), bool):
+                    raise self.fail(item, flag, f"`{flag}` is true or false, got {item[flag]!r}")
+            sparsities = self.sparsities(item, "sparsities") if "sparsities" in item else default_sparsities
+            line = item.lines.get("label", item.line)
+            if name == ALL:
+                entries += [(entry, line) for entry in self.all_entries(item, registered, explicit, sparsities)]
+            elif name in registered:
+                entries.append((self.entry(item, registered[name], sparsities), line))
+            elif item.get("optional") is True:
+                notes.append(f"{name} is not registered in this version of prunekit; "
+                             f"its entry (line {item.line}) is skipped")
+            else:
+                raise self.fail(item, "method", f"unknown method {name!r}; registered methods: "
+                                                f"{', '.join(registered)} (mark the entry `optional: true` to skip it "
+                                                "while the method is missing)")
+        if not entries:
+            raise PrunekitError(f"suite {self.path}, line {value.line}: no method of this suite is registered "
+                                f"({'; '.join(notes)}); add a registered method (`prunekit methods` lists them)")
+        self.unique_labels(entries)
+        if any(isinstance(item, dict) and item.get("method") == ALL for item in value):
+            order = list(registered)  # with `all`, methods appear in the registry's order, as `prunekit methods` does
+            entries.sort(key=lambda pair: order.index(pair[0].method))
+        return tuple(entry for entry, _ in entries), tuple(notes)
+
+    def entry(self, item: _LineDict, method: Method, sparsities: tuple[float, ...]) -> MethodEntry:
+        label = self.text(item, "label") if "label" in item else method.name
+        values = self.mapping(item, "hparams", "`hparams`")
+        for key in values:
+            if key in PRUNE_ARGUMENTS:
+                raise self.fail(values, key, f"`{key}` is an argument of prune() that the bench sets itself (seeds "
+                                             "from `seeds:`, the budget from `budget:`, the batch size from "
+                                             "`batch_size:`); remove it here")
+        hp = self.dataclass_values(method.hparams, values, f"method {method.name!r}")
+        budget = self.budget(item, sparsities)
+        return MethodEntry(label, method.name, hparams_lib.to_dict(hp), budget, sparsities,
+                           item.get("measure_recorded", False))
+
+    def all_entries(self, item: _LineDict, registered: dict[str, Method], explicit: set,
+                    sparsities: tuple[float, ...]) -> list[MethodEntry]:
+        """Every registered method not listed on its own, with its defaults."""
+        for key in ("label", "hparams", "measure_recorded"):
+            if key in item:
+                raise self.fail(item, key, f"`method: all` takes no {key}; give a method its own entry "
+                                           "(`- method: NAME` with `hparams:`) to change it")
+        budget = self.budget(item, sparsities)
+        return [MethodEntry(method.name, method.name, _defaults(method), budget, sparsities)
+                for method in registered.values() if method.name not in explicit]
+
+    def budget(self, item: _LineDict, sparsities: tuple[float, ...]) -> Budget:
+        budget = self.dataclass_values(Budget, self.mapping(item, "budget", "`budget`"), "budget")
+        fixed = budget.fixed_sparsity
+        if fixed is not None and any(abs(s - fixed) > 1e-9 for s in sparsities):
+            raise self.fail(item, "budget", f"{budget.n}:{budget.m} sparsity is always {fixed:g}; give this entry "
+                                            f"`sparsities: [{fixed:g}]`")
+        return budget
+
+    def unique_labels(self, entries: list[tuple[MethodEntry, int]]) -> None:
+        seen: set[str] = set()
+        for entry, line in entries:
+            if entry.label in seen:
+                raise PrunekitError(f"suite {self.path}, line {line}: two method entries are labelled "
+                                    f"{entry.label!r}; give one of them another `label:`")
+            seen.add(entry.label)
+
+    # ---- published numbers
+
+    def published(self, document: _LineDict) -> tuple[Published, ...]:
+        value = document.get("published")
+        if value is None:
+            return ()
+        if not isinstance(value, _LineList):
+            raise self.fail(document, "published", "`published` must be a list of {method, sparsity, accuracy, source}")
+        numbers = []
+        for index, item in enumerate(value):
+            if not isinstance(item, _LineDict):
+                raise self.fail(value, index, "each published number is a mapping {method, sparsity, accuracy, source}")
+            self.known_keys(item, PUBLISHED_KEYS, "a published number")
+            for key in ("method", "sparsity", "accuracy", "source"):
+                if key not in item:
+                    raise self.fail(item, None, f"this published number has no `{key}`; add it")
+            accuracy, std = item["accuracy"], item.get("std")
+            for key, number in (("accuracy", accuracy), ("std", std)):
+                if number is not None and (isinstance(number, bool) or not isinstance(number, (int, float))
+                                           or not 0 <= number <= 1):
+                    raise self.fail(item, key, f"`{key}` is a fraction in [0, 1] like our accuracies "
+                                               f"(write 93.97% as 0.9397), got {number!r}")
+            try:
+                sparsity = check_sparsity(item["sparsity"])
+            except PrunekitError as exc:
+                raise self.fail(item, "sparsity", str(exc)) from None
+            numbers.append(Published(str(item["method"]), sparsity, float(accuracy),
+                                     None if std is None else float(std), self.text(item, "source")))
+        return tuple(numbers)
+
+    # ---- quick
+
+    def with_quick(self, document: _LineDict) -> _LineDict:
+        quick = self.mapping(document, "quick", "`quick`")
+        for key in quick:
+            if key in NOT_QUICK or key not in TOP_LEVEL_KEYS:
+                allowed = [k for k in TOP_LEVEL_KEYS if k not in NOT_QUICK]
+                raise self.fail(quick, key, f"`quick` cannot change {key!r}; it may set: {', '.join(allowed)}")
+        return _merged(document, quick)
+
+
+def _defaults(method: Method) -> dict[str, Any]:
+    return hparams_lib.to_dict(hparams_lib.build(method.hparams, {}, f"method {method.name!r}"))
+
+
+def _merged(base: _LineDict, changes: _LineDict) -> _LineDict:
+    """`base` with `changes` applied: mappings merge key by key, other values are replaced."""
+    merged = _LineDict(base)
+    merged.line, merged.lines = base.line, dict(base.lines)
+    for key, value in changes.items():
+        if isinstance(value, _LineDict) and isinstance(base.get(key), _LineDict):
+            value = _merged(base[key], value)
+        merged[key] = value
+        merged.lines[key] = changes.lines[key]
+    return merged
+
+
+def _item_line(node: Any, key: Any) -> int:
+    if isinstance(node, _LineList) and isinstance(key, int) and 0 <= key < len(node.lines):
+        return node.lines[key]
+    if isinstance(node, _LineDict):
+        return node.lines.get(key, node.line)
+    return getattr(node, "line", 1)

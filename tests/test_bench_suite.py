@@ -1,0 +1,184 @@
+"""Suite files: what they may say, and errors that name the file, the line and the fix."""
+import textwrap
+from dataclasses import dataclass, field
+
+import pytest
+
+from prunekit.bench.suite import list_suites, load_suite
+from prunekit.errors import PrunekitError
+from prunekit.methods import _REGISTRY, Method, all_methods
+
+GOOD = """\
+name: tiny
+description: two methods on synthetic data
+model: lenet300
+dataset: synthetic
+dense:
+  epochs: 2
+  lr: 0.05
+sparsities: [0.5, 0.9]
+seeds: 2
+methods:
+  - method: magnitude
+  - method: random
+    label: random-control
+    sparsities: [0.9]
+published:
+  - {method: magnitude, sparsity: 0.9, accuracy: 0.8, std: 0.01, source: "Made-up et al. 2030, Table 9"}
+quick:
+  dense: {epochs: 1}
+  sparsities: [0.9]
+"""
+
+
+@dataclass(frozen=True)
+class KnobHparams:
+    knob: float = field(default=1.0, metadata={"help": "a number in (0, 10)"})
+    seed: int = field(default=0, metadata={"help": "as training methods have"})
+
+    def validate(self) -> None:
+        if not 0 < self.knob < 10:
+            raise PrunekitError(f"knob must be in (0, 10), got {self.knob}")
+
+
+@pytest.fixture
+def knob_method(monkeypatch):
+    """A method with hyperparameters, registered for one test only."""
+    def run(ctx, hp):
+        return ctx.select({t.name: t.weight.detach().abs() for t in ctx.targets})
+
+    monkeypatch.setitem(_REGISTRY, "knob-test", Method("knob-test", run, KnobHparams, "test method"))
+
+
+def write(tmp_path, text: str, name: str = "suite.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def error_of(path, **kwargs) -> str:
+    with pytest.raises(PrunekitError) as info:
+        load_suite(str(path), **kwargs)
+    return str(info.value)
+
+
+def test_a_good_suite_loads_with_defaults_filled_in(tmp_path):
+    suite = load_suite(str(write(tmp_path, GOOD)))
+    assert (suite.name, suite.model, suite.dataset, suite.seeds, suite.batch_size) == (
+        "tiny", "lenet300", "synthetic", (0, 1), 128)
+    assert suite.dense.epochs == 2 and suite.dense.lr == 0.05 and suite.dense.momentum == 0.9
+    assert [(m.label, m.method, m.sparsities) for m in suite.methods] == [
+        ("magnitude", "magnitude", (0.5, 0.9)), ("random-control", "random", (0.9,))]
+    assert suite.published[0].source.startswith("Made-up") and suite.published[0].accuracy == 0.8
+    assert suite.checkpoint is None and not suite.from_scratch
+
+
+def test_quick_merges_mappings_and_keeps_one_seed(tmp_path):
+    path = write(tmp_path, GOOD)
+    quick = load_suite(str(path), quick=True)
+    assert quick.dense.epochs == 1 and quick.dense.lr == 0.05  # merged into the recipe, not replacing it
+    assert quick.sparsities == (0.9,) and quick.seeds == (0,)
+    assert load_suite(str(path), seeds=3).seeds == (0, 1, 2)
+
+
+@pytest.mark.parametrize("change, line, words", [
+    (("sparsities: [0.5, 0.9]", "sparsity: [0.5, 0.9]"), 8, "a suite has no key 'sparsity'"),
+    (("  - method: magnitude", "  - method: magnitud"), 11, "unknown method 'magnitud'"),
+    (("sparsities: [0.5, 0.9]", "sparsities:\n  - 0.5\n  - 1.2"), 10, "[0, 1)"),
+    (("model: lenet300", "model: lenet301"), 3, "unknown model 'lenet301'"),
+    (("  lr: 0.05", "  lr: fast"), 7, "must be a number"),
+    (("  lr: 0.05", "  learning_rate: 0.05"), 7, "no hyperparameter 'learning_rate'"),
+    (("seeds: 2", "seeds: -1"), 9, "number of seeds"),
+    (("    label: random-control", "    label: magnitude"), 13, "labelled 'magnitude'"),
+    (("accuracy: 0.8,", "accuracy: 80,"), 16, "write 93.97% as 0.9397"),
+    (("quick:\n", "quick:\n  name: other\n"), 18, "`quick` cannot change 'name'"),
+    (("seeds: 2", "seeds: 2\nseeds: 3"), 10, "appears twice"),
+    (("    label: random-control", "    label: [random"), 14, "not valid YAML"),
+    (("dense:\n  epochs: 2\n  lr: 0.05\n", ""), 1, "names no dense model"),
+    (("\ndense:\n", "\nfrom_scratch: true\ndense:\n"), 5, "has both `dense` and `from_scratch`"),
+])
+def test_errors_name_the_line_and_the_fix(tmp_path, change, line, words):
+    path = write(tmp_path, GOOD.replace(*change))
+    message = error_of(path)
+    assert message.startswith(f"suite {path}, line {line}: "), message
+    assert words in message
+
+
+def test_method_hyperparameters_are_checked_one_by_one(tmp_path, knob_method):
+    def suite_with(hparams: str):
+        entry = f"  - method: knob-test\n    hparams:\n{hparams}"
+        return write(tmp_path, GOOD.replace("  - method: magnitude\n", entry))
+
+    assert load_suite(str(suite_with("      knob: 3\n"))).methods[0].hparams == {"knob": 3.0, "seed": 0}
+    message = error_of(suite_with("      knob: 3\n      nob: 2\n"))
+    assert ", line 14: method 'knob-test' has no hyperparameter 'nob'; its hyperparameters are: knob, seed" in message
+    assert ", line 13: method 'knob-test' knob must be a number" in error_of(suite_with("      knob: high\n"))
+    assert "knob must be in (0, 10), got 30" in error_of(suite_with("      knob: 30\n"))  # the method's validate()
+    assert ", line 13: `seed` is an argument of prune() that the bench sets" in error_of(suite_with("      seed: 4\n"))
+
+
+def test_budgets_are_validated_with_their_sparsities(tmp_path):
+    bad = GOOD.replace("  - method: magnitude\n", "  - method: magnitude\n    budget: {structure: nm, n: 2, m: 4}\n")
+    assert "2:4 sparsity is always 0.5; give this entry `sparsities: [0.5]`" in error_of(write(tmp_path, bad))
+    fixed = bad.replace("m: 4}\n", "m: 4}\n    sparsities: [0.5]\n")
+    assert load_suite(str(write(tmp_path, fixed))).methods[0].budget.structure == "nm"
+    unknown = GOOD.replace("  - method: magnitude\n", "  - method: magnitude\n    budget: {allocation: best}\n")
+    assert "budget allocation 'best' is unknown" in error_of(write(tmp_path, unknown))
+
+
+def test_optional_entries_of_missing_methods_are_skipped_with_a_note(tmp_path):
+    text = GOOD.replace("  - method: magnitude\n", "  - method: magnitude\n  - method: not-yet\n    optional: true\n"
+                                                   "    hparams: {epochs: 1}\n")
+    suite = load_suite(str(write(tmp_path, text)))
+    assert [m.label for m in suite.methods] == ["magnitude", "random-control"]
+    assert "not-yet is not registered" in suite.notes[0] and "line 12" in suite.notes[0]
+    only_missing = text.replace("  - method: magnitude\n", "").replace("  - method: random\n    label: random-control\n"
+                                                                        "    sparsities: [0.9]\n", "")
+    assert "no method of this suite is registered (not-yet is not registered" in error_of(write(tmp_path, only_missing))
+
+
+def test_all_means_every_registered_method_and_explicit_entries_replace_theirs(tmp_path, knob_method):
+    text = GOOD.replace("  - method: magnitude\n", "  - method: all\n  - method: knob-test\n    hparams: {knob: 2}\n")
+    text = text.replace("    label: random-control\n", "")
+    suite = load_suite(str(write(tmp_path, text)))
+    labels = [m.label for m in suite.methods]
+    assert labels == [m.name for m in all_methods()]  # each once, in the registry's order
+    assert next(m for m in suite.methods if m.label == "knob-test").hparams["knob"] == 2.0
+    assert next(m for m in suite.methods if m.label == "random").sparsities == (0.9,)
+    with_hparams = GOOD.replace("  - method: magnitude\n", "  - method: all\n    hparams: {epochs: 2}\n")
+    assert "`method: all` takes no hparams" in error_of(write(tmp_path, with_hparams))
+
+
+def test_checkpoint_paths_expand_variables_and_start_at_the_suite_folder(tmp_path, monkeypatch):
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "dense.safetensors").write_bytes(b"x")
+    start = "dense:\n  epochs: 2\n  lr: 0.05\n"
+    suite_text = GOOD.replace("  dense: {epochs: 1}\n", "")
+    relative = write(tmp_path, suite_text.replace(start, "checkpoint: weights/dense.safetensors\n"))
+    assert load_suite(str(relative)).checkpoint == tmp_path / "weights" / "dense.safetensors"
+    monkeypatch.setenv("WEIGHTS_HOME", str(tmp_path / "weights"))
+    variable = write(tmp_path, suite_text.replace(start, "checkpoint: ${WEIGHTS_HOME}/dense.safetensors\n"))
+    assert load_suite(str(variable)).checkpoint == tmp_path / "weights" / "dense.safetensors"
+    monkeypatch.delenv("WEIGHTS_HOME")
+    assert ", line 5: `checkpoint` uses ${WEIGHTS_HOME}, which is not set" in error_of(variable)
+    missing = write(tmp_path, suite_text.replace(start, "checkpoint: weights/nope.ckpt\n"))
+    message = error_of(missing)
+    assert ", line 5: checkpoint " in message and "nope.ckpt does not exist; fix the path" in message
+
+
+def test_data_sets_with_files_need_a_data_folder_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.delenv("PRUNEKIT_DATA", raising=False)
+    path = write(tmp_path, GOOD.replace("dataset: synthetic", "dataset: mnist"))
+    assert ", line 4: no data directory: pass --data-dir" in error_of(path)
+    assert ", line 4: data folder " in error_of(path, data_dir=tmp_path / "nowhere")
+
+
+def test_unknown_suites_and_the_shipped_ones(tmp_path):
+    with pytest.raises(PrunekitError, match="no suite named 'nope'; shipped suites: .*demo"):
+        load_suite("nope")
+    with pytest.raises(PrunekitError, match="does not exist"):
+        load_suite(str(tmp_path / "missing.yaml"))
+    assert "demo" in dict(list_suites())
+    for name, _ in list_suites():
+        for quick in (False, True):
+            assert load_suite(name, quick=quick).methods  # every shipped suite is valid as it stands
