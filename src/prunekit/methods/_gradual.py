@@ -1,0 +1,153 @@
+"""Gradual magnitude pruning during training, shared by DPF (`dpf.py`) and GMP (`gmp.py`).
+
+Both train in one pass with prunekit's Trainer. Every `p` optimizer steps the mask is recomputed
+from the magnitudes of the weights at the sparsity of the cubic schedule of Zhu & Gupta (2017),
+
+    s_t = s_f · (1 − (1 − (t − t₀)/(t_end − t₀))³)   for t₀ ≤ t ≤ t_end,   s_t = s_f after t_end,
+
+under the prune's budget (global by default; layerwise with budget="uniform"; whole filters with
+structure="filters"). The two methods differ only in what a pruned weight is:
+
+- DPF: the mask is applied straight-through, so a pruned weight keeps its dense value and its
+  gradient, and it comes back when its magnitude grows above the threshold (feedback);
+- GMP: the mask is applied with masked gradients and pruned weights are zeroed, and the selection
+  ranks only the weights still kept, so a pruned weight never returns.
+
+Each recomputation is recorded (`PruneResult.history`) with its churn: how many weights were
+pruned, how many came back, and how much of the new mask was already kept.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..budgets import Budget
+from ..errors import PrunekitError
+from ..masks import MASKED, attach_masks
+from ..schedules import StepSchedule
+from ..targets import Target
+from ..training import Callback, TrainConfig, Trainer
+from . import PruneContext
+from ._training import masked_fraction, train
+
+# A weight's ranking score from its target and its current mask (True = kept); lowest is pruned.
+Score = Callable[[Target, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class GradualHparams(TrainConfig):
+    """Training (every TrainConfig field) plus the pruning schedule; start and end are fractions of training."""
+
+    p: int = field(default=16, metadata={
+        "help": "recompute the mask every p optimizer steps (>= 1; the DPF paper uses 16)"})
+    start: float = field(default=0.0, metadata={
+        "help": "fraction of training at which the sparsity starts rising from 0, in [0, 1)"})
+    end: float = field(default=0.75, metadata={
+        "help": "fraction of training at which the sparsity reaches the target, in [start, 1]"})
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.p, bool) or not isinstance(self.p, int) or self.p < 1:
+            raise PrunekitError(f"p={self.p!r} is invalid: the mask is recomputed every p optimizer steps, "
+                                "so p must be an integer >= 1 (the DPF paper uses 16)")
+        if not 0 <= self.start < 1:
+            raise PrunekitError(f"start={self.start!r} is invalid: it is the fraction of training at which "
+                                "pruning starts; set it in [0, 1), e.g. 0")
+        if not self.start <= self.end <= 1:
+            raise PrunekitError(f"end={self.end!r} is invalid: the schedule must end after it starts "
+                                f"(start={self.start}) and by the end of training; set end in [{self.start}, 1]")
+
+
+def check_gradual_budget(budget: Budget, method: str) -> None:
+    """A sparsity that rises over training needs a budget whose sparsity can vary."""
+    if budget.fixed_sparsity is not None:
+        raise PrunekitError(f"{method} raises the sparsity gradually, but {budget.n}:{budget.m} sparsity is fixed "
+                            f"at {budget.fixed_sparsity:g}; use structure unstructured or filters, or prune N:M "
+                            "one-shot with method magnitude")
+
+
+def train_with_gradual_masks(ctx: PruneContext, hp: GradualHparams, *, mode: str, score: Score,
+                             keep_updating: bool) -> dict[str, torch.Tensor]:
+    """Train `ctx.model` once while the masks follow the schedule; returns the final masks (at the target).
+
+    `mode` is the masks' gradient mode during training, `score` ranks the weights at each update, and
+    `keep_updating` says whether the mask is still recomputed (at the target) after the schedule ends.
+    """
+    everything = {t.name: torch.ones(t.shape, dtype=torch.bool, device=t.dense.device) for t in ctx.targets}
+    # Attached before the Trainer builds its optimizer; later updates only change the mask buffers.
+    attach_masks(ctx.model, everything, mode)
+    callback = GradualMasks(ctx, hp, everything, mode, score, keep_updating)
+    train(ctx, hp, [callback])
+    return callback.masks
+
+
+class GradualMasks(Callback):
+    """Recomputes the masks on the schedule at the start of a step and records the churn."""
+
+    def __init__(self, ctx: PruneContext, hp: GradualHparams, masks: dict[str, torch.Tensor], mode: str,
+                 score: Score, keep_updating: bool) -> None:
+        self.ctx = ctx
+        self.hp = hp
+        self.masks = masks
+        self.mode = mode
+        self.score = score
+        self.keep_updating = keep_updating
+        self.schedule: StepSchedule | None = None
+        self.scheduled = 0.0  # the sparsity of the last update; the starting masks keep everything
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        total = trainer.total_steps
+        self.schedule = StepSchedule(self.ctx.sparsity, start=round(self.hp.start * total),
+                                     end=round(self.hp.end * total), shape="cubic")
+
+    def on_step_begin(self, trainer: Trainer, batch) -> None:
+        if self._due(trainer.step):
+            self._update(trainer)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        # The schedule may end with training (end=1) or training may stop early: finish at the target.
+        if self.scheduled != self.ctx.sparsity:
+            self._update(trainer, self.ctx.sparsity)
+
+    def _due(self, step: int) -> bool:
+        if step > self.schedule.end:
+            return self.keep_updating and step % self.hp.p == 0
+        return step % self.hp.p == 0 or step == self.schedule.end  # the end is always hit exactly
+
+    def _update(self, trainer: Trainer, sparsity: float | None = None) -> None:
+        step = trainer.step
+        self.scheduled = self.schedule(step) if sparsity is None else sparsity
+        with torch.no_grad():
+            new = self.ctx.select({t.name: self.score(t, self.masks[t.name]) for t in self.ctx.targets},
+                                  self.scheduled)
+        attach_masks(self.ctx.model, new, self.mode)
+        if self.mode == MASKED:
+            _clear_optimizer_state(trainer.optimizer, self.ctx.targets, new)
+        churn = _churn(self.masks, new)
+        self.masks = new
+        self.ctx.record(step=step, epoch=trainer.epoch, scheduled=self.scheduled, sparsity=masked_fraction(new), **churn)
+
+
+def _churn(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, float | int]:
+    """Weights pruned and reactivated by an update, and the fraction of kept weights that were kept before."""
+    pruned = sum(int((old[n] & ~new[n]).sum()) for n in new)
+    reactivated = sum(int((~old[n] & new[n]).sum()) for n in new)
+    kept = sum(int(new[n].sum()) for n in new)
+    return {"pruned": pruned, "reactivated": reactivated, "overlap": (kept - reactivated) / max(kept, 1)}
+
+
+def _clear_optimizer_state(optimizer: torch.optim.Optimizer, targets: list[Target],
+                           masks: dict[str, torch.Tensor]) -> None:
+    """Zero the momentum (and Adam moments) of pruned weights.
+
+    A masked weight gets no gradient and is zero, but the momentum it gathered before it was pruned
+    would still move it off zero; clearing it keeps a pruned weight at exactly zero.
+    """
+    for target in targets:
+        state = optimizer.state.get(target.dense, {})
+        keep = masks[target.name].to(target.dense.dtype)
+        for value in state.values():
+            if torch.is_tensor(value) and value.shape == keep.shape:
+                value.mul_(keep)

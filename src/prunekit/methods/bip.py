@@ -1,0 +1,201 @@
+"""BiP: pruning as bi-level optimization (Zhang et al., "Advancing Model Pruning via Bi-level
+Optimization", NeurIPS 2022).
+
+    upper:  min_m  ℓ(m ⊙ θ*(m))          m: the top-k mask of the scores
+    lower:  θ*(m) = argmin_θ ℓ(m ⊙ θ)
+
+Algorithm A1, one iteration on two independent mini-batches:
+  1. lower level, one SGD step on the weights through the binary mask z*:
+         θ ← θ − β ∇_θ ℓ(z* ⊙ θ),   ∇_θ ℓ = z* ⊙ ∂ℓ/∂z
+  2. upper level, one SGD step on the scores at the new weights, with the implicit gradient (IG):
+         s ← s − α [∇_m ℓ(m ⊙ θ) − (1/γ) ∇_z ℓ ⊙ ∇_θ ℓ]     (the paper's term, `implicit_gradient=paper`)
+  3. projection: z* = top-k of |s|, exactly k entries (global for unstructured budgets).
+∇_m ℓ passes straight through the top-k to the scores (see `_scores.py`). The IG comes from the
+implicit function theorem with ∇²_θθ ℓ ≈ 0 and ∇²_mθ ℓ ≈ diag(∇_z ℓ); it is always ≤ 0.
+
+Choices, and where the official code (OPTML-Group/BiP) differs:
+- Scores start as a signed copy of the pretrained weights, so the first mask is global magnitude.
+  The official `initialize_scaled_score` assigns `popup_scores.data = weight.data`, which makes the
+  scores and the weights one tensor for the rest of the run; here they are the paper's two variables.
+- `implicit_gradient=code` is the official term, −lr2 · (∂ℓ/∂s)², added to ∂ℓ/∂s (its two factors are
+  the same gradient, see research notes §1.5); `paper` adds −(1/γ) ∂ℓ/∂z ⊙ (m ⊙ ∂ℓ/∂z) to ∂ℓ/∂m,
+  which then takes the sign of s like the rest of ∂ℓ/∂m; `off` leaves alternating SGD.
+- The lower level changes kept weights only, as the paper's step does: its weight decay and momentum
+  are undone at pruned positions, which keep their values until the scores bring them back (the
+  official optimizer decays every weight).
+- Biases and BatchNorm affine parameters belong to the lower level; the score optimizer holds only
+  the scores (the official one also steps BatchNorm). Both levels run the network in training mode,
+  so BatchNorm statistics follow the current mask, as in the official code.
+- The upper level needs one backward pass (the official code makes two identical ones), so an
+  iteration costs two forward and backward passes.
+- The upper level's batches come from a second pass over the data per epoch (see `_upper_level_pass`),
+  like the official code's second loader over the training set.
+- Learning rates and schedules follow the official CIFAR config as it runs: 0.1 for both, cosine for
+  the weights, step (×0.1 at 50% and 75%) for the scores, momentum 0.9, weight decay 1e-4.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import PrunekitError
+from ..training import LR_SCHEDULES, Callback, TrainConfig, Trainer, lr_multiplier
+from . import PruneContext, register
+from ._scores import (RecordEpochs, Scores, check_fields, finetune, grad_at_masked_weight, is_count, is_number,
+                      straight_through)
+from ._training import train
+
+IMPLICIT_GRADIENTS = ("paper", "code", "off")
+
+
+@dataclass
+class BipHparams(TrainConfig):
+    """The training fields configure the lower level (the weights); the score_* fields the upper level."""
+
+    epochs: int = field(default=10, metadata={
+        "help": "Epochs of bi-level iterations (>= 1); each is two passes over the data, one per level."})
+    lr: float = field(default=0.1, metadata={"help": "Lower-level (weight) peak learning rate (> 0)."})
+    weight_decay: float = field(default=1e-4, metadata={
+        "help": "L2 penalty on the kept weights in the lower level (>= 0)."})
+    score_lr: float = field(default=0.1, metadata={"help": "Upper-level (score) SGD learning rate (> 0)."})
+    score_lr_schedule: str = field(default="step", metadata={
+        "help": "Score LR decay: 'cosine', 'step' (at lr_milestones by lr_gamma) or 'constant'."})
+    score_weight_decay: float = field(default=1e-4, metadata={"help": "L2 penalty on the scores (>= 0)."})
+    implicit_gradient: str = field(default="paper", metadata={
+        "help": "Implicit-gradient term of the upper level: 'paper' (-(1/γ)·∇_zℓ⊙∇_θℓ), "
+                "'code' (the official code's -lr2·(∂ℓ/∂s)²) or 'off'."})
+    ig_scale: float = field(default=1e-4, metadata={
+        "help": "1/γ of the paper's implicit gradient (lr2 of the official code), > 0."})
+    finetune_epochs: int = field(default=0, metadata={
+        "help": "Epochs of training the weights under the final mask afterwards (>= 0; 0: none)."})
+
+    def validate(self) -> None:
+        super().validate()
+        check_fields("bip", [
+            ("score_lr", self.score_lr, "a finite number > 0", is_number(self.score_lr) and self.score_lr > 0),
+            ("score_lr_schedule", self.score_lr_schedule, f"one of {LR_SCHEDULES}",
+             self.score_lr_schedule in LR_SCHEDULES),
+            ("score_weight_decay", self.score_weight_decay, "a finite number >= 0",
+             is_number(self.score_weight_decay) and self.score_weight_decay >= 0),
+            ("implicit_gradient", self.implicit_gradient, f"one of {IMPLICIT_GRADIENTS}",
+             self.implicit_gradient in IMPLICIT_GRADIENTS),
+            ("ig_scale", self.ig_scale, "a finite number > 0 (implicit_gradient=off turns the term off)",
+             is_number(self.ig_scale) and self.ig_scale > 0),
+            ("finetune_epochs", self.finetune_epochs, "an integer >= 0", is_count(self.finetune_epochs)),
+        ])
+
+
+@register("bip", BipHparams, "bi-level optimization of a top-k mask and the weights (Zhang et al. 2022)",
+          needs_data=True)
+def bip(ctx: PruneContext, hp: BipHparams) -> dict[str, torch.Tensor]:
+    _require_two_batches(ctx.data)
+    scores = search(ctx, hp)
+    finetune(ctx, scores.masks, hp, hp.finetune_epochs)
+    return scores.masks
+
+
+def search(ctx: PruneContext, hp: BipHparams) -> Scores:
+    """The bi-level iterations for hp.epochs passes over the data; the model's weights are trained in place."""
+    scores = Scores(ctx, {t.name: t.dense for t in ctx.targets})
+    scores.project()
+    train(ctx, hp, [BilevelStep(ctx, scores, hp), RecordEpochs(ctx, "bilevel", scores)])
+    return scores
+
+
+class BilevelStep(Callback):
+    """Algorithm A1 around the Trainer's step: that step is the lower level, this callback masks its
+    gradient and adds the upper level and the projection after it."""
+
+    def __init__(self, ctx: PruneContext, scores: Scores, hp: BipHparams):
+        self.ctx = ctx
+        self.scores = scores
+        self.hp = hp
+        self.optimizer = torch.optim.SGD(list(scores.tensors.values()), lr=hp.score_lr, momentum=hp.momentum,
+                                         weight_decay=hp.score_weight_decay)
+        score_schedule = replace(hp, lr_schedule=hp.score_lr_schedule)
+        steps_per_epoch = len(ctx.data)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_multiplier(score_schedule, step, steps_per_epoch))
+        self.upper_batches: Iterator | None = None
+        self.weights_before_step: dict[str, torch.Tensor] = {}
+
+    def on_step_begin(self, trainer: Trainer, batch) -> None:
+        if self.upper_batches is None:
+            self.upper_batches = _upper_level_pass(self.ctx.data, self.hp.epochs + trainer.epoch)
+
+    def on_before_optimizer_step(self, trainer: Trainer, loss: torch.Tensor) -> None:
+        """Lower level: ∇_θ ℓ(z* ⊙ θ) = z* ⊙ ∂ℓ/∂z (the straight-through mask left all of ∂ℓ/∂z on θ)."""
+        for target in self.ctx.targets:
+            target.dense.grad = grad_at_masked_weight(target) * self.scores.masks[target.name]
+            self.weights_before_step[target.name] = target.dense.detach().clone()
+
+    def on_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None:
+        self._restore_pruned_weights()
+        self._upper_level(trainer)
+        self.scores.project()
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict) -> None:
+        metrics["score_lr"] = self.optimizer.param_groups[0]["lr"]
+        self.upper_batches = None
+
+    def _restore_pruned_weights(self) -> None:
+        """Weight decay and momentum must not move pruned weights: the paper's step changes kept ones only."""
+        with torch.no_grad():
+            for target in self.ctx.targets:
+                kept = self.scores.masks[target.name]
+                target.dense.copy_(torch.where(kept, target.dense, self.weights_before_step[target.name]))
+
+    def _upper_level(self, trainer: Trainer) -> None:
+        """One SGD step on the scores at θ_{t+1}, on a batch independent of the lower level's."""
+        inputs, labels = (tensor.to(trainer.device) for tensor in next(self.upper_batches))
+        self.ctx.model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.ctx.model(inputs), labels, label_smoothing=self.hp.label_smoothing)
+        loss.backward()
+        for target in self.ctx.targets:
+            score = self.scores.tensors[target.name]
+            score.grad = upper_gradient(score, target.dense.detach(), self.scores.masks[target.name],
+                                        grad_at_masked_weight(target), self.hp.implicit_gradient, self.hp.ig_scale)
+        self.optimizer.step()
+        self.scheduler.step()
+
+
+def upper_gradient(score: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, grad_z: torch.Tensor,
+                   implicit_gradient: str, ig_scale: float) -> torch.Tensor:
+    """∂ℓ/∂s of the upper level, given ∂ℓ/∂z at z = m ⊙ θ, with the chosen implicit-gradient term."""
+    grad_mask = weight * grad_z                                        # ∇_m ℓ(m ⊙ θ)
+    if implicit_gradient == "paper":
+        grad_mask = grad_mask - ig_scale * grad_z * (mask * grad_z)    # − (1/γ) ∇_z ℓ ⊙ ∇_θ ℓ
+    grad_score = straight_through(score, grad_mask)
+    if implicit_gradient == "code":
+        grad_score = grad_score - ig_scale * grad_score.square()       # − lr2 (∂ℓ/∂s)²
+    return grad_score
+
+
+def _upper_level_pass(data: Iterable, pass_number: int) -> Iterator:
+    """Another pass over the data for the upper level, so that each iteration draws two different batches.
+
+    A loader with `set_epoch` (prunekit's Loader) is reshuffled for it with a pass number the lower
+    level never uses, as the official code's second loader is; the pass also starts one batch later
+    and wraps round, so that data in a fixed order (a list of batches) pairs every batch with another.
+    """
+    set_epoch = getattr(data, "set_epoch", None)
+    if set_epoch is not None:
+        set_epoch(pass_number)
+    batches = iter(data)
+    first = next(batches)
+    yield from batches
+    yield first
+
+
+def _require_two_batches(data: Any) -> None:
+    try:
+        batches = len(data)
+    except TypeError:
+        raise PrunekitError("bip needs data with len() (batches per epoch) for its LR schedules; pass a "
+                            "prunekit Loader or a list of (inputs, targets) batches") from None
+    if batches < 2:
+        raise PrunekitError(f"bip takes two different mini-batches per iteration but the data has {batches} "
+                            "batch per epoch; use a smaller batch size or more examples")

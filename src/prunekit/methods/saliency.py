@@ -1,0 +1,235 @@
+"""Pruning at initialisation, then training the sparse network: SNIP, GraSP and SynFlow.
+
+SNIP: Lee et al., "SNIP: Single-shot Network Pruning based on Connection Sensitivity", ICLR 2019.
+    S = |θ ⊙ ∇_θ L| on a mini-batch; keep the highest.
+GraSP: Wang et al., "Picking Winning Tickets Before Training by Preserving Gradient Flow", ICLR 2020.
+    S = −θ ⊙ H g with g = ∇_θ L and H g a Hessian-vector product; remove the HIGHEST S (to first
+    order, removing weight q changes the gradient norm gᵀg by −2 θ_q (Hg)_q = 2 S_q, so the
+    highest S are the weights whose removal preserves, or even raises, the gradient flow). The
+    logits are divided by a temperature T (200 in the authors' code).
+SynFlow: Tanaka et al., "Pruning neural networks without any data by iteratively conserving
+    synaptic flow", NeurIPS 2020. R = 1ᵀ f_|θ|(1): an all-ones input through the network with every
+    parameter and buffer made positive and BN in eval mode; S = |θ ⊙ ∂R/∂θ|; n = 100 rounds of
+    rescoring and pruning to 1 − (1 − s)^(k/n), k = 1 … n. The scores use no data. R is a product
+    over the layers, which overflows float32 on deep networks (ResNet-56 at initialisation), so the
+    flow runs on a float64 copy of the state through `torch.func.functional_call`: the model's own
+    weights are never changed, and there are no signs to restore.
+
+Each then trains the sparse network for `epochs` with the Trainer, pruned weights held at zero
+(default 0: only the masks; set epochs to train as the papers do). SNIP and GraSP score in training
+mode, as training would see the network (BN normalises with batch statistics, and its running
+statistics see those batches).
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from numbers import Real
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..errors import PrunekitError
+from ..schedules import stage_sparsities
+from ..targets import Target
+from ..training import TrainConfig
+from . import PruneContext, register
+from ._training import require_training_data, train_under_masks
+from .imp import within_survivors
+
+Batch = tuple[Tensor, Tensor]
+
+
+@dataclass
+class PruneThenTrainHparams(TrainConfig):
+    """Training of the sparse network after pruning (TrainConfig); seeded by prune()'s seed."""
+
+    epochs: int = field(default=0, metadata={
+        "help": "epochs of training of the sparse network after pruning, as the papers do (0: prune only)"})
+
+    def validate(self) -> None:
+        _check_count("epochs", self.epochs, minimum=0)
+        if self.epochs > 0:  # the training settings only matter when there is training
+            super().validate()
+
+
+@dataclass
+class SnipHparams(PruneThenTrainHparams):
+    """SNIP: connection sensitivity on `batches` mini-batches (the paper uses one)."""
+
+    batches: int = field(default=1, metadata={"help": "mini-batches of the data the scores are computed on"})
+
+    def validate(self) -> None:
+        super().validate()
+        _check_count("batches", self.batches, minimum=1)
+
+
+@dataclass
+class GraspHparams(SnipHparams):
+    """GraSP: gradient-flow preservation on `batches` mini-batches, logits divided by `temperature`."""
+
+    temperature: float = field(default=200.0, metadata={
+        "help": "the logits are divided by this before the loss (200 in the GraSP authors' code; 1: plain loss)"})
+
+    def validate(self) -> None:
+        super().validate()
+        if not (isinstance(self.temperature, Real) and 0 < self.temperature < float("inf")):
+            raise PrunekitError(f"temperature={self.temperature!r} must be a finite number > 0 (e.g. 200)")
+
+
+@dataclass
+class SynflowHparams(PruneThenTrainHparams):
+    """SynFlow: `iterations` rounds of rescoring on the exponential schedule. Data only trains the result."""
+
+    iterations: int = field(default=100, metadata={
+        "help": "pruning rounds, each rescoring the survivors; round k prunes to 1 - (1 - sparsity)^(k/iterations)"})
+
+    def validate(self) -> None:
+        super().validate()
+        _check_count("iterations", self.iterations, minimum=1)
+
+
+@register("snip", SnipHparams, "SNIP at initialisation: keep the largest |w * grad| on a mini-batch, then train",
+          needs_data=True)
+def snip(ctx: PruneContext, hp: SnipHparams) -> dict[str, Tensor]:
+    _check_can_train(ctx, hp)
+    masks = ctx.select(snip_scores(ctx.model, ctx.targets, _first_batches(ctx, hp.batches)))
+    return _then_train(ctx, masks, hp)
+
+
+@register("grasp", GraspHparams, "GraSP at initialisation: remove the largest -w * Hg (gradient flow kept), "
+          "then train", needs_data=True)
+def grasp(ctx: PruneContext, hp: GraspHparams) -> dict[str, Tensor]:
+    _check_can_train(ctx, hp)
+    scores = grasp_scores(ctx.model, ctx.targets, _first_batches(ctx, hp.batches), hp.temperature)
+    # select() prunes the lowest scores; GraSP prunes the highest S, i.e. the lowest -S.
+    masks = ctx.select({name: -score for name, score in scores.items()})
+    return _then_train(ctx, masks, hp)
+
+
+@register("synflow", SynflowHparams, "SynFlow at initialisation, data-free: iteratively keep the largest "
+          "|w * dR/dw| of the all-ones flow, then train (data only for training)")
+def synflow(ctx: PruneContext, hp: SynflowHparams) -> dict[str, Tensor]:
+    _check_can_train(ctx, hp)
+    input_shape = _input_shape(ctx)
+    masks = {t.name: torch.ones(t.shape, dtype=torch.bool, device=t.dense.device) for t in ctx.targets}
+    for sparsity in stage_sparsities(ctx.sparsity, hp.iterations, "geometric", base=0.0):
+        scores = synflow_scores(ctx.model, ctx.targets, input_shape, masks)
+        masks = ctx.select(within_survivors(masks, scores), sparsity)
+    return _then_train(ctx, masks, hp)
+
+
+# ---------------------------------------------------------------- scores
+
+def snip_scores(model: nn.Module, targets: Sequence[Target], batches: Sequence[Batch]) -> dict[str, Tensor]:
+    """S = |θ ⊙ ∇_θ L|, L the mean cross-entropy over `batches`."""
+    weights = [t.dense for t in targets]
+    with _mode(model, training=True):
+        grads = _mean_gradient(model, weights, batches, temperature=1.0)
+    return {t.name: (w.detach() * g).abs() for t, w, g in zip(targets, weights, grads)}
+
+
+def grasp_scores(model: nn.Module, targets: Sequence[Target], batches: Sequence[Batch],
+                 temperature: float = 200.0) -> dict[str, Tensor]:
+    """S = −θ ⊙ H g with g = ∇_θ L (fixed) and H g = ∇_θ(gᵀ ∇_θ L); GraSP removes the highest S."""
+    weights = [t.dense for t in targets]
+    with _mode(model, training=True):
+        g = _mean_gradient(model, weights, batches, temperature)
+        hessian_g = [torch.zeros_like(w) for w in weights]
+        for batch in batches:
+            grad = torch.autograd.grad(_loss(model, batch, temperature), weights, create_graph=True)
+            g_dot_grad = sum((gi * gr).sum() for gi, gr in zip(g, grad))
+            for total, part in zip(hessian_g, torch.autograd.grad(g_dot_grad, weights)):
+                total += part
+    return {t.name: -(w.detach() * hg / len(batches)) for t, w, hg in zip(targets, weights, hessian_g)}
+
+
+def synflow_scores(model: nn.Module, targets: Sequence[Target], input_shape: Sequence[int],
+                   masks: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """S = |θ ⊙ ∂R/∂θ| with R = 1ᵀ f_|θ|(1), the summed output for an all-ones input when every parameter
+    and buffer is |·| (in float64), BN is in eval mode and the weights `masks` prune are zero."""
+    state = _linearised_state(model)
+    key = {id(parameter): name for name, parameter in model.named_parameters()}
+    weights = []
+    for target in targets:
+        name = key[id(target.dense)]
+        kept = 1.0 if masks is None else masks[target.name]
+        state[name] = (state[name] * kept).requires_grad_()
+        weights.append(state[name])
+    ones = torch.ones(1, *input_shape, dtype=torch.float64, device=weights[0].device)
+    with _mode(model, training=False):
+        flow = functional_call(model, state, (ones,)).sum()
+    grads = torch.autograd.grad(flow, weights)
+    return {t.name: (w.detach() * g).abs() for t, w, g in zip(targets, weights, grads)}
+
+
+def _loss(model: nn.Module, batch: Batch, temperature: float) -> Tensor:
+    inputs, labels = batch
+    return F.cross_entropy(model(inputs) / temperature, labels)
+
+
+def _mean_gradient(model: nn.Module, weights: list[Tensor], batches: Sequence[Batch],
+                   temperature: float) -> list[Tensor]:
+    totals = [torch.zeros_like(w) for w in weights]
+    for batch in batches:
+        for total, grad in zip(totals, torch.autograd.grad(_loss(model, batch, temperature), weights)):
+            total += grad
+    return [total / len(batches) for total in totals]
+
+
+def _linearised_state(model: nn.Module) -> dict[str, Tensor]:
+    """|θ| in float64 for every floating parameter and buffer, detached from the model; others as they are."""
+    named = itertools.chain(model.named_parameters(), model.named_buffers())
+    return {name: tensor.detach().abs().double() if tensor.is_floating_point() else tensor for name, tensor in named}
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, training: bool) -> Iterator[None]:
+    was_training = model.training
+    model.train(training)
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------- helpers
+
+def _check_count(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise PrunekitError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
+def _check_can_train(ctx: PruneContext, hp: PruneThenTrainHparams) -> None:
+    if hp.epochs > 0:
+        require_training_data(ctx)
+
+
+def _first_batches(ctx: PruneContext, count: int) -> list[Batch]:
+    batches = [(x.to(ctx.device), y.to(ctx.device)) for x, y in itertools.islice(ctx.data, count)]
+    if len(batches) < count:
+        raise PrunekitError(f"the scores need {count} batches but the data gave {len(batches)}; "
+                            "lower batches or pass more data")
+    return batches
+
+
+def _input_shape(ctx: PruneContext) -> tuple[int, ...]:
+    """The shape of one input: the model's `input_shape` (zoo models have it), else the data's (shape only)."""
+    shape = getattr(ctx.model, "input_shape", None)
+    if shape is not None:
+        return tuple(shape)
+    if ctx.data is not None:
+        for inputs, _ in ctx.data:
+            return tuple(inputs.shape[1:])
+    raise PrunekitError("synflow feeds an all-ones input and needs its shape: give the model an input_shape "
+                        "attribute, e.g. (1, 28, 28), or pass data (only its shape is used)")
+
+
+def _then_train(ctx: PruneContext, masks: dict[str, Tensor], hp: PruneThenTrainHparams) -> dict[str, Tensor]:
+    if hp.epochs > 0:
+        train_under_masks(ctx, masks, hp)
+    return masks
