@@ -159,17 +159,10 @@ class Outcome:
     mask_path: str
 
 
-@dataclass
-class StoredRun:
-    hash: str
-    suite: str
-    setting: str
-    label: str
-    method: str
-    sparsity: float
-    seed: int
-    config: dict[str, Any]
-    code_version: str
+@dataclass(frozen=True)
+class StoredRun(PlannedRun):
+    """A planned run as the database holds it: its state, cost and measured points."""
+
     status: str
     attempts: int
     owner: Owner | None
