@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 import prunekit
+from prunekit.methods import training_hparams
 from prunekit import hparams as hparams_lib
 from prunekit.checkpoints import load_state_dict_into, read_state_dict, save_model
 from prunekit.data import Dataset, Loader, load_dataset
@@ -134,7 +135,7 @@ def run(variant: Variant, start: nn.Module, train: Loader, test: Loader, sparsit
                        "accuracy": evaluate(current, test)["accuracy"], "seconds": event["cost"]["seconds"],
                        "backward_examples": event["cost"]["backward_examples"]})
 
-    training = {k: v for k, v in asdict(recipe).items() if k != "seed"}  # prune's seed seeds the training
+    training = training_hparams(recipe)
     result = prunekit.prune(model, variant.method, sparsity, train, seed=seed,
                             observer=every_round if variant.method == "imp" else None,
                             **training, **variant.hparams)
@@ -213,7 +214,7 @@ def _available(chosen: list[str], table: dict[str, Variant], recipe: TrainConfig
             print(f"skipping {name}: method {variant.method!r} is not registered in this prunekit "
                   f"(registered: {', '.join(sorted(registered))})")
             continue
-        training = {k: v for k, v in asdict(recipe).items() if k != "seed"}
+        training = training_hparams(recipe)
         try:
             hparams_lib.build(get_method(variant.method).hparams, {**training, **variant.hparams}, name)
         except PrunekitError as error:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 import prunekit
+from prunekit.methods import training_hparams
 from prunekit.data import Dataset, Loader, load_dataset
 from prunekit.models import create_model_for
 from prunekit.training import TrainConfig, Trainer, evaluate
@@ -71,7 +72,7 @@ def run_variant(dataset: Dataset, model_name: str, name: str, sparsity: float, s
         Trainer(model, train, TrainConfig(**{**asdict(recipe), "seed": seed}), device=device, progress=False).fit()
         row.update(sparsity=0.0, seconds=time.perf_counter() - started, history=[])
     else:
-        training = {k: v for k, v in asdict(recipe).items() if k != "seed"}  # prune's seed seeds the training
+        training = training_hparams(recipe)
         result = prunekit.prune(model, variant.method, sparsity, train, seed=seed, **training, **variant.hparams)
         row.update(sparsity=result.sparsity, seconds=result.cost.seconds,
                    history=[{k: v for k, v in event.items() if k != "cost"} for event in result.history])

@@ -7,6 +7,7 @@ masks, measuring — is done once by `prunekit.prune`.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
@@ -74,6 +75,11 @@ _REGISTRY: dict[str, Method] = {}
 # Fields a training method inherits from TrainConfig that are not its to set: the seed is
 # prune()'s `seed`, the batch size is the data's (the loader passed to prune).
 PRUNE_OWNED_FIELDS = ("seed", "batch_size")
+
+
+def training_hparams(config: Any) -> dict[str, Any]:
+    """A TrainConfig as keyword hyperparameters of a training method: all its fields but the prune-owned ones."""
+    return {name: value for name, value in dataclasses.asdict(config).items() if name not in PRUNE_OWNED_FIELDS}
 
 
 def method_fields(method: Method) -> list[hparams_lib.FieldInfo]:
