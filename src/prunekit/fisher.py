@@ -1,0 +1,262 @@
+"""The empirical Fisher as an n×p matrix of gradients, and the memory it will take.
+
+The second-order pruners (CHITA, WoodFisher, OBD) model the loss near the current weights with
+the empirical Fisher F = (1/n) GᵀG, where the rows of G are n gradients of the loss with respect
+to the prunable weights: per-example gradients (`fisher_batch=1`) or means over mini-batches of
+`fisher_batch` examples. G is n×p; nothing here ever forms the p×p matrix. Products are G·v,
+Gᵀ·u and the n×n Gram G·Gᵀ.
+
+Gradients are taken with torch.func (functional_call + vmap + grad) with respect to the *effective*
+weights, i.e. the weights the model computes with (mask included), every other parameter and
+buffer fixed, batch norm in eval mode. For a model that already carries masks this is the gradient
+of the loss at the pruned point in *every* coordinate, pruned ones included: the one a local
+quadratic model around that point needs (CHITA++ stages and gradual events may revive weights).
+The gradient with respect to the masked original would be zero at pruned positions.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import accumulate, pairwise
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.nn.utils import parametrize
+
+from .cost import CostMeter
+from .errors import PrunekitError
+from .masks import Mask
+from .targets import Target
+
+GIB = 2**30
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class FisherHparams:
+    """How many gradients make the empirical Fisher, and how much memory the method may use."""
+
+    fisher_samples: int = field(default=1000, metadata={
+        "help": "n: gradients in the empirical Fisher (rows of G); memory and time grow linearly with it"})
+    fisher_batch: int = field(default=1, metadata={
+        "help": "examples averaged into each gradient (1: per-example gradients); n × this examples are used"})
+    fisher_chunk: int = field(default=128, metadata={
+        "help": "examples per vectorised gradient call (speed vs memory; does not change the result)"})
+    max_memory: float = field(default=8.0, metadata={
+        "help": "GiB the method may allocate; it refuses before any work when its estimate is above"})
+
+    def validate(self) -> None:
+        for name in ("fisher_samples", "fisher_batch", "fisher_chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PrunekitError(f"{name} must be an integer >= 1, got {value!r} (e.g. --{name.replace('_', '-')} "
+                                    f"{FisherHparams.__dataclass_fields__[name].default})")
+        if not self.max_memory > 0:
+            raise PrunekitError(f"max_memory must be a positive number of GiB, got {self.max_memory!r}")
+
+
+# ---------------------------------------------------------------- layout of the flat weight vector
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """The prunable tensors laid end to end as one vector of p weights (the columns of G)."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @classmethod
+    def of(cls, targets: Sequence[Target]) -> WeightLayout:
+        return cls(tuple(t.name for t in targets), tuple(t.shape for t in targets))
+
+    @property
+    def sizes(self) -> list[int]:
+        return [math.prod(shape) for shape in self.shapes]
+
+    @property
+    def p(self) -> int:
+        return sum(self.sizes)
+
+    def flatten(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([tensors[name].detach().reshape(-1) for name in self.names])
+
+    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = torch.split(vector, self.sizes)
+        return {name: part.reshape(shape) for name, part, shape in zip(self.names, parts, self.shapes)}
+
+    def write(self, targets: Sequence[Target], vector: torch.Tensor) -> None:
+        """Copy a flat vector into the targets' dense weights (a solver's weights after pruning)."""
+        tensors = self.unflatten(vector)
+        with torch.no_grad():
+            for target in targets:
+                target.dense.copy_(tensors[target.name])
+
+    def slices(self) -> list[slice]:
+        """Each tensor's columns."""
+        offsets = [0, *accumulate(self.sizes)]
+        return [slice(a, b) for a, b in pairwise(offsets)]
+
+
+def block_slices(layout: WeightLayout, block_size: int) -> list[slice]:
+    """A block-diagonal Fisher's blocks: each tensor is a block, cut into ⌊size/block_size⌋ contiguous
+    chunks of near-equal size when it holds at least `block_size` weights (CHITA's block approximation,
+    WoodFisher's blockwise inverse)."""
+    blocks = []
+    for columns in layout.slices():
+        size = columns.stop - columns.start
+        count = max(1, size // block_size)
+        bounds = [columns.start + round(i * size / count) for i in range(count + 1)]
+        blocks.extend(slice(a, b) for a, b in pairwise(bounds))
+    return blocks
+
+
+# ---------------------------------------------------------------- the gradient matrix
+
+@dataclass
+class GradientMatrix:
+    """G (n×p): row i is the gradient of the loss on the i-th example (or mini-batch)."""
+
+    rows: torch.Tensor
+    layout: WeightLayout
+    batch: int = 1  # examples averaged into each row
+
+    @property
+    def n(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def p(self) -> int:
+        return self.rows.shape[1]
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """G·v (n)."""
+        return self.rows @ v.to(self.rows.dtype)
+
+    def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
+        """Gᵀ·u (p)."""
+        return self.rows.T @ u.to(self.rows.dtype)
+
+    def gram(self) -> torch.Tensor:
+        """G·Gᵀ (n×n), in float64."""
+        rows = self.rows.to(torch.float64)
+        return rows @ rows.T
+
+    def gradient_sum(self) -> torch.Tensor:
+        """Gᵀ·1: n times the mean gradient (the first-order term of the local model)."""
+        return self.rows.sum(dim=0)
+
+
+def fisher_examples(data: Iterable, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `count` examples `data` yields, as one (inputs, labels) pair."""
+    inputs, labels, have = [], [], 0
+    for x, y in data:
+        take = min(count - have, x.shape[0])
+        inputs.append(x[:take])
+        labels.append(y[:take])
+        have += take
+        if have == count:
+            return torch.cat(inputs), torch.cat(labels)
+    raise PrunekitError(f"the Fisher needs {count} examples (fisher_samples × fisher_batch) but the data gave "
+                        f"only {have}; lower --fisher-samples or --fisher-batch, or pass more data")
+
+
+def gradient_chunks(model: nn.Module, targets: Sequence[Target], inputs: torch.Tensor, labels: torch.Tensor, *,
+                    batch: int = 1, chunk: int = 128, meter: CostMeter | None = None) -> Iterator[torch.Tensor]:
+    """Rows of G, a few at a time: (rows, p) float32 tensors, one row per `batch` consecutive examples.
+
+    Each row is the gradient of the mean cross-entropy over its examples with respect to the targets'
+    effective weights; every other parameter and buffer keeps its value, and batch norm uses its
+    running statistics (eval mode). Examples are counted in `meter` (the hooks cannot see them).
+    """
+    if inputs.shape[0] % batch:
+        raise PrunekitError(f"{inputs.shape[0]} examples do not split into gradients of {batch}")
+    weights, fixed, keys = _effective_weights(targets)
+
+    def row_loss(variables: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(model, {**variables, **fixed}, (x,), strict=False), y)
+
+    per_row_gradient = vmap(grad(row_loss), in_dims=(None, 0, 0))
+    rows_per_call = max(1, chunk // batch)
+    was_training = model.training
+    model.eval()
+    try:
+        grouped_x = inputs.reshape(-1, batch, *inputs.shape[1:])
+        grouped_y = labels.reshape(-1, batch)
+        for start in range(0, grouped_x.shape[0], rows_per_call):
+            x, y = grouped_x[start:start + rows_per_call], grouped_y[start:start + rows_per_call]
+            # no_grad outside the transform: the biases and BN parameters must not record a graph
+            with torch.no_grad(), (meter.paused() if meter is not None else contextlib.nullcontext()):
+                gradients = per_row_gradient(weights, x, y)
+            if meter is not None:
+                meter.count(forward_examples=x.shape[0] * batch, backward_examples=x.shape[0] * batch)
+            yield torch.cat([gradients[key].reshape(x.shape[0], -1) for key in keys], dim=1)
+    finally:
+        model.train(was_training)
+
+
+def _effective_weights(targets: Sequence[Target]) -> tuple[dict, dict, list[str]]:
+    """What to pass functional_call so that the variables are the effective weights.
+
+    A masked weight is `original * mask`: the effective weight goes in as `original` and the mask is
+    replaced by ones, so the gradient reaches every coordinate. Returns (variables, fixed, variable
+    name of each target).
+    """
+    weights, fixed, keys = {}, {}, []
+    for target in targets:
+        key = target.name
+        if parametrize.is_parametrized(target.module, "weight"):
+            prefix = f"{target.module_name}.parametrizations.weight" if target.module_name else "parametrizations.weight"
+            key = f"{prefix}.original"
+            for index, parametrization in enumerate(target.module.parametrizations.weight):
+                if not isinstance(parametrization, Mask):
+                    raise PrunekitError(f"{target.name} carries a {type(parametrization).__name__} parametrization; "
+                                        "the Fisher only sees through prunekit masks: remove it first")
+                fixed[f"{prefix}.{index}.mask"] = torch.ones_like(parametrization.mask)
+        weights[key] = target.weight.detach()
+        keys.append(key)
+    return weights, fixed, keys
+
+
+def gradient_matrix(model: nn.Module, targets: Sequence[Target], inputs: torch.Tensor, labels: torch.Tensor, *,
+                    batch: int = 1, chunk: int = 128, dtype: torch.dtype = torch.float32,
+                    meter: CostMeter | None = None) -> GradientMatrix:
+    """G for the given examples, stored in `dtype` (float64 for solvers that need it)."""
+    layout = WeightLayout.of(targets)
+    rows = torch.empty(inputs.shape[0] // batch, layout.p, dtype=dtype, device=inputs.device)
+    filled = 0
+    for part in gradient_chunks(model, targets, inputs, labels, batch=batch, chunk=chunk, meter=meter):
+        rows[filled:filled + part.shape[0]] = part
+        filled += part.shape[0]
+    return GradientMatrix(rows, layout, batch)
+
+
+def diagonal_fisher(model: nn.Module, targets: Sequence[Target], inputs: torch.Tensor, labels: torch.Tensor, *,
+                    batch: int = 1, chunk: int = 128, meter: CostMeter | None = None) -> torch.Tensor:
+    """diag((1/n) GᵀG) without storing G (p, float64)."""
+    total = torch.zeros(WeightLayout.of(targets).p, dtype=torch.float64, device=inputs.device)
+    for part in gradient_chunks(model, targets, inputs, labels, batch=batch, chunk=chunk, meter=meter):
+        total += part.to(torch.float64).square().sum(dim=0)
+    return total / (inputs.shape[0] // batch)
+
+
+# ---------------------------------------------------------------- memory
+
+def matrix_bytes(rows: int, columns: int, dtype: torch.dtype = torch.float32) -> int:
+    return rows * columns * torch.empty((), dtype=dtype).element_size()
+
+
+def gradient_call_bytes(hp: FisherHparams, p: int) -> int:
+    """One vectorised gradient call holds a (chunk, p) float32 result and about as much in flight."""
+    return 2 * matrix_bytes(hp.fisher_chunk, p)
+
+
+def require_memory(method: str, parts: Mapping[str, int], hp: FisherHparams, knobs: str) -> None:
+    """Refuse before allocating when the estimate exceeds --max-memory, naming what would reduce it."""
+    needed = sum(parts.values())
+    if needed > hp.max_memory * GIB:
+        detail = ", ".join(f"{what} {size / GIB:.2f}" for what, size in parts.items() if size)
+        raise PrunekitError(f"{method} would need about {needed / GIB:.2f} GiB ({detail}), above --max-memory "
+                            f"{hp.max_memory:g}; lower {knobs}, or raise --max-memory")

@@ -1,0 +1,310 @@
+"""CHITA's solvers for the ℓ0-constrained least-squares problem (methods.md §2.1–2.2).
+
+    minimise  f(w) = ½‖G(w̄ − w)‖² + λ'‖w − w̄‖² + αᵀw   subject to  at most k nonzeros
+
+G is n×p (the gradients), w̄ the weights before pruning, λ' the ridge and α the optional
+first-order term. Every product is G·v or Gᵀ·u; the p×p matrix is never formed. "At most k
+nonzeros" is per pool: one pool under a global budget, one per tensor under a layerwise one.
+
+- `Quadratic.refit`: the exact minimiser on a fixed support (the backsolve), via Woodbury when
+  the support is wider than n.
+- `iht_line_search`: IHT with exact line search (the paper's Alg. 3 without its coordinate-descent
+  polish, which the reference code switches off).
+- `active_set_iht`: the active-set wrapper (Alg. 4) that runs IHT on a few columns and grows them.
+- `block_backsolve`: the backsolve under a block-diagonal Fisher (Alg. 6).
+Every accepted step lowers f, so the objective trace these return never increases.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..budgets import Budget
+from ..fisher import WeightLayout
+
+LINE_SEARCH_DOUBLINGS = 5  # `sea_max_itr` of the reference code
+EXPANSION_HALVINGS = 10  # tries of larger steps when looking for new coordinates
+ACTIVE_SET_WIDTH = 1.5  # the first active set holds 1.5 k coordinates (`kimp`)
+LIPSCHITZ_MARGIN = 1.05
+
+
+def ridge_solve(a: torch.Tensor, b: torch.Tensor, rho: float) -> torch.Tensor:
+    """x with (AᵀA + ρI) x = b, in float64.
+
+    When A (n×m) is wider than tall, Woodbury turns the m×m system into an n×n one:
+    (AᵀA + ρI)⁻¹ b = (b − Aᵀ(ρI + AAᵀ)⁻¹A b) / ρ.
+    """
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    n, m = a.shape
+    if m <= n:
+        system = a.T @ a
+        system.diagonal().add_(rho)
+        return torch.cholesky_solve(b.unsqueeze(1), torch.linalg.cholesky(system)).squeeze(1)
+    system = a @ a.T
+    system.diagonal().add_(rho)
+    inner = torch.cholesky_solve((a @ b).unsqueeze(1), torch.linalg.cholesky(system)).squeeze(1)
+    return (b - a.T @ inner) / rho
+
+
+@dataclass
+class Quadratic:
+    """f on some columns of G, every other weight held at zero; its values are those of the full f."""
+
+    g: torch.Tensor  # n×q gradients on these columns
+    anchor: torch.Tensor  # w̄ on these columns
+    ridge: float  # λ'
+    linear: torch.Tensor | None = None  # α on these columns
+    offset: torch.Tensor | None = None  # residual of the zeroed columns outside: G_out w̄_out
+    constant: float = 0.0  # λ'‖w̄_out‖²
+
+    @classmethod
+    def on_columns(cls, g: torch.Tensor, anchor: torch.Tensor, ridge: float,
+                   linear: torch.Tensor | None = None) -> Quadratic:
+        return cls(g, anchor.to(g.dtype), ridge, None if linear is None else linear.to(g.dtype))
+
+    def restrict(self, columns: torch.Tensor) -> Quadratic:
+        """The same f over `columns` only, the weights outside them fixed at zero."""
+        if columns.numel() == self.anchor.numel():
+            return self  # all of them: no copy of G
+        outside = torch.ones_like(self.anchor, dtype=torch.bool)
+        outside[columns] = False
+        dropped = self.anchor * outside
+        return Quadratic(self.g[:, columns], self.anchor[columns], self.ridge,
+                         None if self.linear is None else self.linear[columns],
+                         self._offset() + self.g @ dropped,
+                         self.constant + self.ridge * float(dropped @ dropped))
+
+    def residual(self, w: torch.Tensor) -> torch.Tensor:
+        """r = G(w̄ − w) (plus the fixed columns' part)."""
+        return self._offset() + self.g @ (self.anchor - w)
+
+    def value(self, w: torch.Tensor, residual: torch.Tensor | None = None) -> float:
+        r = self.residual(w) if residual is None else residual
+        shift = w - self.anchor
+        value = 0.5 * float(r @ r) + self.ridge * float(shift @ shift) + self.constant
+        return value + (0.0 if self.linear is None else float(self.linear @ w))
+
+    def gradient(self, w: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """∇f = −Gᵀr + 2λ'(w − w̄) + α."""
+        gradient = 2 * self.ridge * (w - self.anchor) - self.g.T @ residual
+        return gradient if self.linear is None else gradient + self.linear
+
+    def lipschitz(self, generator: torch.Generator, iterations: int = 10) -> float:
+        """1.05 (σ_max(G)² + 2λ'), σ_max by power iteration on GᵀG."""
+        v = torch.randn(self.g.shape[1], generator=generator, dtype=torch.float64).to(self.g)
+        for _ in range(iterations):
+            v = self.g.T @ (self.g @ v)
+            v = v / v.norm().clamp_min(1e-300)
+        sigma_squared = float((self.g @ v).square().sum())
+        return LIPSCHITZ_MARGIN * (sigma_squared + 2 * self.ridge)
+
+    def refit(self, support: torch.Tensor) -> torch.Tensor:
+        """The backsolve: argmin f with w = 0 off `support`.
+
+        With u = w_S − w̄_S and c = the residual once the weights off S are removed,
+        (G_SᵀG_S + 2λ'I) u = G_Sᵀ c − α_S: the kept weights compensate for the removed ones.
+        """
+        w = torch.zeros_like(self.anchor)
+        kept = support.nonzero().squeeze(1)
+        if kept.numel() == 0:
+            return w
+        c = self._offset() + self.g @ (self.anchor * ~support)
+        g_kept = self.g[:, kept]
+        rhs = g_kept.T.to(torch.float64) @ c.to(torch.float64)
+        if self.linear is not None:
+            rhs = rhs - self.linear[kept].to(torch.float64)
+        w[kept] = self.anchor[kept] + ridge_solve(g_kept, rhs, 2 * self.ridge).to(w.dtype)
+        return w
+
+    def _offset(self) -> torch.Tensor:
+        if self.offset is None:
+            return torch.zeros(self.g.shape[0], dtype=self.g.dtype, device=self.g.device)
+        return self.offset
+
+
+# ---------------------------------------------------------------- the ℓ0 constraint
+
+@dataclass
+class Pools:
+    """Coordinates in independent top-k groups: `ids[i]` is coordinate i's pool, `keep[j]` pool j's k."""
+
+    ids: torch.Tensor
+    keep: list[int]
+    members: list[torch.Tensor] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.members = [(self.ids == j).nonzero().squeeze(1) for j in range(len(self.keep))]
+
+    @classmethod
+    def from_budget(cls, budget: Budget, layout: WeightLayout, sparsity: float) -> Pools:
+        """The budget's exact counts: a global allocation is one pool, a fixed per-tensor count another."""
+        sizes = dict(zip(layout.names, layout.sizes))
+        counts = budget.prune_counts(sizes, sparsity, dict(zip(layout.names, layout.shapes)))
+        own = [name for name in layout.names if name in counts]
+        pool_of = {name: i for i, name in enumerate(own)}
+        shared = len(own)  # tensors ranked together under a global allocation
+        ids = torch.cat([torch.full((size,), pool_of.get(name, shared)) for name, size in sizes.items()])
+        keep = [sizes[name] - counts[name] for name in own]
+        if None in counts:
+            keep.append(sum(size for name, size in sizes.items() if name not in pool_of) - counts[None])
+        return cls(ids, keep)
+
+    def restrict(self, columns: torch.Tensor) -> Pools:
+        return Pools(self.ids[columns], self.keep)
+
+    def top(self, values: torch.Tensor, keep: list[int] | None = None) -> torch.Tensor:
+        """H_k: the `keep` largest |values| of each pool (ties to the lower index), as a mask."""
+        mask = torch.zeros(values.shape[0], dtype=torch.bool, device=values.device)
+        for members, count in zip(self.members, keep or self.keep):
+            order = torch.sort(values[members].abs(), descending=True, stable=True).indices
+            mask[members[order[:count]]] = True
+        return mask
+
+    def widened(self, values: torch.Tensor, factor: float) -> torch.Tensor:
+        """The top ⌈factor · k⌉ of each pool."""
+        return self.top(values, [min(len(m), math.ceil(factor * k)) for m, k in zip(self.members, self.keep)])
+
+    def support_change_step(self, w: torch.Tensor, g: torch.Tensor, support: torch.Tensor) -> float:
+        """The smallest τ > 0 at which H_k(w − τg) stops being the current support.
+
+        In each pool that happens when a kept |w_i − τ g_i| falls to τ·m, m the largest |g| outside the
+        support: τ = w_i / (g_i ± m), the smallest positive root over the kept coordinates.
+        """
+        outside = (~support).to(g.dtype)
+        largest = torch.full((len(self.keep),), -1.0, dtype=g.dtype, device=g.device)
+        largest.scatter_reduce_(0, self.ids, g.abs() * outside - (1 - outside), "amax")
+        m = largest[self.ids]
+        kept = support & (m >= 0)  # pools with nothing outside the support cannot change
+        roots = torch.stack([w / (g + m), w / (g - m)])
+        roots = torch.where((roots > 0) & kept, roots, torch.full_like(roots, math.inf))
+        return float(roots.min()) if roots.numel() else math.inf
+
+
+# ---------------------------------------------------------------- IHT with exact line search
+
+@dataclass
+class Iterate:
+    w: torch.Tensor
+    support: torch.Tensor
+    residual: torch.Tensor
+    value: float
+
+
+def iterate_at(q: Quadratic, w: torch.Tensor, support: torch.Tensor) -> Iterate:
+    residual = q.residual(w)
+    return Iterate(w, support, residual, q.value(w, residual))
+
+
+def iht_line_search(q: Quadratic, pools: Pools, start: Iterate, iterations: int, tolerance: float,
+                    trace: list[float]) -> Iterate:
+    """IHT from a k-sparse point; each step lowers f, until the relative decrease is below `tolerance`.
+
+    One step: g = ∇f, d = g on the support. The exact minimiser along −d is
+    τ* = ‖d‖² / (‖Gd‖² + 2λ'‖d‖²). If τ* is below the step at which the support would change, take it
+    (an exact minimisation over the current support). Otherwise start just below that step and double
+    it while f keeps falling, letting the hard threshold swap coordinates in and out.
+    """
+    x = start
+    for _ in range(iterations):
+        gradient = q.gradient(x.w, x.residual)
+        direction = gradient * x.support
+        squared = float(direction @ direction)
+        if squared == 0:
+            break  # stationary on its support
+        g_direction = q.g @ direction
+        exact = squared / (float(g_direction @ g_direction) + 2 * q.ridge * squared)
+        change = pools.support_change_step(x.w, gradient, x.support)
+        if exact < change:
+            new = _along(q, x, direction, g_direction, exact)
+        else:
+            new = _step_search(q, pools, x, gradient, direction, g_direction, change)
+        trace.append(new.value)
+        converged = x.value - new.value <= tolerance * abs(x.value)
+        x = new
+        if converged:
+            break
+    return x
+
+
+def _along(q: Quadratic, x: Iterate, direction: torch.Tensor, g_direction: torch.Tensor, step: float) -> Iterate:
+    """w − τd on the same support; the residual moves by τ·Gd, no new product needed."""
+    w = x.w - step * direction
+    residual = x.residual + step * g_direction
+    return Iterate(w, x.support, residual, q.value(w, residual))
+
+
+def _step_search(q: Quadratic, pools: Pools, x: Iterate, gradient: torch.Tensor, direction: torch.Tensor,
+                 g_direction: torch.Tensor, change: float) -> Iterate:
+    step = change * (1 - 1e-4)
+    best = _along(q, x, direction, g_direction, step)  # below τ*: f is lower than at x
+    for _ in range(LINE_SEARCH_DOUBLINGS):
+        step *= 2
+        moved = x.w - step * gradient
+        support = pools.top(moved)
+        trial = iterate_at(q, moved * support, support)
+        if trial.value >= best.value:
+            break
+        best = trial
+    return best
+
+
+# ---------------------------------------------------------------- active set
+
+def active_set_iht(q: Quadratic, pools: Pools, start: Iterate, candidates: torch.Tensor, *, iterations: int,
+                   rounds: int, tolerance: float, lipschitz: float, trace: list[float]) -> Iterate:
+    """IHT on a few columns A (the start's support and the candidates), growing A while it pays.
+
+    After IHT on A, full-space IHT steps w − ∇f/L' (L' from 2L down, halving) look for coordinates
+    outside A that enter the top k and lower f; they join A and IHT runs again. Stops when none do.
+    """
+    active = candidates | start.support
+    x = start
+    for _ in range(rounds):
+        columns = active.nonzero().squeeze(1)
+        sub = q.restrict(columns)
+        inner = iht_line_search(sub, pools.restrict(columns), iterate_at(sub, x.w[columns], x.support[columns]),
+                                iterations, tolerance, trace)
+        x = _embed(q, inner, columns)
+        grown = _grow(q, pools, x, active, lipschitz)
+        if grown is None:
+            break
+        x = grown
+        trace.append(x.value)
+        active |= x.support
+    return x
+
+
+def _embed(q: Quadratic, inner: Iterate, columns: torch.Tensor) -> Iterate:
+    w = torch.zeros_like(q.anchor)
+    support = torch.zeros_like(q.anchor, dtype=torch.bool)
+    w[columns], support[columns] = inner.w, inner.support
+    return Iterate(w, support, inner.residual, inner.value)
+
+
+def _grow(q: Quadratic, pools: Pools, x: Iterate, active: torch.Tensor, lipschitz: float) -> Iterate | None:
+    gradient = q.gradient(x.w, x.residual)
+    scale = 2 * lipschitz
+    for _ in range(EXPANSION_HALVINGS):
+        moved = x.w - gradient / scale
+        support = pools.top(moved)
+        if (support & ~active).any():
+            trial = iterate_at(q, moved * support, support)
+            if trial.value < x.value:
+                return trial
+        scale /= 2
+    return None
+
+
+# ---------------------------------------------------------------- block approximation
+
+def block_backsolve(g: torch.Tensor, anchor: torch.Tensor, support: torch.Tensor, blocks: list[slice],
+                    ridge: float, linear: torch.Tensor | None = None) -> torch.Tensor:
+    """The backsolve with the Fisher taken block-diagonal: each block refits its kept weights alone."""
+    w = torch.zeros(anchor.shape, dtype=torch.float64, device=anchor.device)
+    for columns in blocks:
+        block = Quadratic.on_columns(g[:, columns], anchor[columns], ridge,
+                                     None if linear is None else linear[columns])
+        w[columns] = block.refit(support[columns]).to(torch.float64)
+    return w

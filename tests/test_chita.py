@@ -1,0 +1,255 @@
+import copy
+import itertools
+import time
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.budgets import Budget
+from prunekit.data import Loader, load_dataset
+from prunekit.errors import PrunekitError
+from prunekit.fisher import WeightLayout
+from prunekit.methods._chita_solvers import (
+    Pools,
+    Quadratic,
+    active_set_iht,
+    block_backsolve,
+    iterate_at,
+    ridge_solve,
+)
+from prunekit.models import create_model_for
+from prunekit.targets import find_targets
+from prunekit.training import TrainConfig, Trainer, evaluate
+
+
+def random_problem(n, p, seed=0, linear=False):
+    generator = torch.Generator().manual_seed(seed)
+    g = torch.randn(n, p, generator=generator, dtype=torch.float64)
+    anchor = torch.randn(p, generator=generator, dtype=torch.float64)
+    alpha = torch.randn(p, generator=generator, dtype=torch.float64) if linear else None
+    return Quadratic.on_columns(g, anchor, 0.05, alpha)
+
+
+def brute_force_refit(q, support):
+    """argmin f over w supported on `support`, with the p×p Hessian written out."""
+    kept = support.nonzero().squeeze(1)
+    hessian = q.g.T @ q.g + 2 * q.ridge * torch.eye(q.g.shape[1], dtype=torch.float64)
+    # f(w) = ½ wᵀHw − bᵀw + const with b = (GᵀG + 2λ'I) w̄ − α
+    b = hessian @ q.anchor - (0 if q.linear is None else q.linear)
+    w = torch.zeros_like(q.anchor)
+    w[kept] = torch.linalg.solve(hessian[kept][:, kept], b[kept])
+    return w
+
+
+@pytest.mark.parametrize("n, m", [(30, 10), (10, 30)])  # direct and Woodbury
+def test_ridge_solve_equals_a_direct_solve(n, m):
+    generator = torch.Generator().manual_seed(1)
+    a, b = torch.randn(n, m, generator=generator, dtype=torch.float64), torch.randn(m, generator=generator,
+                                                                                      dtype=torch.float64)
+    expected = torch.linalg.solve(a.T @ a + 0.3 * torch.eye(m, dtype=torch.float64), b)
+    torch.testing.assert_close(ridge_solve(a, b, 0.3), expected)
+
+
+@pytest.mark.parametrize("kept", [5, 25])  # fewer and more kept weights than gradients
+@pytest.mark.parametrize("linear", [False, True])
+def test_refit_is_the_exact_minimiser_on_its_support(kept, linear):
+    q = random_problem(12, 40, linear=linear)
+    support = torch.zeros(40, dtype=torch.bool)
+    support[torch.randperm(40, generator=torch.Generator().manual_seed(2))[:kept]] = True
+    w = q.refit(support)
+    torch.testing.assert_close(w, brute_force_refit(q, support))
+    assert (w[~support] == 0).all()
+    assert q.gradient(w, q.residual(w))[support].abs().max() < 1e-8
+
+
+def test_restricted_problem_has_the_full_objective():
+    q = random_problem(8, 30, linear=True)
+    columns = torch.arange(0, 30, 3)
+    w = torch.zeros(30, dtype=torch.float64)
+    w[columns] = torch.randn(10, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    assert q.restrict(columns).value(w[columns]) == pytest.approx(q.value(w), rel=1e-12)
+
+
+def planted_problem():
+    """A k-sparse w* with G(w̄ − w*) = 0, where w̄'s largest entries are mostly off w*'s support."""
+    generator = torch.Generator().manual_seed(0)
+    n, p, k = 40, 120, 6
+    g = torch.randn(n, p, generator=generator, dtype=torch.float64)
+    truth = torch.zeros(p, dtype=torch.float64)
+    truth[torch.randperm(p, generator=generator)[:k]] = 1 + torch.rand(k, generator=generator, dtype=torch.float64)
+    null_space = torch.linalg.svd(g).Vh[n:].T
+    drift = null_space @ torch.randn(p - n, generator=generator, dtype=torch.float64)
+    return Quadratic.on_columns(g, truth + 3 * drift / drift.abs().max(), 1e-6), truth != 0, k
+
+
+def test_iht_recovers_a_planted_support_where_magnitude_fails_and_never_increases_the_objective():
+    q, truth, k = planted_problem()
+    pools = Pools(torch.zeros(len(truth), dtype=torch.long), [k])
+    magnitude = pools.top(q.anchor)
+    assert (magnitude & truth).sum() <= 2
+    trace = []
+    found = active_set_iht(q, pools, iterate_at(q, q.anchor * magnitude, magnitude), pools.widened(q.anchor, 1.5),
+                           iterations=200, rounds=10, tolerance=1e-10, lipschitz=q.lipschitz(torch.Generator()),
+                           trace=trace)
+    assert torch.equal(found.support, truth)
+    assert q.value(q.refit(found.support)) < 1e-3 < q.value(q.refit(magnitude))
+    assert all(b <= a for a, b in itertools.pairwise(trace)) and len(trace) > 10
+
+
+def test_pools_follow_the_budget_counts():
+    layout = WeightLayout(("a", "b"), (torch.Size([10]), torch.Size([30])))
+    values = torch.linspace(1, 2, 40)
+    assert Pools.from_budget(Budget("global"), layout, 0.5).top(values).nonzero().min() == 20
+    uniform = Pools.from_budget(Budget("uniform"), layout, 0.5).top(values)
+    assert uniform[:10].sum() == 5 and uniform[10:].sum() == 15
+    override = Pools.from_budget(Budget("global", layer_sparsity={"a": 0.0}), layout, 0.5).top(values)
+    assert override[:10].all() and override[10:].sum() == 15  # the rest share the model sparsity
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_support_change_step_is_where_the_hard_threshold_first_changes(seed):
+    generator = torch.Generator().manual_seed(seed)
+    pools = Pools(torch.tensor([0] * 20 + [1] * 10), [6, 3])
+    w = torch.randn(30, generator=generator, dtype=torch.float64)
+    support = pools.top(w)
+    w = w * support
+    g = torch.randn(30, generator=generator, dtype=torch.float64)
+    step = pools.support_change_step(w, g, support)
+    assert 0 < step < float("inf")
+    assert torch.equal(pools.top(w - step * (1 - 1e-6) * g), support)
+    assert not torch.equal(pools.top(w - step * (1 + 1e-6) * g), support)
+
+
+def test_block_backsolve_with_one_block_is_the_backsolve():
+    q = random_problem(10, 30)
+    support = q.anchor.abs() > 0.8
+    torch.testing.assert_close(block_backsolve(q.g, q.anchor, support, [slice(0, 30)], q.ridge), q.refit(support))
+    blocks = block_backsolve(q.g, q.anchor, support, [slice(0, 12), slice(12, 30)], q.ridge)
+    first = Quadratic.on_columns(q.g[:, :12], q.anchor[:12], q.ridge).refit(support[:12])
+    torch.testing.assert_close(blocks[:12], first)
+
+
+# ---------------------------------------------------------------- through prunekit.prune
+
+
+@pytest.mark.parametrize("solver", ["iht", "backsolve", "block"])
+@pytest.mark.parametrize("budget", ["global", "uniform"])
+def test_exact_sparsity_and_solved_weights(tiny_net, tiny_batches, solver, budget):
+    original = {t.name: t.weight.detach().clone() for t in find_targets(tiny_net)[0]}
+    result = prunekit.prune(tiny_net, "chita", 0.7, tiny_batches, budget=budget, fisher_samples=32, solver=solver,
+                            block_size=50)
+    total = sum(m.numel() for m in result.masks.values())
+    if budget == "global":
+        assert sum(int((~m).sum()) for m in result.masks.values()) == round(0.7 * total)
+    else:
+        assert all(layer.achieved == pytest.approx(layer.requested) for layer in result.layers)
+    targets = find_targets(tiny_net)[0]
+    assert all((t.weight[~result.masks[t.name]] == 0).all() for t in targets)
+    moved = [not torch.allclose(t.weight[result.masks[t.name]], original[t.name][result.masks[t.name]])
+             for t in targets]
+    assert any(moved)  # the kept weights are the solver's, not the originals
+    objective = result.history[-1]["objective"]
+    assert objective[-1] < objective[0]  # below magnitude pruning without an update
+    assert result.cost.backward_examples == 32
+
+
+def test_iht_objective_never_increases_through_prune(tiny_net, tiny_batches):
+    result = prunekit.prune(tiny_net, "chita", 0.8, tiny_batches, fisher_samples=16, first_order=True)
+    objective = result.history[-1]["objective"]
+    assert all(b <= a for a, b in itertools.pairwise(objective))
+
+
+def test_same_seed_same_masks(tiny_net, tiny_batches):
+    twin = copy.deepcopy(tiny_net)
+    a = prunekit.prune(tiny_net, "chita", 0.6, tiny_batches, fisher_samples=16).masks
+    b = prunekit.prune(twin, "chita", 0.6, tiny_batches, fisher_samples=16).masks
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_chita_plus_plus_recomputes_the_fisher_at_every_stage(tiny_net, tiny_batches):
+    result = prunekit.prune(tiny_net, "chita++", 0.8, tiny_batches * 4, fisher_samples=16, stages=4,
+                            schedule="linear", base=0.2, solver="backsolve")
+    stages = [event for event in result.history if "stage" in event]
+    assert [event["sparsity"] for event in stages] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert result.cost.backward_examples == 4 * 16
+    assert result.sparsity == pytest.approx(0.8, abs=1e-3)
+
+
+def test_structured_budgets_need_a_backsolve(tiny_net, tiny_batches):
+    with pytest.raises(PrunekitError, match="--solver backsolve"):
+        prunekit.prune(tiny_net, "chita", 0.5, Unreadable(), structure="filters", fisher_samples=8)
+    result = prunekit.prune(tiny_net, "chita", 0.5, tiny_batches, structure="filters", fisher_samples=8,
+                            solver="backsolve")
+    rows = [mask.reshape(mask.shape[0], -1) for mask in result.masks.values()]
+    assert all((r.all(1) | ~r.any(1)).all() for r in rows)  # whole filters
+    assert sum(int(r.all(1).sum()) for r in rows) == 20 - 10  # 8 + 8 + 4 filters, half of them kept
+
+
+class Unreadable:
+    """Data that must not be touched: the checks have to come first."""
+
+    def __iter__(self):
+        raise AssertionError("the data was read before the inputs were checked")
+
+
+@pytest.mark.parametrize("hparams, message", [
+    ({"fisher_samples": 0}, "fisher_samples must be an integer >= 1"),
+    ({"ridge": 0.0}, "ridge must be a finite number > 0"),
+    ({"ridge": -1e-3}, "ridge must be a finite number > 0"),
+    ({"solver": "cg"}, "solver 'cg' is unknown"),
+    ({"max_memory": 1e-6}, r"needs? about .* GiB .*--max-memory 1e-06; lower --fisher-samples \(n=1000\)"),
+])
+def test_bad_inputs_are_refused_before_any_work(tiny_net, hparams, message):
+    with pytest.raises(PrunekitError, match=message):
+        prunekit.prune(tiny_net, "chita", 0.5, Unreadable(), **hparams)
+
+
+def test_stage_settings_are_checked(tiny_net):
+    with pytest.raises(PrunekitError, match="above the target sparsity 0.3; lower --base"):
+        prunekit.prune(tiny_net, "chita++", 0.3, Unreadable(), base=0.5)
+    with pytest.raises(PrunekitError, match="schedule 'steep' is unknown"):
+        prunekit.prune(tiny_net, "chita++", 0.8, Unreadable(), schedule="steep")
+    with pytest.raises(PrunekitError, match="leave no epoch"):
+        prunekit.prune(tiny_net, "chita-gradual", 0.8, Unreadable(), epochs=10, events=3, prune_every=5)
+
+
+def test_gradual_prunes_on_a_cubic_schedule_and_fine_tunes_under_the_mask(tiny_net, tiny_batches):
+    data = TinyLoader(tiny_batches)
+    result = prunekit.prune(tiny_net, "chita-gradual", 0.9, data, events=3, prune_every=1, epochs=4,
+                            outer_base=0.5, fisher_samples=2, fisher_batch=8, lr=0.01, block_size=50)
+    events = [event for event in result.history if "event" in event]
+    assert [e["sparsity"] for e in events] == pytest.approx([0.5, 0.5 + 0.4 * (1 - 0.5 ** 3), 0.9])
+    assert [e["epochs"] for e in events] == [1, 2, 4]
+    assert data.epochs_seen == [0, 1, 2, 3]  # each segment continues the data's epochs
+    assert result.sparsity == pytest.approx(0.9, abs=1e-3)
+    for target in find_targets(tiny_net)[0]:
+        assert (target.weight[~result.masks[target.name]] == 0).all()
+
+
+class TinyLoader(list):
+    def __init__(self, batches):
+        super().__init__(batches)
+        self.epochs_seen = []
+
+    def set_epoch(self, epoch):
+        self.epochs_seen.append(epoch)
+
+
+def test_chita_end_to_end_on_a_small_trained_model():
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    digits = load_dataset("digits")
+    model = create_model_for("mlpnet", 10, digits.input_shape)
+    train = Loader.for_dataset(digits, "train", 64, augment=False, seed=0)
+    Trainer(model, train, TrainConfig(epochs=15, lr=0.1, weight_decay=0), progress=False).fit()
+    test = Loader.for_dataset(digits, "test", 500)
+    dense = evaluate(model, test)["accuracy"]
+    accuracy = {}
+    for method, hparams in (("magnitude", {}), ("chita", {"fisher_samples": 500})):
+        pruned = copy.deepcopy(model)
+        prunekit.prune(pruned, method, 0.85, Loader.for_dataset(digits, "train", 100, augment=False), **hparams)
+        accuracy[method] = evaluate(pruned, test)["accuracy"]
+    assert dense > 0.9
+    assert accuracy["chita"] > accuracy["magnitude"] + 0.02
+    assert time.perf_counter() - start < 20

@@ -1,0 +1,127 @@
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prunekit.cost import CostMeter
+from prunekit.errors import PrunekitError
+from prunekit.fisher import (
+    FisherHparams,
+    WeightLayout,
+    block_slices,
+    diagonal_fisher,
+    fisher_examples,
+    gradient_matrix,
+    require_memory,
+)
+from prunekit.masks import attach_masks
+from prunekit.targets import find_targets
+
+
+def autograd_rows(model, inputs, labels, batch=1):
+    """The reference: one backward pass per gradient, plain autograd."""
+    model.eval()
+    targets, _ = find_targets(model)
+    rows = []
+    for start in range(0, len(inputs), batch):
+        model.zero_grad()
+        F.cross_entropy(model(inputs[start:start + batch]), labels[start:start + batch]).backward()
+        rows.append(torch.cat([t.module.weight.grad.reshape(-1) for t in targets]))
+    return torch.stack(rows)
+
+
+def examples(tiny_batches):
+    return torch.cat([x for x, _ in tiny_batches]), torch.cat([y for _, y in tiny_batches])
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_vectorised_gradients_equal_a_plain_autograd_loop(tiny_net, tiny_batches, batch):
+    inputs, labels = examples(tiny_batches)
+    tiny_net.train()  # BN must still use its running statistics, and the mode must come back
+    running_mean = tiny_net.bn.running_mean.clone()
+    g = gradient_matrix(tiny_net, find_targets(tiny_net)[0], inputs, labels, batch=batch, chunk=8)
+    assert tiny_net.training and torch.equal(tiny_net.bn.running_mean, running_mean)
+    expected = autograd_rows(copy.deepcopy(tiny_net), inputs, labels, batch)
+    assert g.rows.shape == (len(inputs) // batch, g.layout.p)
+    torch.testing.assert_close(g.rows, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_products_and_gram(tiny_net, tiny_batches):
+    inputs, labels = examples(tiny_batches)
+    g = gradient_matrix(tiny_net, find_targets(tiny_net)[0], inputs, labels, dtype=torch.float64)
+    v, u = torch.randn(g.p, dtype=torch.float64), torch.randn(g.n, dtype=torch.float64)
+    torch.testing.assert_close(g.matvec(v), g.rows @ v)
+    torch.testing.assert_close(g.rmatvec(u), g.rows.T @ u)
+    torch.testing.assert_close(g.gram(), g.rows @ g.rows.T)
+    torch.testing.assert_close(g.gradient_sum(), g.rows.sum(0))
+
+
+def test_masked_model_gives_the_gradient_at_the_pruned_weights_in_every_coordinate(tiny_net, tiny_batches):
+    inputs, labels = examples(tiny_batches)
+    targets, _ = find_targets(tiny_net)
+    masks = {t.name: torch.rand(t.shape, generator=torch.Generator().manual_seed(3)) > 0.5 for t in targets}
+    plain = copy.deepcopy(tiny_net)
+    with torch.no_grad():  # the same function without parametrizations: weights already multiplied by the mask
+        for t in find_targets(plain)[0]:
+            t.dense.mul_(masks[t.name])
+    attach_masks(tiny_net, masks)
+    g = gradient_matrix(tiny_net, find_targets(tiny_net)[0], inputs, labels)
+    expected = autograd_rows(plain, inputs, labels)
+    torch.testing.assert_close(g.rows, expected, rtol=1e-4, atol=1e-6)
+    pruned = ~WeightLayout.of(targets).flatten(masks)
+    assert g.rows[:, pruned].abs().sum() > 0  # pruned weights keep their gradient: CHITA++ may revive them
+
+
+def test_diagonal_fisher_is_the_mean_squared_gradient(tiny_net, tiny_batches):
+    inputs, labels = examples(tiny_batches)
+    targets = find_targets(tiny_net)[0]
+    rows = gradient_matrix(tiny_net, targets, inputs, labels, dtype=torch.float64).rows
+    torch.testing.assert_close(diagonal_fisher(tiny_net, targets, inputs, labels, chunk=5),
+                               rows.square().mean(0), rtol=1e-5, atol=1e-12)
+
+
+def test_gradient_evaluations_are_counted(tiny_net, tiny_batches):
+    inputs, labels = examples(tiny_batches)
+    with CostMeter(tiny_net) as meter:
+        gradient_matrix(tiny_net, find_targets(tiny_net)[0], inputs, labels, batch=2, meter=meter)
+    assert meter.cost.forward_examples == meter.cost.backward_examples == len(inputs)
+
+
+def test_examples_are_the_first_ones_in_order(tiny_batches):
+    inputs, labels = fisher_examples(tiny_batches, 20)
+    torch.testing.assert_close(inputs, torch.cat([tiny_batches[0][0], tiny_batches[1][0][:4]]))
+    assert labels.shape == (20,)
+    with pytest.raises(PrunekitError, match="only 64.*fisher-samples"):
+        fisher_examples(tiny_batches, 65)
+
+
+def test_blocks_cut_large_tensors_and_cover_every_column(tiny_net):
+    layout = WeightLayout.of(find_targets(tiny_net)[0])  # 216, 72 and 128 weights
+    blocks = block_slices(layout, 100)
+    assert blocks[0].start == 0 and blocks[-1].stop == layout.p
+    assert all(a.stop == b.start for a, b in itertools.pairwise(blocks))
+    assert [b.stop - b.start for b in blocks] == [108, 108, 72, 128]
+
+
+def test_layout_round_trip(tiny_net):
+    targets = find_targets(tiny_net)[0]
+    layout = WeightLayout.of(targets)
+    vector = torch.arange(layout.p, dtype=torch.float32)
+    layout.write(targets, vector)
+    assert torch.equal(layout.flatten({t.name: t.weight for t in targets}), vector)
+
+
+def test_memory_estimate_refuses_naming_the_knobs():
+    hp = FisherHparams(max_memory=0.5)
+    with pytest.raises(PrunekitError, match=r"about 1\.00 GiB \(G 1\.00\).*--max-memory 0\.5.*lower --fisher-samples"):
+        require_memory("chita", {"G": 2**30}, hp, "--fisher-samples")
+    require_memory("chita", {"G": 2**28}, hp, "--fisher-samples")
+
+
+@pytest.mark.parametrize("field, value", [("fisher_samples", 0), ("fisher_batch", -1), ("fisher_chunk", 0),
+                                          ("max_memory", 0.0)])
+def test_bad_fisher_settings_are_refused(field, value):
+    with pytest.raises(PrunekitError, match=field):
+        FisherHparams(**{field: value}).validate()
