@@ -205,6 +205,9 @@ def iht_line_search(q: Quadratic, pools: Pools, start: Iterate, iterations: int,
     τ* = ‖d‖² / (‖Gd‖² + 2λ'‖d‖²). If τ* is below the step at which the support would change, take it
     (an exact minimisation over the current support). Otherwise start just below that step and double
     it while f keeps falling, letting the hard threshold swap coordinates in and out.
+    The paper's step H_k(w − τg) along the whole gradient is the other candidate, so coordinates off
+    the support can enter even when the restricted step never reaches a support change; the lower
+    of the two is taken, so f still never increases.
     """
     x = start
     for _ in range(iterations):
@@ -220,6 +223,7 @@ def iht_line_search(q: Quadratic, pools: Pools, start: Iterate, iterations: int,
             new = _along(q, x, direction, g_direction, exact)
         else:
             new = _step_search(q, pools, x, gradient, direction, g_direction, change)
+        new = min(new, _full_gradient_step(q, pools, x, gradient), key=lambda candidate: candidate.value)
         trace.append(new.value)
         converged = x.value - new.value <= tolerance * abs(x.value)
         x = new
@@ -247,6 +251,22 @@ def _step_search(q: Quadratic, pools: Pools, x: Iterate, gradient: torch.Tensor,
         if trial.value >= best.value:
             break
         best = trial
+    return best
+
+
+def _full_gradient_step(q: Quadratic, pools: Pools, x: Iterate, gradient: torch.Tensor) -> Iterate:
+    """H_k(w − τg) from the exact minimiser of f along the whole gradient, doubled while f falls."""
+    g_gradient = q.g @ gradient
+    squared = float(gradient @ gradient)
+    step = squared / (float(g_gradient @ g_gradient) + 2 * q.ridge * squared)
+    best = x
+    for _ in range(LINE_SEARCH_DOUBLINGS):
+        moved = x.w - step * gradient
+        support = pools.top(moved)
+        trial = iterate_at(q, moved * support, support)
+        if trial.value >= best.value:
+            break
+        best, step = trial, step * 2
     return best
 
 
