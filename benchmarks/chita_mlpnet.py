@@ -46,6 +46,8 @@ METHODS = {
     "magnitude": ("magnitude", [{}]),
     "obd": ("obd", [{}]),
     "woodfisher": ("woodfisher", grid(dampening=[1e-5, 1e-4, 1e-3, 1e-2], block_size=[1000], steps=[4])),
+    # One Fisher of n gradients, as single-stage CHITA uses (the column above recomputes it 4 times).
+    "woodfisher-1step": ("woodfisher", grid(dampening=[1e-5, 1e-4, 1e-3, 1e-2], block_size=[1000], steps=[1])),
     "chita": ("chita", grid(ridge=[1e-4, 1e-3, 1e-2], first_order=[False, True])),
     "chita-backsolve": ("chita", grid(solver=["backsolve"], ridge=[1e-4, 1e-3, 1e-2], first_order=[False, True])),
     # Past the first stages the weights are off the minimum and the gradient term pays, with a wider ridge.
@@ -55,6 +57,7 @@ METHODS = {
 QUICK = {
     "magnitude": [{}], "obd": [{}],
     "woodfisher": [{"dampening": 1e-4, "steps": 2}],
+    "woodfisher-1step": [{"dampening": 1e-4, "steps": 1}],
     "chita": [{"ridge": 1e-3}],
     "chita-backsolve": [{"solver": "backsolve", "ridge": 1e-4}],
     "chita++": [{"ridge": 3e-2, "first_order": True, "stages": 5}],

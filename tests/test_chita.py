@@ -14,7 +14,9 @@ from prunekit.methods._chita_solvers import (
     Pools,
     Quadratic,
     active_set_iht,
+    NearbyRefits,
     block_backsolve,
+    refit_pursuit,
     iterate_at,
     ridge_solve,
 )
@@ -95,6 +97,17 @@ def test_iht_recovers_a_planted_support_where_magnitude_fails_and_never_increase
     assert torch.equal(found.support, truth)
     assert q.value(q.refit(found.support)) < 1e-3 < q.value(q.refit(magnitude))
     assert all(b <= a for a, b in itertools.pairwise(trace)) and len(trace) > 10
+
+
+def test_refit_pursuit_swaps_from_the_magnitude_support_to_the_planted_one():
+    q, truth, k = planted_problem()
+    pools = Pools(torch.zeros(len(truth), dtype=torch.long), [k])
+    trace = []
+    found = refit_pursuit(q, pools, pools.top(q.anchor), rounds=10, trace=trace)
+    assert torch.equal(found.support, truth)
+    assert trace[0] == pytest.approx(q.value(q.refit(pools.top(q.anchor))))
+    assert all(b < a for a, b in itertools.pairwise(trace)) and found.value < 1e-3
+    assert torch.equal(refit_pursuit(q, pools, truth, rounds=10, trace=[]).support, truth)  # a fixed point
 
 
 def test_pools_follow_the_budget_counts():
@@ -198,6 +211,7 @@ class Unreadable:
     ({"ridge": 0.0}, "ridge must be a finite number > 0"),
     ({"ridge": -1e-3}, "ridge must be a finite number > 0"),
     ({"solver": "cg"}, "solver 'cg' is unknown"),
+    ({"pursuit_rounds": -1}, "pursuit_rounds must be >= 0"),
     ({"max_memory": 1e-6}, r"needs? about .* GiB .*--max-memory 1e-06; lower --fisher-samples \(n=1000\)"),
 ])
 def test_bad_inputs_are_refused_before_any_work(tiny_net, hparams, message):
@@ -253,3 +267,19 @@ def test_chita_end_to_end_on_a_small_trained_model():
     assert dense > 0.9
     assert accuracy["chita"] > accuracy["magnitude"] + 0.02
     assert time.perf_counter() - start < 20
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_nearby_refits_equal_the_backsolve_through_a_run_of_swaps(linear):
+    q = random_problem(8, 40, linear=linear)
+    refits = NearbyRefits(q)
+    generator = torch.Generator().manual_seed(3)
+    support = torch.zeros(40, dtype=torch.bool)
+    support[:20] = True
+    for _ in range(6):  # swaps of a few columns, then one jump to an unrelated support
+        swap = torch.randperm(40, generator=generator)[:3]
+        support = support.clone()
+        support[swap] = ~support[swap]
+        torch.testing.assert_close(refits.refit(support), q.refit(support))
+    support = torch.arange(40) % 2 == 0
+    torch.testing.assert_close(refits.refit(support), q.refit(support))

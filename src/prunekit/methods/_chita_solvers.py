@@ -11,6 +11,8 @@ nonzeros" is per pool: one pool under a global budget, one per tensor under a la
 - `iht_line_search`: IHT with exact line search (the paper's Alg. 3 without its coordinate-descent
   polish, which the reference code switches off).
 - `active_set_iht`: the active-set wrapper (Alg. 4) that runs IHT on a few columns and grows them.
+- `refit_pursuit`: IHT steps from exact refits (hard thresholding pursuit), which swap weights the
+  line-searched IHT leaves in place.
 - `block_backsolve`: the backsolve under a block-diagonal Fisher (Alg. 6).
 Every accepted step lowers f, so the objective trace these return never increases.
 """
@@ -28,6 +30,8 @@ LINE_SEARCH_DOUBLINGS = 5  # `sea_max_itr` of the reference code
 EXPANSION_HALVINGS = 10  # tries of larger steps when looking for new coordinates
 ACTIVE_SET_WIDTH = 1.5  # the first active set holds 1.5 k coordinates (`kimp`)
 LIPSCHITZ_MARGIN = 1.05
+PURSUIT_STEPS = 8  # step sizes tried per pursuit round: the support-change step times 10^(i/2)
+PURSUIT_TOLERANCE = 1e-3  # pursuit rounds stop once one lowers f by less than this fraction
 
 
 def ridge_solve(a: torch.Tensor, b: torch.Tensor, rho: float) -> torch.Tensor:
@@ -124,6 +128,47 @@ class Quadratic:
         return self.offset
 
 
+@dataclass
+class NearbyRefits:
+    """Refits of one f on a run of supports that differ by a few swaps, each wider than n.
+
+    Woodbury needs M = G_S G_Sᵀ (n×n); here it is updated by the columns that enter and leave S
+    instead of rebuilt from all of S, and G is otherwise only multiplied by vectors, so a refit costs
+    O(n²·swaps + n³ + np) rather than O(n²|S|) plus a copy of G_S.
+    """
+
+    q: Quadratic
+    support: torch.Tensor | None = None
+    gram: torch.Tensor | None = None  # G_S G_Sᵀ in float64
+
+    def refit(self, support: torch.Tensor) -> torch.Tensor:
+        """`Quadratic.refit(support)`, through (ρI + M)⁻¹ with ρ = 2λ'."""
+        q, rho = self.q, 2 * self.q.ridge
+        self._move_to(support)
+        rhs = self._times_gt(q._offset() + q.g @ (q.anchor * ~support))  # G_Sᵀ c on S
+        if q.linear is not None:
+            rhs = rhs - q.linear.to(torch.float64)
+        system = self.gram.clone()
+        system.diagonal().add_(rho)
+        projected = (q.g @ (rhs * support).to(q.g.dtype)).to(torch.float64)  # G_S rhs_S
+        inner = torch.cholesky_solve(projected.unsqueeze(1), torch.linalg.cholesky(system)).squeeze(1)
+        shift = (rhs - self._times_gt(inner)) / rho
+        return torch.where(support, q.anchor + shift.to(q.anchor.dtype), torch.zeros_like(q.anchor))
+
+    def _times_gt(self, u: torch.Tensor) -> torch.Tensor:
+        return (self.q.g.T @ u.to(self.q.g.dtype)).to(torch.float64)
+
+    def _move_to(self, support: torch.Tensor) -> None:
+        if self.support is None or int((support ^ self.support).sum()) >= int(support.sum()):
+            columns = self.q.g[:, support].to(torch.float64)
+            self.gram = columns @ columns.T
+        else:
+            entering = self.q.g[:, support & ~self.support].to(torch.float64)
+            leaving = self.q.g[:, self.support & ~support].to(torch.float64)
+            self.gram = self.gram + entering @ entering.T - leaving @ leaving.T
+        self.support = support.clone()
+
+
 # ---------------------------------------------------------------- the ℓ0 constraint
 
 @dataclass
@@ -197,6 +242,12 @@ def iterate_at(q: Quadratic, w: torch.Tensor, support: torch.Tensor) -> Iterate:
     return Iterate(w, support, residual, q.value(w, residual))
 
 
+def _thresholded(q: Quadratic, pools: Pools, moved: torch.Tensor) -> Iterate:
+    """H_k(moved) as an iterate."""
+    support = pools.top(moved)
+    return iterate_at(q, moved * support, support)
+
+
 def iht_line_search(q: Quadratic, pools: Pools, start: Iterate, iterations: int, tolerance: float,
                     trace: list[float]) -> Iterate:
     """IHT from a k-sparse point; each step lowers f, until the relative decrease is below `tolerance`.
@@ -245,9 +296,7 @@ def _step_search(q: Quadratic, pools: Pools, x: Iterate, gradient: torch.Tensor,
     best = _along(q, x, direction, g_direction, step)  # below τ*: f is lower than at x
     for _ in range(LINE_SEARCH_DOUBLINGS):
         step *= 2
-        moved = x.w - step * gradient
-        support = pools.top(moved)
-        trial = iterate_at(q, moved * support, support)
+        trial = _thresholded(q, pools, x.w - step * gradient)
         if trial.value >= best.value:
             break
         best = trial
@@ -261,9 +310,7 @@ def _full_gradient_step(q: Quadratic, pools: Pools, x: Iterate, gradient: torch.
     step = squared / (float(g_gradient @ g_gradient) + 2 * q.ridge * squared)
     best = x
     for _ in range(LINE_SEARCH_DOUBLINGS):
-        moved = x.w - step * gradient
-        support = pools.top(moved)
-        trial = iterate_at(q, moved * support, support)
+        trial = _thresholded(q, pools, x.w - step * gradient)
         if trial.value >= best.value:
             break
         best, step = trial, step * 2
@@ -307,14 +354,55 @@ def _grow(q: Quadratic, pools: Pools, x: Iterate, active: torch.Tensor, lipschit
     gradient = q.gradient(x.w, x.residual)
     scale = 2 * lipschitz
     for _ in range(EXPANSION_HALVINGS):
-        moved = x.w - gradient / scale
-        support = pools.top(moved)
-        if (support & ~active).any():
-            trial = iterate_at(q, moved * support, support)
-            if trial.value < x.value:
-                return trial
+        trial = _thresholded(q, pools, x.w - gradient / scale)
+        if (trial.support & ~active).any() and trial.value < x.value:
+            return trial
         scale /= 2
     return None
+
+
+# ---------------------------------------------------------------- hard thresholding pursuit
+
+def refit_pursuit(q: Quadratic, pools: Pools, support: torch.Tensor, rounds: int, trace: list[float]) -> Iterate:
+    """The exact minimiser on `support`, then IHT steps each followed by an exact refit, while f falls.
+
+    At a refit the gradient vanishes on the support, so H_k(w − τg) keeps the support until τ reaches
+    the support-change step; each larger step swaps more weights. The supports of a few such steps
+    are refitted and the best is taken if it lowers f (Foucart's hard thresholding pursuit with a
+    step search). The line-searched IHT on an ill-conditioned G creeps along its support and may never
+    swap; from a refit, one step can.
+    """
+    refit = NearbyRefits(q).refit if int(support.sum()) > q.g.shape[0] else q.refit
+    x = iterate_at(q, refit(support), support)
+    trace.append(x.value)
+    for _ in range(rounds):
+        gradient = q.gradient(x.w, x.residual)
+        step = pools.support_change_step(x.w, gradient, x.support) * (1 + 1e-6)
+        if not math.isfinite(step):
+            break
+        best = _best_swap(q, pools, x, gradient, step, refit)
+        if best.value >= x.value:
+            break
+        converged = x.value - best.value <= PURSUIT_TOLERANCE * abs(x.value)
+        x = best
+        trace.append(x.value)
+        if converged:
+            break
+    return x
+
+
+def _best_swap(q: Quadratic, pools: Pools, x: Iterate, gradient: torch.Tensor, step: float, refit) -> Iterate:
+    """The best refit over steps from `step` up by √10 each, while the refits keep improving."""
+    best = None
+    for i in range(PURSUIT_STEPS):
+        swapped = pools.top(x.w - step * 10 ** (i / 2) * gradient)
+        if best is not None and torch.equal(swapped, best.support):
+            continue
+        trial = iterate_at(q, refit(swapped), swapped)
+        if best is not None and trial.value >= best.value:
+            break  # longer steps swap more weights, and are costlier to refit
+        best = trial
+    return best
 
 
 # ---------------------------------------------------------------- block approximation

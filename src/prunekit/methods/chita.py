@@ -12,9 +12,10 @@ empirical Fisher (1/n)GᵀG. Scaled by n, with a ridge, the pruning problem beco
 and the weights after pruning are the solver's, not the original ones (OBS's weight update,
 for many weights jointly). Solvers (`--solver`):
 - `iht` (default): the active-set IHT with exact line search (the paper's Alg. 3–4) from one IHT
-  step from w̄, then an exact refit on the support it found. The line-searched steps converge
-  slowly on an ill-conditioned G; the refit is the exact minimiser on that support, so it can only
-  lower the objective (the IHT's job is to find the support).
+  step from w̄, then an exact refit on the support it found and IHT steps between exact refits
+  (hard thresholding pursuit). The line-searched steps converge slowly on an ill-conditioned G and
+  rarely swap weights; from a refit, where the gradient on the support is zero, one step can.
+  Every refit is the exact minimiser on its support, so each only lowers the objective.
 - `backsolve` (CHITA-BSO, Alg. 5): magnitude support (or one line-searched gradient step when the
   first-order term is on), then the closed-form ridge refit on that support via Woodbury.
 - `block` (Alg. 6): the same under a block-diagonal Fisher, for models too large for one G solve.
@@ -55,6 +56,7 @@ from ._chita_solvers import (
     active_set_iht,
     block_backsolve,
     iterate_at,
+    refit_pursuit,
 )
 
 SOLVERS = ("iht", "backsolve", "block")
@@ -76,6 +78,9 @@ class ChitaHparams(FisherHparams):
         "help": "block solver: tensors of at least this many weights are cut into blocks of about this size"})
     iterations: int = field(default=100, metadata={"help": "iht: IHT steps per active-set round"})
     active_set_rounds: int = field(default=10, metadata={"help": "iht: times the active set may grow"})
+    pursuit_rounds: int = field(default=10, metadata={
+        "help": "iht: rounds of IHT step + exact refit after the IHT, each swapping weights while the objective "
+                "falls (0: off)"})
     tolerance: float = field(default=1e-7, metadata={
         "help": "iht: stop when a step lowers the objective by less than this fraction"})
     precision: str = field(default="float64", metadata={
@@ -93,6 +98,8 @@ class ChitaHparams(FisherHparams):
         for name in ("block_size", "iterations", "active_set_rounds"):
             if getattr(self, name) < 1:
                 raise PrunekitError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.pursuit_rounds < 0:
+            raise PrunekitError(f"pursuit_rounds must be >= 0, got {self.pursuit_rounds!r}")
         if not 0 <= self.tolerance < 1:
             raise PrunekitError(f"tolerance must be in [0, 1), got {self.tolerance!r}")
 
@@ -222,10 +229,11 @@ def solve(ctx: PruneContext, hp: ChitaHparams, g: GradientMatrix, anchor: torch.
         support = active_set_iht(q, pools, start, pools.widened(first_step, ACTIVE_SET_WIDTH),
                                  iterations=hp.iterations, rounds=hp.active_set_rounds, tolerance=hp.tolerance,
                                  lipschitz=lipschitz, trace=trace).support
+        return refit_pursuit(q, pools, support, hp.pursuit_rounds, trace), trace
     if hp.solver == "block":
         w = block_backsolve(g.rows, anchor, support, block_slices(g.layout, hp.block_size), q.ridge, q.linear)
         solution = iterate_at(q, w.to(anchor.dtype), support)
-    else:  # the exact minimiser on the support: the backsolve, or the IHT's final polish
+    else:
         solution = iterate_at(q, q.refit(support), support)
     trace.append(solution.value)
     return solution, trace
