@@ -11,13 +11,13 @@ from prunekit.data import Loader, load_dataset
 from prunekit.errors import PrunekitError
 from prunekit.fisher import WeightLayout
 from prunekit.methods._chita_solvers import (
+    NearbyRefits,
     Pools,
     Quadratic,
     active_set_iht,
-    NearbyRefits,
     block_backsolve,
-    refit_pursuit,
     iterate_at,
+    refit_pursuit,
     ridge_solve,
 )
 from prunekit.models import create_model_for
