@@ -1,5 +1,7 @@
 """Bench runs: stored once, resumed after kill -9 or Ctrl-C, shared safely by concurrent processes."""
 import contextlib
+import dataclasses
+import itertools
 import os
 import signal
 import sqlite3
@@ -9,10 +11,16 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 
+from prunekit import workflow
 from prunekit.bench import Store, load_suite, run_suite
+from prunekit.bench.runner import check_device, plan
 from prunekit.bench.store import DONE, PENDING, RUNNING, Owner
+from prunekit.cli import main
+from prunekit.errors import PrunekitError
 from prunekit.methods import _REGISTRY, Method
+from prunekit.models import create_model_for
 
 SUITE = """\
 name: tiny
@@ -212,6 +220,189 @@ def test_a_claim_left_by_a_dead_process_is_taken_over(tmp_path, suite_file):
         other_host = Owner("elsewhere", 1, "1")  # another machine's process is assumed alive
         execute(db, "UPDATE runs SET owner_host = 'elsewhere' WHERE hash = ?", (run_hash,))
         assert other_host.is_alive() and not store.claim(run_hash, me)
+
+
+@dataclass(frozen=True)
+class NoHparams:
+    pass
+
+
+@pytest.fixture
+def start_recorder(monkeypatch):
+    """A method that keeps the first weight matrix it is given, by (sparsity, seed), then prunes by magnitude."""
+    starts = {}
+
+    def record(ctx, hp):
+        starts[(ctx.sparsity, ctx.seed)] = next(ctx.model.parameters()).detach().clone()
+        return ctx.select({t.name: t.weight.detach().abs() for t in ctx.targets})
+
+    monkeypatch.setitem(_REGISTRY, "start-test", Method("start-test", record, NoHparams, "records its start"))
+    return starts
+
+
+def fresh_first_weights(seed: int, **options) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return next(create_model_for("lenet300", 10, (1, 8, 8), **options).parameters()).detach()
+
+
+def test_entries_marked_from_scratch_start_from_their_seeds_fresh_weights(tmp_path, suite_file, start_recorder):
+    suite_file.write_text(SUITE.replace("  - method: magnitude\n  - method: random\n", (
+        "  - method: start-test\n    label: at-init\n    from_scratch: true\n    sparsities: [0.5]\n"
+        "  - method: start-test\n    label: from-dense\n    sparsities: [0.9]\n")))
+    run_suite(load_suite(str(suite_file)), tmp_path / "runs.db", progress=False, echo=lambda line: None)
+    for seed in (0, 1):
+        assert torch.equal(start_recorder[(0.5, seed)], fresh_first_weights(seed))
+    dense = start_recorder[(0.9, 0)]
+    assert torch.equal(start_recorder[(0.9, 1)], dense) and not torch.equal(dense, fresh_first_weights(0))
+
+
+def test_a_from_scratch_suite_trains_its_dense_recipe_once_as_the_reference(tmp_path, suite_file, start_recorder):
+    text = SUITE.replace("dense:", "model_options: {hidden: [20, 10]}\nfrom_scratch: true\ndense:").replace(
+        "  - method: magnitude\n  - method: random\n", "  - method: start-test\n")
+    suite_file.write_text(text)
+    db, said = tmp_path / "runs.db", []
+    suite = load_suite(str(suite_file))
+    summary = run_suite(suite, db, progress=False, echo=said.append)
+    assert summary.ran == 4 and any("training the dense lenet300" in line for line in said)
+    for sparsity, seed in itertools.product((0.5, 0.9), (0, 1)):  # the runs start fresh, not from the reference
+        assert torch.equal(start_recorder[(sparsity, seed)], fresh_first_weights(seed, hidden=(20, 10)))
+    with Store(db) as store:
+        reference = store.dense(summary.plan.dense_key)
+        runs = store.runs()
+    assert 0 <= reference["accuracy"] <= 1 and reference["train_seconds"] > 0  # the dense row, timed
+    assert reference["macs"] == 64 * 20 + 20 * 10 + 10 * 10  # model_options reach the model
+    assert all(run.config["from_scratch"] and run.config["start"]["reference"] for run in runs)
+    said.clear()
+    assert run_suite(suite, db, progress=False, echo=said.append).ran == 0 and not any("training" in s for s in said)
+
+
+def test_augment_reaches_the_methods_data(tmp_path, suite_file, monkeypatch):
+    asked = []
+    plain = workflow.calibration_loader
+
+    def spy(setup, batch_size, seed, augment=False):
+        asked.append(augment)
+        return plain(setup, batch_size, seed)
+
+    monkeypatch.setattr(workflow, "calibration_loader", spy)
+    suite = dataclasses.replace(load_suite(str(suite_file), seeds=1), augment=True)  # synthetic data has none
+    run_suite(suite, tmp_path / "runs.db", progress=False, echo=lambda line: None)
+    assert asked == [True] * 4
+    assert plan(suite).setting != plan(dataclasses.replace(suite, augment=False)).setting
+
+
+GPU_SUITE = SUITE.replace("seeds: 2", "seeds: 2\ndevice: cuda") + "quick:\n  sparsities: [0.9]\n"
+
+
+def test_cuda_is_refused_before_any_work_where_torch_has_none(tmp_path, suite_file, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    db = tmp_path / "runs.db"
+    with pytest.raises(PrunekitError, match=r"--device cuda asked for, but torch.cuda.is_available\(\) is false"):
+        run_suite(load_suite(str(suite_file)), db, device="cuda", progress=False, echo=lambda line: None)
+    with pytest.raises(PrunekitError, match="unknown device 'tpu'; use one of cpu, cuda"):
+        run_suite(load_suite(str(suite_file)), db, device="tpu", progress=False, echo=lambda line: None)
+    assert not db.exists()
+
+
+def test_a_gpu_suite_runs_on_the_cpu_only_as_a_quick_smoke_run(tmp_path, monkeypatch):
+    path, db = tmp_path / "gpu.yaml", tmp_path / "runs.db"
+    path.write_text(GPU_SUITE)
+    with pytest.raises(PrunekitError) as refused:
+        run_suite(load_suite(str(path)), db, progress=False, echo=lambda line: None)
+    assert str(refused.value).startswith(f"suite {path}, line 9: tiny is a full budget meant for a GPU")
+    assert f"`prunekit bench --suite {path} --device cuda`" in str(refused.value) and "--quick" in str(refused.value)
+    assert not db.exists()
+    with monkeypatch.context() as cuda_here:
+        cuda_here.setattr(torch.cuda, "is_available", lambda: True)
+        check_device(load_suite(str(path)), "cuda")  # where CUDA is, the full budget may run
+    summary = run_suite(load_suite(str(path), quick=True), db, progress=False, echo=lambda line: None)
+    assert (summary.ran, summary.failures) == (2, [])
+    with Store(db) as store:
+        environment = store.runs()[0].environment
+    assert environment["device"] == "cpu" and "gpu" not in environment
+
+
+def test_the_command_line_takes_a_device_and_refuses_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path, db = tmp_path / "gpu.yaml", tmp_path / "runs.db"
+    path.write_text(GPU_SUITE)
+    assert main(["bench", "--suite", str(path), "--db", str(db), "--device", "cuda"]) == 2
+    assert "torch.cuda.is_available() is false" in capsys.readouterr().err
+    assert main(["bench", "--suite", str(path), "--db", str(db)]) == 2
+    assert "is a full budget meant for a GPU" in capsys.readouterr().err and not db.exists()
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "--device {cpu,cuda}" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- the shipped reproduction suites
+
+def test_dpf_lenet300_quick_runs_from_scratch_beside_its_dense_reference(tmp_path, data_dir):
+    suite = load_suite("dpf_lenet300", quick=True, data_dir=data_dir)
+    summary = run_suite(suite, tmp_path / "runs.db", data_dir=data_dir, progress=False, echo=lambda line: None)
+    assert (summary.ran, summary.failures) == (3, [])
+    with Store(tmp_path / "runs.db") as store:
+        runs = store.runs()
+        reference = store.dense(summary.plan.dense_key)
+    assert sorted(run.label for run in runs) == ["dpf", "gmp", "oneshot-ft"]
+    assert all(run.config["from_scratch"] and run.config["hparams"]["epochs"] == suite.dense.epochs for run in runs)
+    assert all(abs(run.points[-1].sparsity - 0.98) < 1e-4 for run in runs)
+    assert reference["train_seconds"] > 0 and reference["accuracy"] > 0.2  # ten classes: above chance
+
+
+def planned(name: str, data_dir) -> dict[str, set]:
+    """label -> {(sparsity, seed)} of the suite's full plan."""
+    runs: dict[str, set] = {}
+    for run in plan(load_suite(name, data_dir=data_dir)).runs:
+        runs.setdefault(run.label, set()).add((run.sparsity, run.seed))
+    return runs
+
+
+def grid(sparsities, seeds=(0,)) -> set:
+    return set(itertools.product(sparsities, seeds))
+
+
+def test_the_bip_suites_plan_the_issues_comparisons(data_dir):
+    levels, seeds = (0.8, 0.9, 0.95, 0.98, 0.99), (0, 1, 2)
+    lenet = planned("bip_lenet300", data_dir)
+    assert lenet == {**{label: grid(levels, seeds) for label in ("bip-paper", "bip-code", "bip-off", "omp", "hydra",
+                                                                  "snip", "grasp", "synflow")},
+                     "imp": grid([0.99], seeds)}
+    suite = load_suite("bip_lenet300", data_dir=data_dir)
+    entries = {entry.label: entry for entry in suite.methods}
+    assert {e.hparams["implicit_gradient"] for e in suite.methods if e.method == "bip"} == {"paper", "code", "off"}
+    assert all(e.hparams["epochs"] == suite.dense.epochs == 20 for e in suite.methods)  # E = 20 everywhere
+    assert {label for label, e in entries.items() if e.from_scratch} == {"imp", "omp", "snip", "grasp", "synflow"}
+    assert entries["imp"].measure_recorded and entries["hydra"].hparams["finetune_epochs"] == 20
+
+    for name, epochs in (("bip_resnet20", 3), ("bip_resnet20_full", 100)):
+        assert planned(name, data_dir) == {"bip": grid([0.8, 0.95]), "omp": grid([0.8, 0.95]), "imp": grid([0.95])}
+        suite = load_suite(name, data_dir=data_dir)
+        assert suite.checkpoint.name == "resnet20_cifar10.pth.tar" and suite.augment
+        assert [e.hparams["epochs"] for e in suite.methods] == [epochs] * 3
+        assert suite.device == ("cuda" if name.endswith("_full") else "cpu")
+
+    assert planned("bip_filters", data_dir) == {"bip": grid([0.3, 0.5, 0.7]), "magnitude-ft": grid([0.3, 0.5, 0.7])}
+    bip, baseline = (e.budget for e in load_suite("bip_filters", data_dir=data_dir).methods)
+    assert bip == baseline and (bip.allocation, bip.structure) == ("uniform", "filters")  # the same for both
+    assert bip.layer_sparsity == {r"^fc\.": 0.0}  # the linear layer stays dense
+
+
+def test_the_dpf_and_chita_suites_plan_the_issues_comparisons(data_dir):
+    for name, epochs in (("dpf_lenet300", 30), ("dpf_lenet5", 20)):
+        assert planned(name, data_dir) == {label: grid([0.9, 0.95, 0.98, 0.99], (0, 1, 2))
+                                           for label in ("dpf", "gmp", "oneshot-ft")}
+        suite = load_suite(name, data_dir=data_dir)
+        assert suite.from_scratch and suite.dense.epochs == epochs
+        assert all(e.hparams["epochs"] == epochs for e in suite.methods)  # the dense row's epochs for every method
+    for name, epochs, seeds in (("dpf_resnet20", 5, (0,)), ("dpf_resnet20_full", 300, (0, 1, 2))):
+        assert planned(name, data_dir) == {"dpf": grid([0.9], seeds), "gmp": grid([0.9], seeds)}
+        suite = load_suite(name, data_dir=data_dir)
+        assert dict(suite.model_options) == {"shortcut": "identity"} and suite.dense.epochs == epochs
+    assert load_suite("dpf_resnet20_full", data_dir=data_dir).dense.nesterov
+    chita = planned("chita_resnet20", data_dir)
+    assert chita == {label: grid([0.4, 0.5, 0.6, 0.7, 0.8, 0.9]) for label in ("magnitude", "woodfisher", "chita",
+                                                                                 "chita++")}
 
 
 @pytest.mark.slow  # two command-line processes

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from prunekit.bench.suite import list_suites, load_suite
+from prunekit.bench.suite import find_suite, list_suites, load_suite
 from prunekit.errors import PrunekitError
 from prunekit.methods import _REGISTRY, Method, all_methods
 
@@ -95,7 +95,16 @@ def test_quick_merges_mappings_and_keeps_one_seed(tmp_path):
     (("seeds: 2", "seeds: 2\nseeds: 3"), 10, "appears twice"),
     (("    label: random-control", "    label: [random"), 14, "not valid YAML"),
     (("dense:\n  epochs: 2\n  lr: 0.05\n", ""), 1, "names no dense model"),
-    (("\ndense:\n", "\nfrom_scratch: true\ndense:\n"), 5, "has both `dense` and `from_scratch`"),
+    (("model: lenet300", "model: lenet300\nmodel_options: {shortcut: identity}"), 4,
+     "model 'lenet300' takes no option shortcut; its options are: hidden"),
+    (("model: lenet300", "model: lenet300\nmodel_options: {num_classes: 3}"), 4, "follows from the dataset"),
+    (("seeds: 2", "seeds: 2\ndevice: gpu"), 10, "unknown device 'gpu'; use one of cpu, cuda"),
+    (("seeds: 2", "seeds: 2\naugment: true"), 10, "synthetic has no training augmentation"),
+    (("seeds: 2", "seeds: 2\naugment: often"), 10, "`augment` is true or false"),
+    (("seeds: 2", "seeds: 2\ntraining: {seed: 3}"), 10, "`seed` is not for methods to set"),
+    (("seeds: 2", "seeds: 2\ntraining:\n  epochs: 3\n  lr: fast"), 12, "training lr must be a number"),
+    (("    label: random-control", "    from_scratch: maybe"), 13, "`from_scratch` is true or false"),
+    (("quick:\n", "quick:\n  device: cpu\n"), 18, "`quick` cannot change 'device'"),
 ])
 def test_errors_name_the_line_and_the_fix(tmp_path, change, line, words):
     path = write(tmp_path, GOOD.replace(*change))
@@ -187,3 +196,70 @@ def test_every_shipped_suite_is_valid_where_the_data_is(data_dir):
     for name, _ in list_suites():
         for quick in (False, True):
             assert load_suite(name, quick=quick).methods
+
+
+REPRODUCTIONS = ("bip_lenet300", "bip_resnet20", "bip_resnet20_full", "bip_filters", "dpf_lenet300", "dpf_lenet5",
+                 "dpf_resnet20", "dpf_resnet20_full", "chita_resnet20")
+
+
+def test_every_reproduction_suite_says_how_to_run_it_and_has_a_smoke_run():
+    descriptions = dict(list_suites())
+    for name in REPRODUCTIONS:
+        text, description = find_suite(name).read_text(), descriptions[name]
+        assert text.startswith("#") and f"prunekit bench --suite {name}" in text, name  # the header comment
+        assert "\nquick:" in text and description, name
+
+
+TRAINING = """\
+training:
+  epochs: 3
+  lr: 0.02
+"""
+
+
+def test_training_is_every_training_methods_recipe_and_entries_override_it(tmp_path):
+    text = GOOD.replace("methods:\n", TRAINING + "methods:\n").replace(
+        "  - method: random\n", "  - method: omp\n  - method: imp\n    label: imp-5\n    hparams: {epochs: 5}\n"
+                               "  - method: random\n")
+    path = write(tmp_path, text.replace("  dense: {epochs: 1}\n", "  dense: {epochs: 1}\n  training: {epochs: 2}\n"))
+    entries = {entry.label: entry.hparams for entry in load_suite(str(path)).methods}
+    assert entries["magnitude"] == {} and "epochs" not in entries["random-control"]  # not training methods
+    assert (entries["omp"]["epochs"], entries["omp"]["lr"], entries["omp"]["weight_decay"]) == (3, 0.02, 5e-4)
+    assert (entries["imp-5"]["epochs"], entries["imp-5"]["lr"]) == (5, 0.02)
+    quick = {entry.label: entry.hparams for entry in load_suite(str(path), quick=True).methods}
+    assert (quick["omp"]["epochs"], quick["omp"]["lr"], quick["imp-5"]["epochs"]) == (2, 0.02, 5)
+    everything = write(tmp_path, GOOD.replace("methods:\n", "training: {lr: 0.02}\nmethods:\n").replace(
+        "  - method: magnitude\n", "  - method: all\n").replace("    label: random-control\n", ""))
+    learning_rates = {entry.label: entry.hparams.get("lr") for entry in load_suite(str(everything)).methods}
+    assert (learning_rates["dpf"], learning_rates["bip"], learning_rates["magnitude"]) == (0.02, 0.02, None)
+
+
+def test_a_method_check_failing_on_the_training_recipe_names_the_entry(tmp_path):
+    imp = "  - method: imp\n    hparams: {train_dense: true, rewind_epoch: 1}\n"
+    text = GOOD.replace("methods:\n", "training: {epochs: 1}\nmethods:\n").replace(
+        "  - method: random\n", imp + "  - method: random\n")
+    message = error_of(write(tmp_path, text))
+    assert ", line 14: rewind_epoch=1.0 must be in [0, epochs=1)" in message  # the line of imp's hparams
+
+
+def test_from_scratch_runs_may_have_a_dense_reference_and_entries_may_start_from_scratch(tmp_path):
+    reference = load_suite(str(write(tmp_path, GOOD.replace("dense:\n", "from_scratch: true\ndense:\n"))))
+    assert reference.from_scratch and reference.dense.epochs == 2
+    entry = GOOD.replace("    label: random-control\n", "    label: random-control\n    from_scratch: true\n")
+    assert [m.from_scratch for m in load_suite(str(write(tmp_path, entry))).methods] == [False, True]
+    both = GOOD.replace("dense:\n  epochs: 2\n  lr: 0.05\n", "checkpoint: w.ckpt\nfrom_scratch: true\n")
+    message = error_of(write(tmp_path, both.replace("  dense: {epochs: 1}\n", "  seeds: 1\n")))
+    assert ", line 6: the suite has both `checkpoint` and `from_scratch`" in message
+    with_all = GOOD.replace("  - method: magnitude\n", "  - method: all\n    from_scratch: true\n")
+    assert "`method: all` takes no from_scratch" in error_of(write(tmp_path, with_all))
+
+
+def test_device_model_options_and_augment_are_read(tmp_path):
+    text = GOOD.replace("seeds: 2", "seeds: 2\ndevice: cuda").replace(
+        "model: lenet300", "model: lenet300\nmodel_options: {hidden: [20, 10]}")
+    path = write(tmp_path, text)
+    suite = load_suite(str(path))
+    assert (suite.device, dict(suite.model_options), suite.augment, suite.quick) == ("cuda", {"hidden": [20, 10]},
+                                                                                      False, False)
+    assert load_suite(str(path), quick=True).quick and suite.argument == str(path)
+    assert load_suite("demo").argument == "demo" and load_suite("demo").device == "cpu"

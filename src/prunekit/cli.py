@@ -14,6 +14,7 @@ from .errors import PrunekitError
 from .methods import all_methods, get_method, method_fields
 from .tables import render_table
 from .training import TrainConfig
+from .workflow import DEVICES
 
 BUDGET_FLAGS = {"allocation": "budget"}  # Budget field -> flag name where they differ
 # `prune` flags that also stand for the method's hyperparameter of the same name (training methods have both).
@@ -177,6 +178,8 @@ def _bench_command(commands) -> None:
     parser.add_argument("--db", default=DEFAULT_DB, help=f"runs database (default: {DEFAULT_DB}); masks and cached "
                                                           "dense models are kept beside it")
     parser.add_argument("--data-dir", help="folder holding the datasets (default: $PRUNEKIT_DATA)")
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="where models train and run (default: cpu); "
+                        "a suite marked `device: cuda` needs --device cuda, unless --quick")
     parser.set_defaults(run=_run_bench)
 
 
@@ -189,15 +192,15 @@ def _run_bench(args) -> None:
     if not args.suite:
         raise PrunekitError("name a suite: prunekit bench --suite NAME (see `prunekit bench --list`)")
     suite = load_suite(args.suite, quick=args.quick, seeds=args.seeds, data_dir=args.data_dir)
-    _fail_on_failed_runs(_bench(suite, args.db, args.data_dir), args.db)
+    _fail_on_failed_runs(_bench(suite, args.db, args.data_dir, args.device), args.db)
 
 
-def _bench(suite, db: str, data_dir: str | None):
-    """Run the suite and print its table; returns the run summary."""
+def _bench(suite, db: str, data_dir: str | None, device: str = "cpu"):
+    """Run the suite on `device` and print its table; returns the run summary."""
     from .bench import Store, run_suite
     from .bench.report import terminal_summary
 
-    summary = run_suite(suite, db, data_dir=data_dir)
+    summary = run_suite(suite, db, device=device, data_dir=data_dir)
     with Store(db) as store:
         print(terminal_summary(store, suite.name, summary.plan.setting))
     print(summary)

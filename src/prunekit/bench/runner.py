@@ -2,8 +2,8 @@
 
 Every run gets the same start (the suite's checkpoint, its cached dense model, or fresh weights
 from the run's seed), the same calibration data for the seed, and the same measurements (top-1
-and loss on the test split, sparsity per layer, MACs dense and masked). Only `prunekit.prune`'s
-cost is the method's cost; measuring is not counted.
+and loss on the test split, sparsity per layer, MACs dense and masked), on the device the bench
+was given. Only `prunekit.prune`'s cost is the method's cost; measuring is not counted.
 """
 from __future__ import annotations
 
@@ -33,9 +33,7 @@ from ..api import prune
 from ..checkpoints import load_state_dict_into, read_state_dict
 from ..errors import PrunekitError
 from ..masks import save_masks, sparsity_report
-from ..methods import get_method
 from ..metrics import count_macs
-from ..models import create_model_for
 from .store import DONE, Outcome, Owner, PlannedRun, Point, Store
 from .suite import MethodEntry, Suite
 
@@ -71,9 +69,10 @@ def _file_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def environment() -> dict[str, Any]:
+def environment(device: str = "cpu") -> dict[str, Any]:
+    gpu = {"gpu": torch.cuda.get_device_name()} if device == "cuda" else {}
     return {"host": socket.gethostname(), "cpu": _cpu_name(), "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "device": "cpu", "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "device": device, **gpu, "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform(), "prunekit": code_version()}
 
 
@@ -96,34 +95,49 @@ class Plan:
     entries: dict[str, MethodEntry]  # by label
 
 
-def plan(suite: Suite) -> Plan:
-    data = {"model": suite.model, "dataset": suite.dataset, "train_size": suite.train_size,
-            "test_size": suite.test_size}
-    start = _start(suite)
+def plan(suite: Suite, device: str = "cpu") -> Plan:
+    data = {"model": suite.model, "model_options": dict(suite.model_options), "dataset": suite.dataset,
+            "train_size": suite.train_size, "test_size": suite.test_size}
+    start = _start(suite, device)
     dense_key = content_hash({**data, "start": start})
-    setting = content_hash({"suite": suite.name, "dense": dense_key, "batch_size": suite.batch_size})
+    # Runs on another device or with other batches are not compared in one table: another setting.
+    shared = {"batch_size": suite.batch_size, "augment": suite.augment, "device": device}
+    setting = content_hash({"suite": suite.name, "dense": dense_key, **shared})
     version = code_version()
     runs = []
     for entry in suite.methods:
         for sparsity in entry.sparsities:
             for seed in suite.seeds:
-                config = {"suite": suite.name, **data, "start": start, "dense_key": dense_key,
-                          "batch_size": suite.batch_size, "method": entry.method, "hparams": entry.hparams,
-                          "budget": dataclasses.asdict(entry.budget), "measure_recorded": entry.measure_recorded,
-                          "sparsity": sparsity, "seed": seed, "code_version": version}
+                config = {"suite": suite.name, **data, "start": start, "dense_key": dense_key, **shared,
+                          "from_scratch": suite.from_scratch or entry.from_scratch, "method": entry.method,
+                          "hparams": entry.hparams, "budget": dataclasses.asdict(entry.budget),
+                          "measure_recorded": entry.measure_recorded, "sparsity": sparsity, "seed": seed,
+                          "code_version": version}
                 runs.append(PlannedRun(content_hash(config), suite.name, setting, entry.label, entry.method,
                                        sparsity, seed, config, version))
     return Plan(suite, dense_key, setting, runs, {entry.label: entry for entry in suite.methods})
 
 
-def _start(suite: Suite) -> dict[str, Any]:
+def _start(suite: Suite, device: str) -> dict[str, Any]:
     if suite.checkpoint is not None:
         return {"checkpoint": str(suite.checkpoint), "sha256": _file_hash(suite.checkpoint)}
-    if suite.dense is not None:
-        # Keyed by the recipe, not the source hash: retraining on every code edit would cost the most
-        # expensive step for a change that rarely touches training.
-        return {"dense": dataclasses.asdict(suite.dense), "prunekit": __version__, "torch": torch.__version__}
-    return {"from_scratch": True}
+    # Keyed by the recipe, not the source hash: retraining on every code edit would cost the most
+    # expensive step for a change that rarely touches training. A GPU does not train the CPU's model.
+    trained = None if suite.dense is None else {"dense": dataclasses.asdict(suite.dense), "prunekit": __version__,
+                                                "torch": torch.__version__, "device": device}
+    if suite.from_scratch:  # a recipe beside from_scratch is only the dense reference, not the runs' start
+        return {"from_scratch": True, **({"reference": trained} if trained else {})}
+    return trained
+
+
+def check_device(suite: Suite, device: str) -> None:
+    """Refuse, before any work, a device this machine lacks, or a GPU suite's full budget anywhere else."""
+    workflow.require_device(device)
+    if suite.device == "cuda" and device != "cuda" and not suite.quick:
+        raise PrunekitError(
+            f"suite {suite.path}, line {suite.lines.get('device', 1)}: {suite.name} is a full budget meant for a GPU "
+            "(`device: cuda`: a paper's full recipe, days on a CPU); run it on a machine with CUDA: `prunekit bench "
+            f"--suite {suite.argument} --device cuda`, or add --quick for a short smoke run on the CPU")
 
 
 # ---------------------------------------------------------------- running
@@ -146,10 +160,11 @@ class Summary:
         return text
 
 
-def run_suite(suite: Suite, db: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
+def run_suite(suite: Suite, db: str | os.PathLike, *, device: str = "cpu", data_dir: str | os.PathLike | None = None,
               progress: bool | None = None, echo: Callable[[str], None] = print) -> Summary:
-    """Run every run of `suite` not already done in `db`; results are committed one run at a time."""
-    bench_plan = plan(suite)
+    """Run every run of `suite` not already done in `db` on `device`; results are committed one run at a time."""
+    check_device(suite, device)
+    bench_plan = plan(suite, device)
     show_bar = sys.stderr.isatty() if progress is None else progress
     with Store(db) as store:
         store.save_suite(suite.name, suite.description, str(suite.path),
@@ -161,7 +176,7 @@ def run_suite(suite: Suite, db: str | os.PathLike, *, data_dir: str | os.PathLik
         for note in suite.notes:
             echo(f"note: {note}")
         if todo:
-            base = _prepare(suite, bench_plan, store, Path(db), data_dir, show_bar, echo)
+            base = _prepare(suite, bench_plan, store, Path(db), data_dir, device, show_bar, echo)
             _run_all(todo, bench_plan, base, store, Path(db), summary, show_bar, echo)
     return summary
 
@@ -169,7 +184,7 @@ def run_suite(suite: Suite, db: str | os.PathLike, *, data_dir: str | os.PathLik
 def _run_all(todo: list[PlannedRun], bench_plan: Plan, base: workflow.Setup, store: Store, db: Path,
              summary: Summary, show_bar: bool, echo: Callable[[str], None]) -> None:
     owner = Owner.current()
-    env = environment()
+    env = environment(base.device.type)
     masks_dir = db.parent / f"{db.name}.masks"
     with tqdm(total=len(todo), unit="run", disable=not show_bar, dynamic_ncols=True) as bar:
         for run in todo:
@@ -204,10 +219,10 @@ def _run_all(todo: list[PlannedRun], bench_plan: Plan, base: workflow.Setup, sto
 def _execute(run: PlannedRun, bench_plan: Plan, base: workflow.Setup, masks_dir: Path, env: dict[str, Any],
              bar: tqdm) -> Outcome:
     suite, entry = bench_plan.suite, bench_plan.entries[run.label]
-    model = _fresh_model(base, run.seed) if suite.from_scratch else copy.deepcopy(base.model)
+    model = base.fresh_model(run.seed) if run.config["from_scratch"] else copy.deepcopy(base.model)
     setup = dataclasses.replace(base, model=model)
-    method = get_method(run.method)
-    data = workflow.calibration_loader(setup, suite.batch_size, run.seed) if method.needs_data else None
+    # Every method gets the data: a data-free one that trains afterwards (SynFlow) needs it too.
+    data = workflow.calibration_loader(setup, suite.batch_size, run.seed, augment=suite.augment)
     points: list[Point] = []
 
     def observe(_model, event: dict[str, Any]) -> None:
@@ -234,25 +249,21 @@ def _measure(setup: workflow.Setup, *, final: bool, cost: dict[str, Any], event:
                  {layer.name: layer.sparsity for layer in report.layers}, macs.dense, macs.masked, cost, event)
 
 
-def _fresh_model(setup: workflow.Setup, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return create_model_for(setup.model_name, setup.dataset.num_classes, setup.dataset.input_shape)
-
-
 # ---------------------------------------------------------------- the dense start
 
-def _prepare(suite: Suite, bench_plan: Plan, store: Store, db: Path, data_dir, show_bar: bool,
+def _prepare(suite: Suite, bench_plan: Plan, store: Store, db: Path, data_dir, device: str, show_bar: bool,
              echo: Callable[[str], None]) -> workflow.Setup:
-    """Data and the dense model every run starts from (trained once per recipe, then cached)."""
+    """Data and the dense model (the runs' start or reference; trained once per recipe, then cached)."""
     try:
         setup = workflow.setup(suite.model, suite.dataset, data_dir, suite.checkpoint,
                                seed=suite.dense.seed if suite.dense else 0,
-                               train_size=suite.train_size, test_size=suite.test_size)
+                               train_size=suite.train_size, test_size=suite.test_size,
+                               model_options=suite.model_options, device=device)
     except PrunekitError as exc:
         lines = ", ".join(f"{key}: line {suite.lines[key]}" for key in ("model", "dataset", "checkpoint")
                           if key in suite.lines)
         raise PrunekitError(f"suite {suite.path} ({lines}): {exc}") from None
-    if suite.from_scratch:
+    if suite.from_scratch and suite.dense is None:
         return setup
     key = bench_plan.dense_key
     cached, train_seconds = None, None

@@ -7,9 +7,16 @@ loader below builds dicts and lists that remember the line of each key and item.
     name: demo
     description: every registered method on digits
     model: lenet300
+    model_options: {}          # keyword options of the zoo model, e.g. {shortcut: identity} for a ResNet
     dataset: digits            # train_size / test_size keep a fixed random subset
     dense: {epochs: 30, lr: 0.05}   # or checkpoint: PATH, or from_scratch: true
+                               # (from_scratch with dense: the recipe is trained only as the dense reference)
+    device: cpu                # what the budget is meant for; cuda: refused without --device cuda, unless --quick
     batch_size: 128            # batches given to methods that need data
+    augment: false             # true: those batches get the dataset's training augmentation (CIFAR: crop + flip)
+    training:                  # TrainConfig fields for every method that trains; its own hparams override them
+      epochs: 5
+      lr: 0.05
     sparsities: [0.5, 0.9]
     seeds: 3                   # or a list of seeds
     methods:
@@ -20,6 +27,8 @@ loader below builds dicts and lists that remember the line of each key and item.
         budget: {allocation: uniform}
         sparsities: [0.9]      # this entry only
         optional: true         # skip (with a note) while the method is not registered
+      - method: snip
+        from_scratch: true     # this entry's runs start from fresh weights of their seed, not the dense model
       - method: imp
         measure_recorded: true # measure the model at every sparsity the method records on its way
                                # (IMP rounds, CHITA++ stages): one more result row each
@@ -47,19 +56,22 @@ from ..budgets import Budget, check_sparsity
 from ..data import DATA_DIR_ENV, DATASETS, resolve_data_dir
 from ..errors import PrunekitError
 from ..methods import PRUNE_OWNED_FIELDS, Method, all_methods
-from ..models import list_models
+from ..models import create_model, list_models
 from ..training import TrainConfig
+from ..workflow import DEVICES
 
 SHIPPED = resources.files("prunekit.bench") / "suites"
 ALL = "all"
 DEFAULT_BATCH_SIZE = 128
 
-TOP_LEVEL_KEYS = ("name", "description", "model", "dataset", "train_size", "test_size", "checkpoint", "dense",
-                  "from_scratch", "batch_size", "sparsities", "seeds", "methods", "published", "quick")
+TOP_LEVEL_KEYS = ("name", "description", "model", "model_options", "dataset", "train_size", "test_size",
+                  "checkpoint", "dense", "from_scratch", "device", "batch_size", "augment", "training", "sparsities",
+                  "seeds", "methods", "published", "quick")
 STARTS = ("checkpoint", "dense", "from_scratch")
-ENTRY_KEYS = ("method", "label", "hparams", "budget", "sparsities", "optional", "measure_recorded")
+ENTRY_KEYS = ("method", "label", "hparams", "budget", "sparsities", "optional", "measure_recorded", "from_scratch")
 PUBLISHED_KEYS = ("method", "sparsity", "accuracy", "std", "source")
-NOT_QUICK = ("name", "description", "quick", "published")
+NOT_QUICK = ("name", "description", "quick", "published", "device")
+DATA_OWNED_OPTIONS = ("num_classes", "in_channels", "input_size")  # model options that the dataset sets
 # Hyperparameters named like prune()'s own arguments take prune's value (training methods' `seed` is the run's seed).
 PRUNE_ARGUMENTS = frozenset(inspect.signature(prune).parameters) - {"method_hparams"} | set(PRUNE_OWNED_FIELDS)
 
@@ -74,6 +86,7 @@ class MethodEntry:
     budget: Budget
     sparsities: tuple[float, ...]
     measure_recorded: bool = False  # a result row at every sparsity the method records (rounds, stages)
+    from_scratch: bool = False  # runs start from fresh weights of their seed, not the suite's dense model
 
     @property
     def method_hparams(self) -> dict[str, Any]:
@@ -108,10 +121,19 @@ class Suite:
     published: tuple[Published, ...] = ()
     notes: tuple[str, ...] = ()  # optional methods left out, said when the suite runs
     lines: Mapping[str, int] = field(default_factory=dict, repr=False)  # top-level key -> line, for later errors
+    model_options: Mapping[str, Any] = field(default_factory=dict)
+    augment: bool = False  # methods get the dataset's augmented training batches
+    device: str = "cpu"  # what the suite's budget is meant for; "cuda" is refused elsewhere unless quick
+    quick: bool = False  # loaded with its `quick:` block, as a smoke run
 
     @property
     def sparsities(self) -> tuple[float, ...]:
         return tuple(sorted({s for entry in self.methods for s in entry.sparsities}))
+
+    @property
+    def argument(self) -> str:
+        """What `prunekit bench --suite` takes to run this suite: a shipped suite's name, else its path."""
+        return self.path.stem if self.path.parent == Path(str(SHIPPED)) else str(self.path)
 
 
 # ---------------------------------------------------------------- finding suites
@@ -237,7 +259,7 @@ class _Checker:
         if DATASETS[dataset].needs_files:
             self.data_folder(document)
         default_sparsities = self.sparsities(document, "sparsities")
-        methods, notes = self.methods(document["methods"], default_sparsities)
+        methods, notes = self.methods(document["methods"], default_sparsities, self.training(document))
         run_seeds = self.seeds(document)
         if quick:
             run_seeds = run_seeds[:1]
@@ -262,6 +284,10 @@ class _Checker:
             published=self.published(document),
             notes=notes,
             lines=dict(document.lines),
+            model_options=self.model_options(document, model),
+            augment=self.augment(document, dataset),
+            device=self.choice(document, "device", list(DEVICES)) if "device" in document else "cpu",
+            quick=quick,
         )
 
     # ---- general shapes
@@ -286,6 +312,12 @@ class _Checker:
         value = mapping[key]
         if not isinstance(value, str) or not value.strip():
             raise self.fail(mapping, key, f"`{key}` must be a non-empty text, got {value!r}")
+        return value
+
+    def flag(self, mapping: _LineDict, key: str) -> bool:
+        value = mapping.get(key, False)
+        if not isinstance(value, bool):
+            raise self.fail(mapping, key, f"`{key}` is true or false, got {value!r}")
         return value
 
     def choice(self, mapping: _LineDict, key: str, known: list[str]) -> str:
@@ -346,11 +378,12 @@ class _Checker:
 
     def checkpoint(self, document: _LineDict) -> Path | None:
         starts = [key for key in STARTS if document.get(key) is not None and document[key] is not False]
-        if len(starts) != 1:
+        if len(starts) != 1 and starts != ["dense", "from_scratch"]:
             problem = "names no dense model" if not starts else f"has both `{starts[0]}` and `{starts[1]}`"
             raise self.fail(document, starts[1] if len(starts) > 1 else None,
                             f"the suite {problem}; give exactly one of `checkpoint: PATH` (trained weights), `dense: "
-                            "{...}` (a training recipe, cached) or `from_scratch: true` (fresh weights per seed)")
+                            "{...}` (a training recipe, cached) or `from_scratch: true` (fresh weights per seed; "
+                            "with `dense:` beside it, the recipe is trained once as the dense reference)")
         if "from_scratch" in document and document["from_scratch"] is not True:
             raise self.fail(document, "from_scratch", "`from_scratch` can only be true; remove the line otherwise")
         if starts[0] != "checkpoint":
@@ -394,10 +427,44 @@ class _Checker:
             return None
         return self.dataclass_values(TrainConfig, self.mapping(document, "dense", "`dense`"), "dense training")
 
+    # ---- model, data and training shared by every entry
+
+    def model_options(self, document: _LineDict, model: str) -> dict[str, Any]:
+        """The zoo model's keyword options, checked by building the model once (cheap next to any run)."""
+        options = self.mapping(document, "model_options", "`model_options`")
+        for key in options:
+            if key in DATA_OWNED_OPTIONS:
+                raise self.fail(options, key, f"`{key}` follows from the dataset; remove it from `model_options`")
+        if options:
+            try:
+                create_model(model, **options)
+            except PrunekitError as exc:
+                raise self.fail(document, "model_options", str(exc)) from None
+        return dict(options)
+
+    def augment(self, document: _LineDict, dataset: str) -> bool:
+        augment = self.flag(document, "augment")
+        if augment and not DATASETS[dataset].augment:
+            raise self.fail(document, "augment", f"{dataset} has no training augmentation (only the CIFAR data sets "
+                                                 "have: random crop + flip); remove `augment`")
+        return augment
+
+    def training(self, document: _LineDict) -> _LineDict | None:
+        """The recipe every training method starts from: TrainConfig fields less those prune() sets."""
+        if document.get("training") is None:
+            return None
+        values = self.mapping(document, "training", "`training`")
+        for key in values:
+            if key in PRUNE_OWNED_FIELDS:
+                raise self.fail(values, key, f"`{key}` is not for methods to set (runs are seeded by `seeds:`, "
+                                             "batches come in `batch_size:`); remove it from `training`")
+        self.dataclass_values(TrainConfig, values, "training")
+        return values
+
     # ---- methods
 
-    def methods(self, value: Any,
-                default_sparsities: tuple[float, ...]) -> tuple[tuple[MethodEntry, ...], tuple[str, ...]]:
+    def methods(self, value: Any, default_sparsities: tuple[float, ...],
+                training: _LineDict | None) -> tuple[tuple[MethodEntry, ...], tuple[str, ...]]:
         if not isinstance(value, _LineList) or not value:
             raise PrunekitError(f"suite {self.path}, line {getattr(value, 'line', 1)}: `methods` must be a list of "
                                 "entries such as `- method: magnitude` (or `- method: all`)")
@@ -410,15 +477,15 @@ class _Checker:
                 raise self.fail(value, index, "each entry of `methods` is a mapping with at least `method: NAME`")
             self.known_keys(item, ENTRY_KEYS, "a method entry")
             name = self.text(item, "method")
-            for flag in ("optional", "measure_recorded"):
-                if not isinstance(item.get(flag, False), bool):
-                    raise self.fail(item, flag, f"`{flag}` is true or false, got {item[flag]!r}")
+            for flag in ("optional", "measure_recorded", "from_scratch"):
+                self.flag(item, flag)
             sparsities = self.sparsities(item, "sparsities") if "sparsities" in item else default_sparsities
             line = item.lines.get("label", item.line)
             if name == ALL:
-                entries += [(entry, line) for entry in self.all_entries(item, registered, explicit, sparsities)]
+                entries += [(entry, line) for entry in
+                            self.all_entries(item, registered, explicit, sparsities, training)]
             elif name in registered:
-                entries.append((self.entry(item, registered[name], sparsities), line))
+                entries.append((self.entry(item, registered[name], sparsities, training), line))
             elif item.get("optional") is True:
                 notes.append(f"{name} is not registered in this version of prunekit; "
                              f"its entry (line {item.line}) is skipped")
@@ -435,7 +502,8 @@ class _Checker:
             entries.sort(key=lambda pair: order.index(pair[0].method))
         return tuple(entry for entry, _ in entries), tuple(notes)
 
-    def entry(self, item: _LineDict, method: Method, sparsities: tuple[float, ...]) -> MethodEntry:
+    def entry(self, item: _LineDict, method: Method, sparsities: tuple[float, ...],
+              training: _LineDict | None) -> MethodEntry:
         label = self.text(item, "label") if "label" in item else method.name
         values = self.mapping(item, "hparams", "`hparams`")
         for key in values:
@@ -443,21 +511,29 @@ class _Checker:
                 raise self.fail(values, key, f"`{key}` is an argument of prune() that the bench sets itself (seeds "
                                              "from `seeds:`, the budget from `budget:`, the batch size from "
                                              "`batch_size:`); remove it here")
-        hp = self.dataclass_values(method.hparams, values, f"method {method.name!r}")
         budget = self.budget(item, sparsities)
-        return MethodEntry(label, method.name, hparams_lib.to_dict(hp), budget, sparsities,
-                           item.get("measure_recorded", False))
+        return MethodEntry(label, method.name, self.hparams(method, values, training), budget, sparsities,
+                           item.get("measure_recorded", False), item.get("from_scratch", False))
 
     def all_entries(self, item: _LineDict, registered: dict[str, Method], explicit: set,
-                    sparsities: tuple[float, ...]) -> list[MethodEntry]:
-        """Every registered method not listed on its own, with its defaults."""
-        for key in ("label", "hparams", "measure_recorded"):
+                    sparsities: tuple[float, ...], training: _LineDict | None) -> list[MethodEntry]:
+        """Every registered method not listed on its own, with its defaults (and the suite's `training`)."""
+        for key in ("label", "hparams", "measure_recorded", "from_scratch"):
             if key in item:
                 raise self.fail(item, key, f"`method: all` takes no {key}; give a method its own entry "
                                            "(`- method: NAME` with `hparams:`) to change it")
         budget = self.budget(item, sparsities)
-        return [MethodEntry(method.name, method.name, _defaults(method), budget, sparsities)
+        defaults = self.mapping(item, "hparams", "`hparams`")  # empty: `all` takes none
+        return [MethodEntry(method.name, method.name, self.hparams(method, defaults, training), budget, sparsities)
                 for method in registered.values() if method.name not in explicit]
+
+    def hparams(self, method: Method, values: _LineDict, training: _LineDict | None) -> dict[str, Any]:
+        """Every field of the method's hyperparameters: its entry's values over the suite's `training`, if it trains."""
+        if training is not None and issubclass(method.hparams, TrainConfig):
+            merged = _merged(training, values)
+            merged.line = values.line  # a method's own check that fails names its entry, not `training`
+            values = merged
+        return hparams_lib.to_dict(self.dataclass_values(method.hparams, values, f"method {method.name!r}"))
 
     def budget(self, item: _LineDict, sparsities: tuple[float, ...]) -> Budget:
         budget = self.dataclass_values(Budget, self.mapping(item, "budget", "`budget`"), "budget")
@@ -514,10 +590,6 @@ class _Checker:
                 allowed = [k for k in TOP_LEVEL_KEYS if k not in NOT_QUICK]
                 raise self.fail(quick, key, f"`quick` cannot change {key!r}; it may set: {', '.join(allowed)}")
         return _merged(document, quick)
-
-
-def _defaults(method: Method) -> dict[str, Any]:
-    return hparams_lib.to_dict(hparams_lib.build(method.hparams, {}, f"method {method.name!r}"))
 
 
 def _merged(base: _LineDict, changes: _LineDict) -> _LineDict:
