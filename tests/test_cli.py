@@ -1,5 +1,6 @@
 """The command line, in process: help texts, a train → prune → eval round trip, and errors."""
 import pytest
+import torch
 
 from prunekit.cli import main
 from prunekit.checkpoints import read_state_dict
@@ -79,4 +80,13 @@ def test_errors_are_one_line_and_before_work(capsys, tmp_path):
     assert code == 2 and "inputs of shape" in err
     code, _, err = run(capsys, "prune", "--model", "lenet300", "--dataset", "mnist", "--data-dir", str(tmp_path))
     assert code == 2 and "PRUNEKIT_DATA" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("command", ["train", "prune", "eval"])
+def test_device_cuda_without_a_gpu_is_refused_before_work(capsys, tmp_path, command):
+    out = ["--out", str(tmp_path / "w.safetensors")] if command != "eval" else []
+    code, _, err = run(capsys, command, "--model", "lenet300", "--dataset", "synthetic", "--device", "cuda", *out)
+    assert code == 2 and "torch.cuda.is_available() is false" in err and "--device cpu" in err
     assert list(tmp_path.iterdir()) == []

@@ -89,7 +89,8 @@ def _run_train(args) -> None:
     from . import workflow
 
     config = hparams_lib.build(TrainConfig, _dataclass_values(args, TrainConfig), "training")
-    setup = workflow.setup(args.model, args.dataset, args.data_dir, args.checkpoint, seed=config.seed)
+    setup = workflow.setup(args.model, args.dataset, args.data_dir, args.checkpoint, seed=config.seed,
+                           device=args.device)
     _check_output_path(args.out)
     history = workflow.train(setup, config, log_path=args.log, checkpoint_path=args.resume)
     workflow.save_weights(setup, args.out, {"training": dataclasses.asdict(config), "history": history[-1:]})
@@ -128,7 +129,8 @@ def _run_prune(args) -> None:
     hparams_lib.build(method.hparams, method_values, f"method {method.name!r}")  # validate before loading
     for path in (args.out, args.masks_out):
         _check_output_path(path)
-    setup = workflow.setup(args.model, args.dataset, args.data_dir, args.checkpoint, seed=args.seed)
+    setup = workflow.setup(args.model, args.dataset, args.data_dir, args.checkpoint, seed=args.seed,
+                           device=args.device)
     data = workflow.calibration_loader(setup, args.batch_size, args.seed) if method.needs_data else None
     result = prune(setup.model, args.method, args.sparsity, data, budget=budget, include=args.include,
                    exclude=args.exclude, seed=args.seed, **method_values)
@@ -156,7 +158,8 @@ def _run_eval(args) -> None:
     from . import workflow
     from .masks import load_masks, sparsity_report
 
-    setup = workflow.setup(args.model, args.dataset, args.data_dir, args.checkpoint, test_size=args.test_size)
+    setup = workflow.setup(args.model, args.dataset, args.data_dir, args.checkpoint, test_size=args.test_size,
+                           device=args.device)
     if args.masks:
         load_masks(setup.model, args.masks)
     metrics = workflow.evaluate(setup)
@@ -259,6 +262,7 @@ def _add_model_and_data_flags(parser, checkpoint_help: str) -> None:
     parser.add_argument("--dataset", required=True, help="mnist, fashion-mnist, cifar10, cifar100, digits, synthetic")
     parser.add_argument("--data-dir", help="folder holding the datasets (default: $PRUNEKIT_DATA)")
     parser.add_argument("--checkpoint", help=checkpoint_help)
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="where the model trains and runs (default: cpu)")
 
 
 def _flag(name: str, rename: dict[str, str]) -> str:
