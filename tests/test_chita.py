@@ -11,6 +11,8 @@ from prunekit.data import Loader, load_dataset
 from prunekit.errors import PrunekitError
 from prunekit.fisher import WeightLayout
 from prunekit.methods._chita_solvers import (
+    BlockFits,
+    FullFits,
     NearbyRefits,
     Pools,
     Quadratic,
@@ -103,11 +105,38 @@ def test_refit_pursuit_swaps_from_the_magnitude_support_to_the_planted_one():
     q, truth, k = planted_problem()
     pools = Pools(torch.zeros(len(truth), dtype=torch.long), [k])
     trace = []
-    found = refit_pursuit(q, pools, pools.top(q.anchor), rounds=10, trace=trace)
+    found = refit_pursuit(FullFits(q, k), pools, pools.top(q.anchor), rounds=10, trace=trace)
     assert torch.equal(found.support, truth)
     assert trace[0] == pytest.approx(q.value(q.refit(pools.top(q.anchor))))
     assert all(b < a for a, b in itertools.pairwise(trace)) and found.value < 1e-3
-    assert torch.equal(refit_pursuit(q, pools, truth, rounds=10, trace=[]).support, truth)  # a fixed point
+    assert torch.equal(refit_pursuit(FullFits(q, k), pools, truth, rounds=10, trace=[]).support, truth)  # fixed point
+
+
+def test_block_fits_are_the_block_backsolve_with_the_block_diagonal_objective():
+    q = random_problem(10, 30, linear=True)
+    blocks = [slice(0, 12), slice(12, 30)]
+    fits = BlockFits(q.g, q.anchor, blocks, q.ridge, q.linear)
+    support = q.anchor.abs() > 0.8
+    found = fits.fit(support)
+    torch.testing.assert_close(found.w, block_backsolve(q.g, q.anchor, support, blocks, q.ridge, q.linear))
+    parts = [Quadratic.on_columns(q.g[:, c], q.anchor[c], q.ridge, q.linear[c]) for c in blocks]
+    assert found.value == pytest.approx(sum(part.value(found.w[c]) for part, c in zip(parts, blocks)), rel=1e-10)
+    assert fits.gradient(found)[support].abs().max() < 1e-8  # a refit: stationary on its support
+
+
+def test_block_pursuit_finds_planted_supports_in_every_block():
+    first, truth_a, k = planted_problem()
+    second, truth_b, _ = planted_problem()
+    g = torch.block_diag(first.g, second.g)  # a truly block-diagonal Fisher: the block model is exact
+    q = Quadratic.on_columns(g, torch.cat([first.anchor, 0.5 * second.anchor]), first.ridge)
+    truth = torch.cat([truth_a, truth_b])
+    pools = Pools(torch.zeros(len(truth), dtype=torch.long), [2 * k])
+    blocks = [slice(0, len(truth_a)), slice(len(truth_a), len(truth))]
+    trace = []
+    found = refit_pursuit(BlockFits(q.g, q.anchor, blocks, q.ridge), pools, pools.top(q.anchor), 10, trace)
+    assert torch.equal(found.support, truth)
+    assert found.value == pytest.approx(q.value(found.w), abs=1e-9) and found.value < 1e-3
+    assert all(b < a for a, b in itertools.pairwise(trace))
 
 
 def test_pools_follow_the_budget_counts():

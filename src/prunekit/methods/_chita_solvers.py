@@ -13,13 +13,15 @@ nonzeros" is per pool: one pool under a global budget, one per tensor under a la
 - `active_set_iht`: the active-set wrapper (Alg. 4) that runs IHT on a few columns and grows them.
 - `refit_pursuit`: IHT steps from exact refits (hard thresholding pursuit), which swap weights the
   line-searched IHT leaves in place.
-- `block_backsolve`: the backsolve under a block-diagonal Fisher (Alg. 6).
+- `block_backsolve`: the backsolve under a block-diagonal Fisher (Alg. 6); `BlockFits` the same
+  problem for the pursuit, from each block's Hessian.
 Every accepted step lowers f, so the objective trace these return never increases.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -233,7 +235,7 @@ class Pools:
 class Iterate:
     w: torch.Tensor
     support: torch.Tensor
-    residual: torch.Tensor
+    residual: torch.Tensor | None  # G(w̄ − w); None under the block-diagonal Fisher, which has one per block
     value: float
 
 
@@ -363,7 +365,29 @@ def _grow(q: Quadratic, pools: Pools, x: Iterate, active: torch.Tensor, lipschit
 
 # ---------------------------------------------------------------- hard thresholding pursuit
 
-def refit_pursuit(q: Quadratic, pools: Pools, support: torch.Tensor, rounds: int, trace: list[float]) -> Iterate:
+class Fits(Protocol):
+    """A problem's exact minimiser on a given support, and its gradient at an iterate."""
+
+    def fit(self, support: torch.Tensor) -> Iterate: ...
+
+    def gradient(self, x: Iterate) -> torch.Tensor: ...
+
+
+class FullFits:
+    """Fits of f with the whole low-rank Fisher: Woodbury refits, updated by swaps when the support is wider than n."""
+
+    def __init__(self, q: Quadratic, kept: int) -> None:
+        self.q = q
+        self.refit = NearbyRefits(q).refit if kept > q.g.shape[0] else q.refit
+
+    def fit(self, support: torch.Tensor) -> Iterate:
+        return iterate_at(self.q, self.refit(support), support)
+
+    def gradient(self, x: Iterate) -> torch.Tensor:
+        return self.q.gradient(x.w, x.residual)
+
+
+def refit_pursuit(problem: Fits, pools: Pools, support: torch.Tensor, rounds: int, trace: list[float]) -> Iterate:
     """The exact minimiser on `support`, then IHT steps each followed by an exact refit, while f falls.
 
     At a refit the gradient vanishes on the support, so H_k(w − τg) keeps the support until τ reaches
@@ -372,15 +396,14 @@ def refit_pursuit(q: Quadratic, pools: Pools, support: torch.Tensor, rounds: int
     step search). The line-searched IHT on an ill-conditioned G creeps along its support and may never
     swap; from a refit, one step can.
     """
-    refit = NearbyRefits(q).refit if int(support.sum()) > q.g.shape[0] else q.refit
-    x = iterate_at(q, refit(support), support)
+    x = problem.fit(support)
     trace.append(x.value)
     for _ in range(rounds):
-        gradient = q.gradient(x.w, x.residual)
+        gradient = problem.gradient(x)
         step = pools.support_change_step(x.w, gradient, x.support) * (1 + 1e-6)
         if not math.isfinite(step):
             break
-        best = _best_swap(q, pools, x, gradient, step, refit)
+        best = _best_swap(problem, pools, x, gradient, step)
         if best.value >= x.value:
             break
         converged = x.value - best.value <= PURSUIT_TOLERANCE * abs(x.value)
@@ -391,14 +414,14 @@ def refit_pursuit(q: Quadratic, pools: Pools, support: torch.Tensor, rounds: int
     return x
 
 
-def _best_swap(q: Quadratic, pools: Pools, x: Iterate, gradient: torch.Tensor, step: float, refit) -> Iterate:
+def _best_swap(problem: Fits, pools: Pools, x: Iterate, gradient: torch.Tensor, step: float) -> Iterate:
     """The best refit over steps from `step` up by √10 each, while the refits keep improving."""
     best = None
     for i in range(PURSUIT_STEPS):
         swapped = pools.top(x.w - step * 10 ** (i / 2) * gradient)
         if best is not None and torch.equal(swapped, best.support):
             continue
-        trial = iterate_at(q, refit(swapped), swapped)
+        trial = problem.fit(swapped)
         if best is not None and trial.value >= best.value:
             break  # longer steps swap more weights, and are costlier to refit
         best = trial
@@ -416,3 +439,63 @@ def block_backsolve(g: torch.Tensor, anchor: torch.Tensor, support: torch.Tensor
                                      None if linear is None else linear[columns])
         w[columns] = block.refit(support[columns]).to(torch.float64)
     return w
+
+
+class BlockFits:
+    """f under a block-diagonal Fisher, for the pursuit: Σ_b ½ d_bᵀ H_b d_b + λ'‖d‖² + αᵀw with d = w − w̄.
+
+    Each block's Hessian H_b = G_bᵀG_b is formed once (a block holds at most about twice the block
+    size, far below p); a fit then solves (H_SS + 2λ'I) d_S = H_SS̄ w̄_S̄ − α_S on the kept rows of
+    each block, and only blocks whose support differs from a recent fit are solved again.
+    """
+
+    def __init__(self, g: torch.Tensor, anchor: torch.Tensor, blocks: list[slice], ridge: float,
+                 linear: torch.Tensor | None = None) -> None:
+        self.anchor = anchor.to(torch.float64)
+        self.linear = None if linear is None else linear.to(torch.float64)
+        self.blocks, self.ridge = blocks, ridge
+        self.hessians = []
+        for columns in blocks:
+            rows = g[:, columns].to(torch.float64)
+            self.hessians.append(rows.T @ rows)
+        self.recent: list[dict[bytes, tuple[torch.Tensor, float]]] = [{} for _ in blocks]
+
+    def fit(self, support: torch.Tensor) -> Iterate:
+        w = torch.zeros_like(self.anchor)
+        value = 0.0
+        for b, columns in enumerate(self.blocks):
+            w[columns], block_value = self._fit_block(b, support[columns])
+            value += block_value
+        return Iterate(w, support, None, value)
+
+    def gradient(self, x: Iterate) -> torch.Tensor:
+        shift = x.w - self.anchor
+        gradient = torch.cat([h @ shift[columns] for h, columns in zip(self.hessians, self.blocks)])
+        gradient += 2 * self.ridge * shift
+        return gradient if self.linear is None else gradient + self.linear
+
+    def _fit_block(self, b: int, kept: torch.Tensor) -> tuple[torch.Tensor, float]:
+        key = kept.cpu().numpy().tobytes()
+        recent = self.recent[b]
+        if key not in recent:
+            if len(recent) >= PURSUIT_STEPS:
+                recent.clear()  # the fits of older iterates are not asked for again
+            recent[key] = self._solve_block(b, kept)
+        return recent[key]
+
+    def _solve_block(self, b: int, kept: torch.Tensor) -> tuple[torch.Tensor, float]:
+        hessian, columns = self.hessians[b], self.blocks[b]
+        anchor = self.anchor[columns]
+        shift = -anchor.clone()  # pruned: w = 0
+        if kept.any():
+            system = hessian[kept][:, kept].clone()
+            system.diagonal().add_(2 * self.ridge)
+            rhs = hessian[kept][:, ~kept] @ anchor[~kept]
+            if self.linear is not None:
+                rhs = rhs - self.linear[columns][kept]
+            shift[kept] = torch.cholesky_solve(rhs.unsqueeze(1), torch.linalg.cholesky(system)).squeeze(1)
+        w = anchor + shift
+        value = 0.5 * float(shift @ (hessian @ shift)) + self.ridge * float(shift @ shift)
+        if self.linear is not None:
+            value += float(self.linear[columns] @ w)
+        return w, value

@@ -12,8 +12,9 @@ which is what the official BiP and Hydra layers get from autograd with their str
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 

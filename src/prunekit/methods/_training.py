@@ -5,8 +5,8 @@ one-shot + fine-tune), so that one seed fixes a whole run and "train under a mas
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
-from typing import Iterable, Mapping
 
 import torch
 

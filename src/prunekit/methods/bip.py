@@ -35,8 +35,9 @@ Choices, and where the official code (OPTML-Group/BiP) differs:
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +45,16 @@ import torch.nn.functional as F
 from ..errors import PrunekitError
 from ..training import LR_SCHEDULES, Callback, TrainConfig, Trainer, lr_multiplier
 from . import PruneContext, register
-from ._scores import (RecordEpochs, Scores, check_fields, finetune, grad_at_masked_weight, is_count, is_number,
-                      straight_through)
+from ._scores import (
+    RecordEpochs,
+    Scores,
+    check_fields,
+    finetune,
+    grad_at_masked_weight,
+    is_count,
+    is_number,
+    straight_through,
+)
 from ._training import train
 
 IMPLICIT_GRADIENTS = ("paper", "code", "off")

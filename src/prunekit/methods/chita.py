@@ -18,7 +18,9 @@ for many weights jointly). Solvers (`--solver`):
   Every refit is the exact minimiser on its support, so each only lowers the objective.
 - `backsolve` (CHITA-BSO, Alg. 5): magnitude support (or one line-searched gradient step when the
   first-order term is on), then the closed-form ridge refit on that support via Woodbury.
-- `block` (Alg. 6): the same under a block-diagonal Fisher, for models too large for one G solve.
+- `block` (Alg. 6): the backsolve under a block-diagonal Fisher, for models too large for one G
+  solve; under an unstructured budget followed by the same pursuit, on that block-diagonal model
+  (each block's Hessian formed once), since the paper's magnitude support is what loses most there.
 `chita++` solves at a rising sequence of sparsities, recomputing G at the current weights each
 stage (Alg. 1); `chita-gradual` interleaves CHITA prune events with SGD fine-tuning (§2.3).
 """
@@ -50,6 +52,8 @@ from ..training import TrainConfig, Trainer
 from . import PruneContext, register
 from ._chita_solvers import (
     ACTIVE_SET_WIDTH,
+    BlockFits,
+    FullFits,
     Iterate,
     Pools,
     Quadratic,
@@ -79,8 +83,8 @@ class ChitaHparams(FisherHparams):
     iterations: int = field(default=100, metadata={"help": "iht: IHT steps per active-set round"})
     active_set_rounds: int = field(default=10, metadata={"help": "iht: times the active set may grow"})
     pursuit_rounds: int = field(default=10, metadata={
-        "help": "iht: rounds of IHT step + exact refit after the IHT, each swapping weights while the objective "
-                "falls (0: off)"})
+        "help": "iht and block: rounds of IHT step + exact refit after the start, each swapping weights while the "
+                "objective falls (0: off; block: unstructured budgets only)"})
     tolerance: float = field(default=1e-7, metadata={
         "help": "iht: stop when a step lowers the objective by less than this fraction"})
     precision: str = field(default="float64", metadata={
@@ -205,38 +209,52 @@ def solve_stages(ctx: PruneContext, hp: ChitaHparams, sparsities: list[float]) -
         g = gradient_matrix(ctx.model, ctx.targets, inputs, labels, batch=hp.fisher_batch, chunk=hp.fisher_chunk,
                             dtype=PRECISIONS[hp.precision], meter=ctx.meter)
         anchor = layout.flatten({t.name: t.weight for t in ctx.targets}).to(g.rows.dtype)
-        solution, trace = solve(ctx, hp, g, anchor, sparsity)
+        solution, trace, swapped = solve(ctx, hp, g, anchor, sparsity)
         masks = ctx.select(layout.unflatten(solution.support.to(torch.float32)), sparsity)
         _install(ctx, layout, solution.w, masks)
-        ctx.record(stage=stage, sparsity=sparsity, solver=hp.solver, objective=trace,
+        ctx.record(stage=stage, sparsity=sparsity, solver=hp.solver, objective=trace, swapped=swapped,
                    revived=int((solution.support & (anchor == 0)).sum()))
     return masks
 
 
 def solve(ctx: PruneContext, hp: ChitaHparams, g: GradientMatrix, anchor: torch.Tensor,
-          sparsity: float) -> tuple[Iterate, list[float]]:
-    """The solver's weights and support at `sparsity`, and the objective at the start and after each step."""
+          sparsity: float) -> tuple[Iterate, list[float], int]:
+    """The solver's weights and support at `sparsity`, the objective at the start and after each step,
+    and how many weights the solution keeps that the start (magnitude, or one gradient step) did not."""
     q = Quadratic.on_columns(g.rows, anchor, hp.ridge * g.n / 2,
                              g.gradient_sum() / g.batch if hp.first_order else None)
     lipschitz = q.lipschitz(ctx.generator()) if hp.first_order or hp.solver == "iht" else 0.0
     # The start, H_k(w̄ − α/L), is one IHT step from w̄ (where ∇f = α): magnitude pruning when α = 0.
     first_step = anchor if q.linear is None else anchor - q.linear / lipschitz
-    support = g.layout.flatten(ctx.select(g.layout.unflatten(first_step.abs()), sparsity))
-    start = iterate_at(q, first_step * support, support)
-    trace = [start.value]
+    start = g.layout.flatten(ctx.select(g.layout.unflatten(first_step.abs()), sparsity))
+    trace = [iterate_at(q, first_step * start, start).value]
+    pools = Pools.from_budget(ctx.budget, g.layout, sparsity)
     if hp.solver == "iht":
-        pools = Pools.from_budget(ctx.budget, g.layout, sparsity)
-        support = active_set_iht(q, pools, start, pools.widened(first_step, ACTIVE_SET_WIDTH),
-                                 iterations=hp.iterations, rounds=hp.active_set_rounds, tolerance=hp.tolerance,
-                                 lipschitz=lipschitz, trace=trace).support
-        return refit_pursuit(q, pools, support, hp.pursuit_rounds, trace), trace
-    if hp.solver == "block":
-        w = block_backsolve(g.rows, anchor, support, block_slices(g.layout, hp.block_size), q.ridge, q.linear)
+        support = active_set_iht(q, pools, iterate_at(q, first_step * start, start),
+                                 pools.widened(first_step, ACTIVE_SET_WIDTH), iterations=hp.iterations,
+                                 rounds=hp.active_set_rounds, tolerance=hp.tolerance, lipschitz=lipschitz,
+                                 trace=trace).support
+        solution = refit_pursuit(FullFits(q, sum(pools.keep)), pools, support, hp.pursuit_rounds, trace)
+    elif hp.solver == "block":
+        blocks = block_slices(g.layout, hp.block_size)
+        if _block_pursuit(ctx, hp):
+            # The pursuit's objective is the block-diagonal one: its values stay out of the trace of f.
+            found = refit_pursuit(BlockFits(g.rows, anchor, blocks, q.ridge, q.linear), pools, start,
+                                  hp.pursuit_rounds, [])
+            w, support = found.w, found.support
+        else:
+            w, support = block_backsolve(g.rows, anchor, start, blocks, q.ridge, q.linear), start
         solution = iterate_at(q, w.to(anchor.dtype), support)
+        trace.append(solution.value)
     else:
-        solution = iterate_at(q, q.refit(support), support)
-    trace.append(solution.value)
-    return solution, trace
+        solution = iterate_at(q, q.refit(start), start)
+        trace.append(solution.value)
+    return solution, trace, int((solution.support & ~start).sum())
+
+
+def _block_pursuit(ctx: PruneContext, hp: ChitaHparams) -> bool:
+    """The block solver swaps single weights only under an unstructured budget (groups stay as selected)."""
+    return hp.solver == "block" and hp.pursuit_rounds > 0 and ctx.budget.structure == "unstructured"
 
 
 def check_before_work(ctx: PruneContext, hp: ChitaHparams, lowest_sparsity: float) -> None:
@@ -254,6 +272,9 @@ def check_before_work(ctx: PruneContext, hp: ChitaHparams, lowest_sparsity: floa
              "refit": matrix_bytes(n, refit_width, torch.float64) + matrix_bytes(side, side, torch.float64)}
     if hp.solver == "iht":
         parts["active set"] = matrix_bytes(n, min(p, math.ceil(ACTIVE_SET_WIDTH * kept) + kept), dtype)
+    if _block_pursuit(ctx, hp):
+        sizes = [b.stop - b.start for b in block_slices(WeightLayout.of(ctx.targets), hp.block_size)]
+        parts["block Hessians"] = sum(matrix_bytes(size, size, torch.float64) for size in sizes)
     require_memory(f"chita ({hp.solver} solver, n={n}, p={p})", parts, hp,
                    f"--fisher-samples (n={n}), --precision float32 or --solver block with a smaller --block-size")
 

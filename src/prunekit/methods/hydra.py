@@ -25,8 +25,15 @@ from ..errors import PrunekitError
 from ..targets import Target
 from ..training import Callback, TrainConfig, Trainer
 from . import PruneContext, register
-from ._scores import (RecordEpochs, Scores, check_fields, finetune, grad_at_masked_weight, is_count,
-                      straight_through)
+from ._scores import (
+    RecordEpochs,
+    Scores,
+    check_fields,
+    finetune,
+    grad_at_masked_weight,
+    is_count,
+    straight_through,
+)
 from ._training import train
 
 
