@@ -31,9 +31,9 @@ from chita_mlpnet import (
     report,
     run,
 )
-from torch import nn
 
 from prunekit import workflow
+from prunekit.training import reestimate_batch_norm
 
 CHECKPOINT = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / "woodfisher" / "resnet20_cifar10.pth.tar"
 SPARSITIES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -53,22 +53,6 @@ QUICK = {
     "chita": [{"solver": "block", "block_size": 500, "precision": "float32", "ridge": 1e-3, **QUICK_N}],
     "chita++": [{"solver": "block", "block_size": 500, "precision": "float32", "ridge": 1e-3, "stages": 2, **QUICK_N}],
 }
-
-
-def reestimate_batch_norm(model: nn.Module, loader) -> None:
-    """Running statistics from one train-mode pass (a cumulative average), as the CHITA code does."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None
-    model.train()
-    with torch.no_grad():
-        for inputs, _ in loader:
-            model(inputs)
-    for norm, momentum in zip(norms, momenta):
-        norm.momentum = momentum
-    model.eval()
 
 
 def main() -> None:

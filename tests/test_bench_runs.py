@@ -453,3 +453,20 @@ def test_two_benches_share_a_database_without_running_anything_twice(tmp_path):
     assert owners == {first.pid, second.pid}  # both worked
     assert sum(int(text.split(" run now")[0].rsplit(", ", 1)[1]) for text in outputs) == 10
     assert sum("training the dense" in text for text in outputs) == 1  # the other waited for the cached model
+
+
+def test_reestimate_bn_runs_once_before_the_methods_and_is_part_of_the_start(tmp_path, suite_file, monkeypatch):
+    from prunekit.bench import runner
+
+    passes = []
+    monkeypatch.setattr(runner, "reestimate_batch_norm", lambda model, loader, device: passes.append(model) or 3)
+    suite = dataclasses.replace(load_suite(str(suite_file), seeds=1), reestimate_bn=True)
+    summary = run_suite(suite, tmp_path / "runs.db", progress=False, echo=lambda line: None)
+    assert len(passes) == 1 and summary.ran == 4 and not summary.failures
+    assert plan(suite).dense_key != plan(dataclasses.replace(suite, reestimate_bn=False)).dense_key
+
+
+def test_reestimate_bn_on_a_model_without_batch_norm_is_an_error_naming_the_line(tmp_path, suite_file):
+    suite_file.write_text(suite_file.read_text().replace("seeds: 2", "seeds: 2\nreestimate_bn: true"))
+    with pytest.raises(PrunekitError, match=r"line 9: `reestimate_bn: true` but lenet300 has no batch-norm layer"):
+        run_suite(load_suite(str(suite_file)), tmp_path / "runs.db", progress=False, echo=lambda line: None)

@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunekit.errors import PrunekitError
-from prunekit.training import Callback, TrainConfig, Trainer, evaluate, lr_multiplier
+from prunekit.training import Callback, TrainConfig, Trainer, evaluate, lr_multiplier, reestimate_batch_norm
 
 FEATURES, CLASSES = 8, 3
 
@@ -342,3 +342,19 @@ def test_progress_bar_shows_loss_and_lr(capsys):
     Trainer(mlp(), toy_loader(), config(epochs=1), progress=True).fit()
     shown = capsys.readouterr().err
     assert "loss=" in shown and "lr=" in shown
+
+
+def test_reestimate_batch_norm_gives_the_statistics_of_the_pass_and_leaves_weights_alone():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    model[1].running_mean.fill_(5.0)
+    model.eval()
+    inputs = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    batches = [(inputs[:40], torch.zeros(40)), (inputs[40:], torch.zeros(24))]
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    assert reestimate_batch_norm(model, batches) == 1
+    hidden = model[0](inputs).detach()
+    # A cumulative average of the two batches' means (not the momentum-weighted one), mode restored.
+    expected = (hidden[:40].mean(0) + hidden[40:].mean(0)) / 2
+    torch.testing.assert_close(model[1].running_mean, expected)
+    assert not model.training and model[1].momentum == 0.1
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())

@@ -483,3 +483,24 @@ def _build_optimizer(params: list[torch.Tensor], config: TrainConfig) -> torch.o
         nesterov=config.nesterov,
         weight_decay=config.weight_decay,
     )
+
+
+def reestimate_batch_norm(model: nn.Module, loader: Iterable[Batch], device: str | torch.device = "cpu") -> int:
+    """Batch-norm running statistics from one train-mode pass over `loader` (a cumulative average,
+    as the CHITA code does before pruning); the weights are untouched. Returns the layers re-estimated."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    model.train()
+    try:
+        with torch.no_grad():
+            for inputs, _ in loader:
+                model(inputs.to(device))
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        model.train(was_training)
+    return len(norms)

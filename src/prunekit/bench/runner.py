@@ -34,11 +34,13 @@ from ..checkpoints import load_state_dict_into, read_state_dict
 from ..errors import PrunekitError
 from ..masks import save_masks, sparsity_report
 from ..metrics import count_macs
+from ..training import reestimate_batch_norm
 from .store import DONE, Outcome, Owner, PlannedRun, Point, Store
 from .suite import MethodEntry, Suite
 
 # Files that only present results: editing them must not invalidate stored runs.
 PRESENTATION_ONLY = ("cli.py", "tables.py", "bench/report.py")
+REESTIMATE_BATCH = 500  # images per batch of the batch-norm re-estimation pass
 
 
 # ---------------------------------------------------------------- identity
@@ -97,7 +99,7 @@ class Plan:
 
 def plan(suite: Suite, device: str = "cpu") -> Plan:
     data = {"model": suite.model, "model_options": dict(suite.model_options), "dataset": suite.dataset,
-            "train_size": suite.train_size, "test_size": suite.test_size}
+            "train_size": suite.train_size, "test_size": suite.test_size, "reestimate_bn": suite.reestimate_bn}
     start = _start(suite, device)
     dense_key = content_hash({**data, "start": start})
     # Runs on another device or with other batches are not compared in one table: another setting.
@@ -270,6 +272,8 @@ def _prepare(suite: Suite, bench_plan: Plan, store: Store, db: Path, data_dir, d
     if suite.dense is not None:
         cached = db.parent / f"{db.name}.dense" / f"{key}.safetensors"
         train_seconds = _train_or_load(setup, suite, cached, show_bar, echo)
+    if suite.reestimate_bn:
+        _reestimate_batch_norm(setup, suite)
     known = store.dense(key)
     if known is None or train_seconds is not None:
         metrics = workflow.evaluate(setup)
@@ -279,6 +283,14 @@ def _prepare(suite: Suite, bench_plan: Plan, store: Store, db: Path, data_dir, d
         known = store.dense(key)
     echo(f"dense {suite.model} on {suite.dataset}: top-1 {known['accuracy']:.4f}")
     return setup
+
+
+def _reestimate_batch_norm(setup: workflow.Setup, suite: Suite) -> None:
+    """One train-mode pass over the (augmented, as in training) training set; every run starts from it."""
+    passes = setup.loader("train", REESTIMATE_BATCH, seed=0)
+    if reestimate_batch_norm(setup.model, passes, setup.device) == 0:
+        raise PrunekitError(f"suite {suite.path}, line {suite.lines.get('reestimate_bn', 1)}: `reestimate_bn: true` "
+                            f"but {suite.model} has no batch-norm layer; remove `reestimate_bn`")
 
 
 def _train_or_load(setup: workflow.Setup, suite: Suite, cached: Path, show_bar: bool,

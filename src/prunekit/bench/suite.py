@@ -12,6 +12,8 @@ loader below builds dicts and lists that remember the line of each key and item.
     dense: {epochs: 30, lr: 0.05}   # or checkpoint: PATH, or from_scratch: true
                                # (from_scratch with dense: the recipe is trained only as the dense reference)
     device: cpu                # what the budget is meant for; cuda: refused without --device cuda, unless --quick
+    reestimate_bn: false       # true: one train-mode pass re-estimates the dense model's batch-norm statistics
+                               # before any method runs (the CHITA code's step before one-shot pruning)
     batch_size: 128            # batches given to methods that need data
     augment: false             # true: those batches get the dataset's training augmentation (CIFAR: crop + flip)
     training:                  # TrainConfig fields for every method that trains; its own hparams override them
@@ -65,7 +67,7 @@ ALL = "all"
 DEFAULT_BATCH_SIZE = 128
 
 TOP_LEVEL_KEYS = ("name", "description", "model", "model_options", "dataset", "train_size", "test_size",
-                  "checkpoint", "dense", "from_scratch", "device", "batch_size", "augment", "training", "sparsities",
+                  "checkpoint", "dense", "from_scratch", "device", "reestimate_bn", "batch_size", "augment", "training", "sparsities",
                   "seeds", "methods", "published", "quick")
 STARTS = ("checkpoint", "dense", "from_scratch")
 ENTRY_KEYS = ("method", "label", "hparams", "budget", "sparsities", "optional", "measure_recorded", "from_scratch")
@@ -124,6 +126,7 @@ class Suite:
     model_options: Mapping[str, Any] = field(default_factory=dict)
     augment: bool = False  # methods get the dataset's augmented training batches
     device: str = "cpu"  # what the suite's budget is meant for; "cuda" is refused elsewhere unless quick
+    reestimate_bn: bool = False  # re-estimate the dense model's batch-norm statistics before the methods run
     quick: bool = False  # loaded with its `quick:` block, as a smoke run
 
     @property
@@ -287,6 +290,7 @@ class _Checker:
             model_options=self.model_options(document, model),
             augment=self.augment(document, dataset),
             device=self.choice(document, "device", list(DEVICES)) if "device" in document else "cpu",
+            reestimate_bn=self.flag(document, "reestimate_bn"),
             quick=quick,
         )
 
