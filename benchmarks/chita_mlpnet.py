@@ -2,7 +2,7 @@
 
     PRUNEKIT_DATA=../shared/datasets .venv/bin/python benchmarks/chita_mlpnet.py [--quick]
         [--methods magnitude,obd,woodfisher,chita,chita-backsolve,chita++] [--sparsities 0.5,...,0.98]
-        [--threads N] [--json results.json]
+        [--threads N] [--json results.json] [--replay results.json]
 
 MLPNet 784-40-20-10 (the CHITA/WoodFisher checkpoint, 93.97% dense) on MNIST, one-shot, no
 fine-tuning, one global unstructured budget over the three weight matrices. The Fisher uses
@@ -11,7 +11,9 @@ held-out slice). Each method's knobs (CHITA's ridge λ and first-order term, Woo
 dampening) are chosen by accuracy on that held-out slice of 5,000 training images — never on the
 test set; the table shows the chosen setting's test accuracy (10,000 images) and the seconds of
 that one prune (the knob search is not counted). The full run takes about an hour on one core,
-most of it CHITA++'s 80-stage settings; `--methods` and `--sparsities` run a part. `--quick` is a
+most of it CHITA++'s 80-stage settings; `--methods` and `--sparsities` run a part. `--replay FILE`
+prunes once more with each setting an earlier `--json` run chose, to time it on a quieter machine.
+`--quick` is a
 smoke run: sparsities 0.9 and 0.95, one setting per method (no search), 5 CHITA++ stages.
 """
 from __future__ import annotations
@@ -121,6 +123,21 @@ def run(bench: Benchmark, methods: dict[str, tuple[str, list[dict]]], sparsities
     return results
 
 
+def replay(bench: Benchmark, chosen_file: Path, methods: dict[str, tuple[str, list[dict]]],
+           log=print) -> tuple[dict[str, dict[float, dict]], list[float]]:
+    """Prune once more with each setting a search chose (a `--json` file): its seconds on a quieter
+    machine, and its accuracy again (the same, on the same machine: every choice is seeded)."""
+    chosen = json.loads(chosen_file.read_text())
+    results: dict[str, dict[float, dict]] = {}
+    for column, by_sparsity in chosen.items():
+        for sparsity, earlier in by_sparsity.items():
+            outcome = bench.best_of(methods[column][0], [earlier["hparams"]], float(sparsity))
+            results.setdefault(column, {})[float(sparsity)] = outcome
+            log(f"{column} @ {sparsity}: test {outcome['test']:.2%} (searched: {earlier['test']:.2%}), "
+                f"{outcome['seconds']:.1f} s, {earlier['hparams']}")
+    return results, sorted({s for by_sparsity in results.values() for s in by_sparsity})
+
+
 def markdown(results: dict[str, dict[float, dict]], sparsities: list[float]) -> str:
     """Test accuracy (seconds of the prune) per method and sparsity, then the settings chosen."""
     columns = list(results)
@@ -147,6 +164,7 @@ def common_arguments(parser: argparse.ArgumentParser, checkpoint: Path, sparsiti
     parser.add_argument("--data-dir", help="folder holding the dataset (default: $PRUNEKIT_DATA)")
     parser.add_argument("--checkpoint", type=Path, default=checkpoint)
     parser.add_argument("--json", type=Path, help="also write every number here")
+    parser.add_argument("--replay", type=Path, help="re-run only the settings chosen in this earlier --json file")
 
 
 def chosen_methods(args, full: dict, quick: dict) -> dict[str, tuple[str, list[dict]]]:
@@ -176,7 +194,10 @@ def main() -> None:
     sparsities = [0.9, 0.95] if args.quick else [float(s) for s in args.sparsities.split(",")]
     methods = chosen_methods(args, METHODS, QUICK)
     bench = Benchmark(workflow.setup("mlpnet", "mnist", args.data_dir, args.checkpoint))
-    results = run(bench, methods, sparsities)
+    if args.replay:
+        results, sparsities = replay(bench, args.replay, METHODS)
+    else:
+        results = run(bench, methods, sparsities)
     report(args, bench, results, sparsities, "CHITA one-shot on MLPNet / MNIST")
 
 
