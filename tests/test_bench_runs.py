@@ -401,8 +401,9 @@ def test_the_dpf_and_chita_suites_plan_the_issues_comparisons(data_dir):
         assert dict(suite.model_options) == {"shortcut": "identity"} and suite.dense.epochs == epochs
     assert load_suite("dpf_resnet20_full", data_dir=data_dir).dense.nesterov
     chita = planned("chita_resnet20", data_dir)
-    assert chita == {label: grid([0.4, 0.5, 0.6, 0.7, 0.8, 0.9]) for label in ("magnitude", "woodfisher", "chita",
-                                                                                 "chita++")}
+    assert chita == {label: grid([0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+                     for label in ("magnitude", "woodfisher", "chita-block", "chita", "chita++")}
+    assert load_suite("chita_resnet20", data_dir=data_dir).reestimate_bn
 
 
 @pytest.mark.slow  # two command-line processes
