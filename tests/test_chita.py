@@ -218,11 +218,12 @@ def test_chita_plus_plus_recomputes_the_fisher_at_every_stage(tiny_net, tiny_bat
     assert result.sparsity == pytest.approx(0.8, abs=1e-3)
 
 
-def test_structured_budgets_need_a_backsolve(tiny_net, tiny_batches):
+@pytest.mark.parametrize("solver", ["backsolve", "block"])
+def test_structured_budgets_need_a_backsolve(tiny_net, tiny_batches, solver):
     with pytest.raises(PrunekitError, match="--solver backsolve"):
         prunekit.prune(tiny_net, "chita", 0.5, Unreadable(), structure="filters", fisher_samples=8)
     result = prunekit.prune(tiny_net, "chita", 0.5, tiny_batches, structure="filters", fisher_samples=8,
-                            solver="backsolve")
+                            solver=solver, block_size=50)  # the block solver's pursuit stays off: filters
     rows = [mask.reshape(mask.shape[0], -1) for mask in result.masks.values()]
     assert all((r.all(1) | ~r.any(1)).all() for r in rows)  # whole filters
     assert sum(int(r.all(1).sum()) for r in rows) == 20 - 10  # 8 + 8 + 4 filters, half of them kept

@@ -227,20 +227,20 @@ def solve(ctx: PruneContext, hp: ChitaHparams, g: GradientMatrix, anchor: torch.
     # The start, H_k(w̄ − α/L), is one IHT step from w̄ (where ∇f = α): magnitude pruning when α = 0.
     first_step = anchor if q.linear is None else anchor - q.linear / lipschitz
     start = g.layout.flatten(ctx.select(g.layout.unflatten(first_step.abs()), sparsity))
-    trace = [iterate_at(q, first_step * start, start).value]
-    pools = Pools.from_budget(ctx.budget, g.layout, sparsity)
+    start_point = iterate_at(q, first_step * start, start)
+    trace = [start_point.value]
     if hp.solver == "iht":
-        support = active_set_iht(q, pools, iterate_at(q, first_step * start, start),
-                                 pools.widened(first_step, ACTIVE_SET_WIDTH), iterations=hp.iterations,
-                                 rounds=hp.active_set_rounds, tolerance=hp.tolerance, lipschitz=lipschitz,
-                                 trace=trace).support
+        pools = Pools.from_budget(ctx.budget, g.layout, sparsity)
+        support = active_set_iht(q, pools, start_point, pools.widened(first_step, ACTIVE_SET_WIDTH),
+                                 iterations=hp.iterations, rounds=hp.active_set_rounds, tolerance=hp.tolerance,
+                                 lipschitz=lipschitz, trace=trace).support
         solution = refit_pursuit(FullFits(q, sum(pools.keep)), pools, support, hp.pursuit_rounds, trace)
     elif hp.solver == "block":
         blocks = block_slices(g.layout, hp.block_size)
         if _block_pursuit(ctx, hp):
             # The pursuit's objective is the block-diagonal one: its values stay out of the trace of f.
-            found = refit_pursuit(BlockFits(g.rows, anchor, blocks, q.ridge, q.linear), pools, start,
-                                  hp.pursuit_rounds, [])
+            found = refit_pursuit(BlockFits(g.rows, anchor, blocks, q.ridge, q.linear),
+                                  Pools.from_budget(ctx.budget, g.layout, sparsity), start, hp.pursuit_rounds, [])
             w, support = found.w, found.support
         else:
             w, support = block_backsolve(g.rows, anchor, start, blocks, q.ridge, q.linear), start
