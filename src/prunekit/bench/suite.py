@@ -67,8 +67,8 @@ ALL = "all"
 DEFAULT_BATCH_SIZE = 128
 
 TOP_LEVEL_KEYS = ("name", "description", "model", "model_options", "dataset", "train_size", "test_size",
-                  "checkpoint", "dense", "from_scratch", "device", "reestimate_bn", "batch_size", "augment", "training", "sparsities",
-                  "seeds", "methods", "published", "quick")
+                  "checkpoint", "dense", "from_scratch", "device", "reestimate_bn", "batch_size", "augment",
+                  "training", "sparsities", "seeds", "methods", "published", "quick")
 STARTS = ("checkpoint", "dense", "from_scratch")
 ENTRY_KEYS = ("method", "label", "hparams", "budget", "sparsities", "optional", "measure_recorded", "from_scratch")
 PUBLISHED_KEYS = ("method", "sparsity", "accuracy", "std", "source")
