@@ -1,6 +1,7 @@
 """Suite files: what they may say, and errors that name the file, the line and the fix."""
 import textwrap
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -173,6 +174,20 @@ def test_checkpoint_paths_expand_variables_and_start_at_the_suite_folder(tmp_pat
     missing = write(tmp_path, suite_text.replace(start, "checkpoint: weights/nope.ckpt\n"))
     message = error_of(missing)
     assert ", line 5: checkpoint " in message and "nope.ckpt does not exist; fix the path" in message
+
+
+def test_a_relative_data_folder_starts_where_the_command_runs(tmp_path, monkeypatch):
+    (tmp_path / "data" / "weights").mkdir(parents=True)
+    (tmp_path / "data" / "weights" / "dense.safetensors").write_bytes(b"x")
+    (tmp_path / "suites").mkdir()
+    suite_text = GOOD.replace("  dense: {epochs: 1}\n", "").replace(
+        "dense:\n  epochs: 2\n  lr: 0.05\n", "checkpoint: ${PRUNEKIT_DATA}/weights/dense.safetensors\n")
+    path = write(tmp_path / "suites", suite_text)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PRUNEKIT_DATA", "data")
+    assert load_suite(str(path)).checkpoint == tmp_path / "data" / "weights" / "dense.safetensors"
+    monkeypatch.delenv("PRUNEKIT_DATA")
+    assert load_suite(str(path), data_dir=Path("data")).checkpoint == tmp_path / "data" / "weights" / "dense.safetensors"
 
 
 def test_data_sets_with_files_need_a_data_folder_before_any_work(tmp_path, monkeypatch):

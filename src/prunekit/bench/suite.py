@@ -406,6 +406,9 @@ class _Checker:
         variables = dict(os.environ)
         if self.data_dir is not None:
             variables[DATA_DIR_ENV] = str(self.data_dir)
+        if variables.get(DATA_DIR_ENV):
+            # A relative data folder was named from where the command runs, not from the suite's folder.
+            variables[DATA_DIR_ENV] = str(Path(variables[DATA_DIR_ENV]).expanduser().resolve())
 
         def value(match: re.Match) -> str:
             name = match.group(1) or match.group(2)
