@@ -79,6 +79,7 @@ def run_variant(dataset: Dataset, model_name: str, name: str, sparsity: float, s
         training = training_hparams(recipe)
         result = prunekit.prune(model, variant.method, sparsity, train, seed=seed, **training, **variant.hparams)
         row.update(sparsity=result.sparsity, seconds=result.cost.seconds,
+                   layers={layer.name: layer.achieved for layer in result.layers},
                    history=[{k: v for k, v in event.items() if k != "cost"} for event in result.history])
     row["requested"] = sparsity if variant.method else 0.0
     row["accuracy"] = evaluate(model, Loader.for_dataset(dataset, "test", EVAL_BATCH, device=device), device)["accuracy"]
@@ -118,6 +119,14 @@ def _gap(dpf: list[float], gmp: list[float]) -> str:
     return f"{gap:+.2f} ({'beyond' if abs(gap) > spread else 'within'} the spread {spread:.2f})"
 
 
+def _pruning_error(runs: list[dict[str, Any]]) -> str:
+    """Mean over seeds of the largest and the last δ = ‖w − m⊙w‖²/‖w‖² recorded (runs from before it: blank)."""
+    errors = [[event.get("pruning_error") for event in r["history"]] for r in runs]
+    if not errors or not all(e and all(v is not None for v in e) for e in errors):
+        return ""
+    return f"{statistics.mean(max(e) for e in errors):.3f} / {statistics.mean(e[-1] for e in errors):.3f}"
+
+
 def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(cells) + " |" for cells in [headers, ["---"] * len(headers), *rows])
 
@@ -140,12 +149,13 @@ def report(rows: list[dict[str, Any]]) -> str:
             table.append([f"{sparsity:g}", *(_mean_std(accuracy[v]) if accuracy[v] else "" for v in variants),
                           _gap(accuracy.get("dpf", []), accuracy.get("gmp", [])), f"{ratio:.2f}",
                           " / ".join(f"{statistics.mean(c[p] for c in churn):.1f}" for p in ("early", "late", "after"))
-                          if churn else ""])
+                          if churn else "", _pruning_error(dpf)])
         first = mine[0]
         title = f"### {model} on {first['dataset']}, {first['epochs']} epochs, seeds {sorted({r['seed'] for r in mine})}"
         lines.append(title + (f"; dense {_mean_std([r['accuracy'] for r in dense])}%" if dense else ""))
         lines.append(_markdown_table(["sparsity", *variants, "DPF − GMP", "DPF time / dense",
-                                      "DPF reactivated per update (early / late / after schedule)"], table))
+                                      "DPF reactivated per update (early / late / after schedule)",
+                                      "DPF pruning error δ (largest / last)"], table))
     return "\n\n".join(lines)
 
 

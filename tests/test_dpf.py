@@ -117,17 +117,20 @@ def test_schedule_hits_the_target_exactly_at_its_end_and_sparsity_follows_it():
     assert result.history[steps.index(35)]["scheduled"] < 0.95
 
 
-def test_churn_accounts_for_every_change_of_the_mask():
+def test_churn_and_pruning_error_account_for_every_change_of_the_mask():
     snapshots = Snapshots()
     result = prunekit.prune(mlp(), "dpf", 0.9, synthetic_loader(), observer=snapshots, epochs=2, p=2, **FAST)
     previous = {n: torch.ones_like(m) for n, m in snapshots.masks[0].items()}
-    for event, masks in zip(result.history, snapshots.masks):
+    for event, masks, dense in zip(result.history, snapshots.masks, snapshots.dense):
         pruned = sum(int((previous[n] & ~masks[n]).sum()) for n in masks)
         reactivated = sum(int((~previous[n] & masks[n]).sum()) for n in masks)
         kept = sum(int(masks[n].sum()) for n in masks)
         assert (event["pruned"], event["reactivated"]) == (pruned, reactivated)
         assert event["overlap"] == pytest.approx((kept - reactivated) / kept)
+        left_out = sum(float(dense[n][~masks[n]].square().sum()) for n in masks)
+        assert event["pruning_error"] == pytest.approx(left_out / sum(float(w.square().sum()) for w in dense.values()))
         previous = masks
+    assert max(event["pruning_error"] for event in result.history) > 0  # pruned weights keep their values
 
 
 def test_freeze_stops_the_updates_at_the_end_of_the_schedule():

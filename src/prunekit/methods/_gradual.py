@@ -14,7 +14,8 @@ structure="filters"). The two methods differ only in what a pruned weight is:
   ranks only the weights still kept, so a pruned weight never returns.
 
 Each recomputation is recorded (`PruneResult.history`) with its churn: how many weights were
-pruned, how many came back, and how much of the new mask was already kept.
+pruned, how many came back, how much of the new mask was already kept, and the pruning error δ
+(the share of the dense weights' energy outside the mask).
 """
 from __future__ import annotations
 
@@ -127,7 +128,8 @@ class GradualMasks(Callback):
             _clear_optimizer_state(trainer.optimizer, self.ctx.targets, new)
         churn = _churn(self.masks, new)
         self.masks = new
-        self.ctx.record(step=step, epoch=trainer.epoch, scheduled=self.scheduled, sparsity=masked_fraction(new), **churn)
+        self.ctx.record(step=step, epoch=trainer.epoch, scheduled=self.scheduled, sparsity=masked_fraction(new),
+                        pruning_error=_pruning_error(self.ctx.targets, new), **churn)
 
 
 def _churn(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, float | int]:
@@ -136,6 +138,19 @@ def _churn(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[s
     reactivated = sum(int((~old[n] & new[n]).sum()) for n in new)
     kept = sum(int(new[n].sum()) for n in new)
     return {"pruned": pruned, "reactivated": reactivated, "overlap": (kept - reactivated) / max(kept, 1)}
+
+
+def _pruning_error(targets: list[Target], masks: dict[str, torch.Tensor]) -> float:
+    """δ = ‖w − m ⊙ w‖² / ‖w‖² over the dense weights: the share of their energy the mask leaves out.
+
+    DPF's convergence bounds grow with it (Lin et al. 2020); a pruned weight's gradient is taken
+    with the weight at zero, so nothing pulls it back and δ shows when pruned weights drift away.
+    GMP zeroes what it prunes, so its δ is 0.
+    """
+    with torch.no_grad():
+        left_out = sum(float(t.dense.masked_select(~masks[t.name]).square().sum()) for t in targets)
+        total = sum(float(t.dense.square().sum()) for t in targets)
+    return left_out / total if total else 0.0
 
 
 def _clear_optimizer_state(optimizer: torch.optim.Optimizer, targets: list[Target],
