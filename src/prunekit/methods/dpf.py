@@ -16,6 +16,12 @@ without retraining.
 Budgets: global by default (the paper's "dynamic allocation"), layerwise with budget="uniform",
 and the structured variant with structure="filters", where whole filters are ranked by their L2
 norm under the same feedback rule.
+
+Caution, measured (benchmarks/RESULTS.md): nothing pulls a pruned weight back, since its gradient
+is taken with it at zero, so on a network without batch norm at high sparsity the pruned dense
+weights can drift far and, once reactivated, blow the network up (LeNet-5 on CIFAR-10 at 0.98
+ended at chance after 10 epochs). Each mask update records the pruning error
+δ = ‖w − m⊙w‖²/‖w‖² in the history to show it; batch-normalised convolutions absorb the scale.
 """
 from __future__ import annotations
 
