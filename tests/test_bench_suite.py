@@ -213,6 +213,13 @@ def test_every_shipped_suite_is_valid_where_the_data_is(data_dir):
             assert load_suite(name, quick=quick).methods
 
 
+def test_the_benchmarks_own_suites_are_valid_where_the_data_is(data_dir):
+    suites = sorted((Path(__file__).parents[1] / "benchmarks" / "suites").glob("*.yaml"))
+    assert suites
+    for path in suites:
+        assert load_suite(str(path)).methods
+
+
 REPRODUCTIONS = ("bip_lenet300", "bip_resnet20", "bip_resnet20_full", "bip_filters", "dpf_lenet300", "dpf_lenet5",
                  "dpf_resnet20", "dpf_resnet20_full", "chita_resnet20")
 
