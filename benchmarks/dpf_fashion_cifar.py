@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 import prunekit
-from prunekit.methods import training_hparams
 from prunekit.data import Dataset, Loader, load_dataset
+from prunekit.methods import training_hparams
 from prunekit.models import create_model_for
 from prunekit.training import TrainConfig, Trainer, evaluate
 
