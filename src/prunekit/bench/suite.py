@@ -41,6 +41,7 @@ loader below builds dicts and lists that remember the line of each key and item.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import re
@@ -404,11 +405,9 @@ class _Checker:
 
     def expand(self, mapping: _LineDict, key: str, text: str) -> str:
         variables = dict(os.environ)
-        if self.data_dir is not None:
-            variables[DATA_DIR_ENV] = str(self.data_dir)
-        if variables.get(DATA_DIR_ENV):
-            # A relative data folder was named from where the command runs, not from the suite's folder.
-            variables[DATA_DIR_ENV] = str(Path(variables[DATA_DIR_ENV]).expanduser().resolve())
+        with contextlib.suppress(PrunekitError):  # none given: `value` below says how to give one
+            # Absolute: a relative data folder was named from where the command runs, not from the suite's folder.
+            variables[DATA_DIR_ENV] = str(resolve_data_dir(self.data_dir).resolve())
 
         def value(match: re.Match) -> str:
             name = match.group(1) or match.group(2)
