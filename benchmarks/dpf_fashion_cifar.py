@@ -58,8 +58,8 @@ VARIANTS = {
     # below GMP, pruned weights drifting for 16 steps on a gradient that cannot see them.
     "dpf-p1": Variant("dpf", {"p": 1, "end": 0.75}),
     "gmp-p1": Variant("gmp", {"p": 1, "end": 0.75}),
-    # Every layer at the target sparsity: on LeNet-5 the global ranking let drifting pruned weights
-    # of the large layers crowd out conv1 and fc3.
+    # Every layer at the target sparsity: the control showing that DPF's collapse on LeNet-5 comes
+    # from the drift of pruned weights, not from the global ranking starving conv1 and fc3.
     "dpf-uniform": Variant("dpf", {"p": 16, "end": 0.75, "budget": "uniform"}),
     "gmp-uniform": Variant("gmp", {"p": 16, "end": 0.75, "budget": "uniform"}),
 }
