@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 from .cost import CostMeter
 from .errors import PrunekitError
 from .masks import Mask
+from .modes import model_mode
 from .targets import Target
 
 GIB = 2**30
@@ -180,9 +181,7 @@ def gradient_chunks(model: nn.Module, targets: Sequence[Target], inputs: torch.T
 
     per_row_gradient = vmap(grad(row_loss), in_dims=(None, 0, 0))
     rows_per_call = max(1, chunk // batch)
-    was_training = model.training
-    model.eval()
-    try:
+    with model_mode(model, training=False):
         grouped_x = inputs.reshape(-1, batch, *inputs.shape[1:])
         grouped_y = labels.reshape(-1, batch)
         for start in range(0, grouped_x.shape[0], rows_per_call):
@@ -193,8 +192,6 @@ def gradient_chunks(model: nn.Module, targets: Sequence[Target], inputs: torch.T
             if meter is not None:
                 meter.count(forward_examples=x.shape[0] * batch, backward_examples=x.shape[0] * batch)
             yield torch.cat([gradients[key].reshape(x.shape[0], -1) for key in keys], dim=1)
-    finally:
-        model.train(was_training)
 
 
 def _effective_weights(targets: Sequence[Target]) -> tuple[dict, dict, list[str]]:

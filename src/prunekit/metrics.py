@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .modes import model_mode
 from .targets import PRUNABLE_MODULES
 
 
@@ -53,13 +54,10 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> Macs:
             weight_name = f"{name}.weight" if name else "weight"
             handles.append(module.register_forward_hook(_counter(weight_name, counts)))
     reference = next(model.parameters())
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), model_mode(model, training=False):
             model(torch.zeros((1, *input_shape), dtype=reference.dtype, device=reference.device))
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return Macs([LayerMacs(name, dense, masked) for name, (dense, masked) in counts.items()])

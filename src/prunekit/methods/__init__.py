@@ -69,8 +69,12 @@ class Method:
     summary: str
     needs_data: bool = False
     mask_mode: str = MASKED
+    family: str = "one-shot"  # one of FAMILIES: how the method is meant to be used
 
 
+# one-shot: prunes a trained model without training it; training: trains while or after pruning;
+# at-init: scores an initialisation, then the sparse network is trained.
+FAMILIES = ("one-shot", "training", "at-init")
 _REGISTRY: dict[str, Method] = {}
 
 # Fields a training method inherits from TrainConfig that are not its to set: the seed is
@@ -88,12 +92,16 @@ def method_fields(method: Method) -> list[hparams_lib.FieldInfo]:
     return [info for info in hparams_lib.describe(method.hparams) if info.name not in PRUNE_OWNED_FIELDS]
 
 
-def register(name: str, hparams: type, summary: str, needs_data: bool = False, mask_mode: str = MASKED):
+def register(name: str, hparams: type, summary: str, needs_data: bool = False, mask_mode: str = MASKED,
+             family: str = "one-shot"):
     """Decorator adding a method function to the registry under `name`."""
     def decorate(run):
         if name in _REGISTRY:
             raise RuntimeError(f"method {name!r} is registered twice")
-        _REGISTRY[name] = Method(name, run, hparams, summary, needs_data, mask_mode)
+        if family not in FAMILIES:
+            raise RuntimeError(f"method {name!r}: family {family!r} is not one of {FAMILIES}")
+        hparams_lib.describe(hparams)  # a setting named twice across groups fails here, at import
+        _REGISTRY[name] = Method(name, run, hparams, summary, needs_data, mask_mode, family)
         return run
     return decorate
 
