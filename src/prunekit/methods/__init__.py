@@ -23,6 +23,9 @@ from ..cost import CostMeter
 from ..errors import PrunekitError
 from ..masks import MASKED
 from ..targets import Target
+from ..training import TrainConfig
+
+TRAINING_GROUP = "training"  # the field holding a training method's TrainConfig
 
 
 @dataclass
@@ -70,6 +73,11 @@ class Method:
     needs_data: bool = False
     mask_mode: str = MASKED
     family: str = "one-shot"  # one of FAMILIES: how the method is meant to be used
+
+    @property
+    def trains(self) -> bool:
+        """Whether the method trains the network: its hyperparameters hold a training group."""
+        return TRAINING_GROUP in hparams_lib.groups(self.hparams) or issubclass(self.hparams, TrainConfig)
 
 
 # one-shot: prunes a trained model without training it; training: trains while or after pruning;
