@@ -4,8 +4,7 @@
     result = prunekit.prune(model, method="magnitude", sparsity=0.9)
     print(result)
 """
-__version__ = "0.1.0"
-
+from .version import __version__  # noqa: E402
 from .api import PruneResult, prune  # noqa: E402
 from .budgets import Budget  # noqa: E402
 from .errors import PrunekitError  # noqa: E402

@@ -14,6 +14,7 @@ from .errors import PrunekitError
 from .methods import all_methods, get_method, method_fields
 from .tables import render_table
 from .training import TrainConfig
+from .version import __version__
 from .workflow import DEVICES
 
 BUDGET_FLAGS = {"allocation": "budget"}  # Budget field -> flag name where they differ
@@ -50,8 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
-
     return f"prunekit {__version__} (torch {torch.__version__})"
 
 

@@ -15,6 +15,7 @@ from torch.nn.utils import parametrize
 from .errors import PrunekitError
 from .io import atomic_path
 from .targets import Target, find_targets
+from .version import __version__
 
 MASKED = "masked"
 STRAIGHT_THROUGH = "straight_through"
@@ -185,6 +186,11 @@ class SparsityReport:
         return text
 
 
+def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
+    """Pruned entries / entries over all masks: the achieved sparsity of a prune, however structured."""
+    return sum(int((~m.bool()).sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+
+
 def sparsity_report(model: nn.Module) -> SparsityReport:
     """Zeros / total of every prunable weight as the model computes with it."""
     targets, skipped = find_targets(model)
@@ -201,16 +207,12 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
 def save_masks(model_or_masks: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike,
                metadata: Mapping[str, object] | None = None) -> None:
     """Write boolean masks to a safetensors file, atomically, with JSON metadata."""
-    from . import __version__
-
     masks = get_masks(model_or_masks) if isinstance(model_or_masks, nn.Module) else dict(model_or_masks)
     if not masks:
         raise PrunekitError("there are no masks to save: prune the model first (prunekit.prune)")
     tensors = {name: mask.detach().to("cpu", torch.bool).contiguous() for name, mask in masks.items()}
-    kept = sum(int(m.sum()) for m in tensors.values())
-    total = sum(m.numel() for m in tensors.values())
     header = {"format": MASK_FILE_FORMAT, "prunekit_version": __version__,
-              "achieved_sparsity": json.dumps(1 - kept / total)}
+              "achieved_sparsity": json.dumps(mask_sparsity(tensors))}
     header.update({key: value if isinstance(value, str) else json.dumps(value)
                    for key, value in (metadata or {}).items()})
     with atomic_path(path) as tmp:

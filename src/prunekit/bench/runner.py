@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .. import __version__, workflow
+from .. import workflow
+from ..version import __version__
 from ..api import prune
 from ..checkpoints import load_state_dict_into, read_state_dict
 from ..errors import PrunekitError
