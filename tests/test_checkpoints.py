@@ -1,6 +1,7 @@
 """Checkpoints: safe reading, key-layout normalisation, strict fitting onto zoo models, safetensors round trips."""
 from __future__ import annotations
 
+import builtins
 from pathlib import Path
 
 import pytest
@@ -87,8 +88,9 @@ def test_distiller_resnet20_loads_every_tensor_with_half_normalization() -> None
 
 
 def test_shared_checkpoint_for_the_wrong_model_suggests_the_right_one() -> None:
-    with pytest.raises(PrunekitError, match=r"72 missing.*layer1\.3\.conv1\.weight(.|\n)*--model resnet20"):
+    with pytest.raises(PrunekitError, match=r"72 missing.*layer1\.3\.conv1\.weight.*--model resnet20") as refused:
         load_pretrained("resnet32", shared_checkpoint(RESNET20_CHECKPOINT))
+    assert "\n" not in str(refused.value)
 
 
 # --- reading files ---------------------------------------------------------------------------------------
@@ -107,6 +109,31 @@ def test_pickled_custom_class_is_refused_with_conversion_advice(tmp_path: Path) 
         read_state_dict(path)
     message = str(refused.value)
     assert "PickledCustomObject" in message and "refuses" in message and "state_dict()" in message
+
+
+class CreatesFileWhenUnpickled:
+    """A payload whose unpickling calls the builtin open(path, "w"): the kind of code a checkpoint can smuggle."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return builtins.open, (str(self.path), "w")
+
+
+@pytest.mark.parametrize("zipfile", [False, True], ids=["legacy-pickle", "zip"])
+def test_code_in_a_pickled_checkpoint_is_refused_without_running_it(tmp_path: Path, zipfile: bool) -> None:
+    live, marker = tmp_path / "live.pt", tmp_path / "marker"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "hook": CreatesFileWhenUnpickled(tmp_path / "control")}, live,
+               _use_new_zipfile_serialization=zipfile)
+    torch.load(live, weights_only=False)  # the control: full unpickling does run the payload
+    assert (tmp_path / "control").exists()
+    path = tmp_path / "payload.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "hook": CreatesFileWhenUnpickled(marker)}, path,
+               _use_new_zipfile_serialization=zipfile)
+    with pytest.raises(PrunekitError, match="would need arbitrary unpickling.*refuses"):
+        read_state_dict(path)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize(("content", "message"), [
@@ -202,14 +229,16 @@ def test_wrong_keys_are_named_before_anything_is_copied() -> None:
     message = str(refused.value)
     assert "1 missing from the checkpoint: fc3.weight" in message
     assert "1 unexpected in the checkpoint: classifier.weight" in message
-    assert "match no zoo model" in message
+    assert "match no zoo model" in message and "\n" not in message
     assert all(torch.equal(model.state_dict()[key], tensor) for key, tensor in before.items())
 
 
 def test_shape_mismatch_is_named_with_both_shapes() -> None:
     state = seeded_mlpnet(1).state_dict()
-    with pytest.raises(PrunekitError, match=r"fc3\.weight \(checkpoint \(10, 20\), model \(5, 20\)\)(.|\n)*mlpnet"):
+    listed = r"fc3\.weight \(checkpoint \(10, 20\), model \(5, 20\)\).*mlpnet"
+    with pytest.raises(PrunekitError, match=listed) as refused:
         load_state_dict_into(create_model("mlpnet", num_classes=5), state)
+    assert "\n" not in str(refused.value)
 
 
 def test_many_mismatches_are_listed_five_at_a_time_with_counts() -> None:

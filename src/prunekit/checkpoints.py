@@ -69,7 +69,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
     except SafetensorError as error:
-        raise PrunekitError(f"{path} is not a valid safetensors file ({error}); re-export it") from error
+        raise PrunekitError(f"{path} is not a valid safetensors file ({_one_line(error)}); re-export it") from error
 
 
 def _load_torch_file(path: Path) -> object:
@@ -81,7 +81,7 @@ def _load_torch_file(path: Path) -> object:
         raise PrunekitError(_unpickling_refusal(path, error)) from error
     except Exception as error:  # torch.load fails on a non-checkpoint with many exception types
         raise PrunekitError(
-            f"{path} is not a readable torch checkpoint ({type(error).__name__}: {error}); "
+            f"{path} is not a readable torch checkpoint ({type(error).__name__}: {_one_line(error)}); "
             "check that the file is complete and is a torch.save or .safetensors file"
         ) from error
 
@@ -94,7 +94,7 @@ def _unpickling_refusal(path: Path, error: pickle.UnpicklingError) -> str:
     else:
         reason = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(error), re.DOTALL)
         problem = (
-            f"{path} cannot be read as weights only ({reason[1] if reason else error}): it is not a torch "
+            f"{path} cannot be read as weights only ({_one_line(reason[1] if reason else error)}): it is not a torch "
             "checkpoint, or it would need arbitrary unpickling"
         )
     return (
@@ -103,6 +103,11 @@ def _unpickling_refusal(path: Path, error: pickle.UnpicklingError) -> str:
         "model, and save model.state_dict() with safetensors.torch.save_file(model.state_dict(), "
         "'model.safetensors') or torch.save(model.state_dict(), 'model.pt'); then pass that file"
     )
+
+
+def _one_line(detail: object) -> str:
+    """A library's error text with its line breaks collapsed: prunekit errors are one line."""
+    return " ".join(str(detail).split())
 
 
 def _split_checkpoint(content: object, path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -225,21 +230,21 @@ def _check_layout(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], s
 def _layout_report(
     missing: list[str], unexpected: list[str], mismatched: list[str], state: Mapping[str, Tensor]
 ) -> str:
-    """An error message listing the first mismatches of each kind and the zoo models the checkpoint fits."""
-    lines = ["the checkpoint does not fit the model:"]
+    """A one-line error listing the first mismatches of each kind and the zoo models the checkpoint fits."""
+    parts = []
     for label, keys in (("missing from the checkpoint", missing), ("unexpected in the checkpoint", unexpected),
                         ("with a different shape", mismatched)):
         if keys:
             more = f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
-            lines.append(f"  {len(keys)} {label}: {', '.join(keys[:_MAX_LISTED])}{more}")
+            parts.append(f"{len(keys)} {label}: {', '.join(keys[:_MAX_LISTED])}{more}")
     matches = models_matching(state)
     if matches:
-        lines.append(f"its keys match --model {' or '.join(matches)}; if that is the model you chose, "
+        parts.append(f"its keys match --model {' or '.join(matches)}; if that is the model you chose, "
                      "the shapes point to a different number of classes or input channels")
     else:
         known = ", ".join(list_models())
-        lines.append(f"its keys match no zoo model ({known}); check which network it was saved from")
-    return "\n".join(lines)
+        parts.append(f"its keys match no zoo model ({known}); check which network it was saved from")
+    return "the checkpoint does not fit the model: " + "; ".join(parts)
 
 
 def models_matching(state: Mapping[str, Tensor]) -> list[str]:
