@@ -1,4 +1,5 @@
 import copy
+import json
 
 import pytest
 import torch
@@ -81,28 +82,73 @@ def test_make_permanent_leaves_plain_modules_with_equal_outputs(tiny_net, tiny_b
     assert prunekit.sparsity_report(tiny_net).sparsity == pytest.approx(0.8, abs=0.01)
 
 
-def test_set_gradient_mode_switches_every_mask(tiny_net):
-    prunekit.prune(tiny_net, "magnitude", 0.5)
+def pruned_weight_gradients(model, masks, batch):
+    """The gradient of the dense weights at the pruned positions, after one backward pass."""
+    model.zero_grad()
+    x, y = batch
+    nn.functional.cross_entropy(model(x), y).backward()
+    return {name: model.get_submodule(name.rsplit(".", 1)[0]).parametrizations.weight.original.grad[~mask]
+            for name, mask in masks.items()}
+
+
+def test_set_gradient_mode_switches_what_reaches_pruned_weights(tiny_net, tiny_batches):
+    masks = prunekit.prune(tiny_net, "magnitude", 0.5).masks
+    assert all((grad == 0).all() for grad in pruned_weight_gradients(tiny_net, masks, tiny_batches[0]).values())
     set_gradient_mode(tiny_net, STRAIGHT_THROUGH)
-    assert {m.mode for m in tiny_net.modules() if type(m).__name__ == "Mask"} == {STRAIGHT_THROUGH}
+    assert all(grad.abs().sum() > 0 for grad in pruned_weight_gradients(tiny_net, masks, tiny_batches[0]).values())
+    set_gradient_mode(tiny_net, MASKED)
+    assert all((grad == 0).all() for grad in pruned_weight_gradients(tiny_net, masks, tiny_batches[0]).values())
     with pytest.raises(PrunekitError, match="gradient mode"):
         set_gradient_mode(tiny_net, "sideways")
 
 
 def test_mask_file_round_trip_with_metadata(tiny_net, tmp_path):
-    result = prunekit.prune(tiny_net, "random", 0.75, seed=3)
+    result = prunekit.prune(tiny_net, "random", 0.75, budget="uniform", seed=3)
     path = tmp_path / "masks.safetensors"
-    prunekit.save_masks(tiny_net, path, result.metadata())
+    # strings that look like JSON must come back as the strings they were
+    lookalikes = {"run": "1", "flag": "true", "nothing": "null", "listing": "[2]", "text": "plain"}
+    prunekit.save_masks(tiny_net, path, {**result.metadata(), **lookalikes})
     masks, metadata = read_masks(path)
     assert masks.keys() == result.masks.keys()
     assert all(torch.equal(masks[n], result.masks[n]) for n in masks)
-    assert metadata["method"] == "random" and metadata["requested_sparsity"] == 0.75
+    assert {key: metadata[key] for key in result.metadata()} == result.metadata()  # hparams and budget included
+    assert metadata["budget"]["allocation"] == "uniform" and metadata["requested_sparsity"] == 0.75
+    assert {key: metadata[key] for key in lookalikes} == lookalikes
     assert metadata["achieved_sparsity"] == pytest.approx(result.sparsity)
     assert metadata["prunekit_version"] == prunekit.__version__
     fresh = type(tiny_net)()
     prunekit.load_masks(fresh, path)
     assert all(torch.equal(get_masks(fresh)[n], masks[n]) for n in masks)
     assert [p.name for p in tmp_path.iterdir()] == ["masks.safetensors"]  # no temp file left
+
+
+def test_method_hyperparameters_round_trip_through_a_mask_file(tiny_net, tiny_batches, tmp_path):
+    result = prunekit.prune(tiny_net, "synflow", 0.5, tiny_batches, iterations=2)
+    prunekit.save_masks(tiny_net, tmp_path / "masks.safetensors", result.metadata())
+    hparams = read_masks(tmp_path / "masks.safetensors")[1]["hparams"]
+    assert hparams == json.loads(json.dumps(result.hparams))  # JSON has lists where the settings have tuples
+    assert hparams["iterations"] == 2
+
+
+def test_straight_through_masks_load_from_a_file_and_fold_into_plain_weights(tiny_net, tiny_batches, tmp_path):
+    masks = random_masks(tiny_net)
+    path = tmp_path / "masks.safetensors"
+    prunekit.save_masks(masks, path)
+    dense = {name: tiny_net.get_parameter(name).detach().clone() for name in masks}
+    prunekit.load_masks(tiny_net, path, mode=STRAIGHT_THROUGH)
+    for name, mask in masks.items():  # straight-through keeps the dense weights; the model computes with masked ones
+        module = tiny_net.get_submodule(name.rsplit(".", 1)[0])
+        assert torch.equal(module.parametrizations.weight.original, dense[name])
+        assert torch.equal(module.weight, dense[name] * mask)
+    assert all(grad.abs().sum() > 0 for grad in pruned_weight_gradients(tiny_net, masks, tiny_batches[0]).values())
+    tiny_net.eval()
+    x = tiny_batches[0][0]
+    before = tiny_net(x)
+    prunekit.make_permanent(tiny_net)
+    assert not any("parametrizations" in name for name, _ in tiny_net.named_parameters())
+    for name, mask in masks.items():
+        assert torch.equal(tiny_net.get_parameter(name).detach(), dense[name] * mask)
+    torch.testing.assert_close(tiny_net(x), before, rtol=0, atol=0)
 
 
 def test_mask_file_for_another_model_is_refused_before_attaching(tiny_net, tmp_path):

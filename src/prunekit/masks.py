@@ -211,10 +211,9 @@ def save_masks(model_or_masks: nn.Module | Mapping[str, torch.Tensor], path: str
     if not masks:
         raise PrunekitError("there are no masks to save: prune the model first (prunekit.prune)")
     tensors = {name: mask.detach().to("cpu", torch.bool).contiguous() for name, mask in masks.items()}
-    header = {"format": MASK_FILE_FORMAT, "prunekit_version": __version__,
-              "achieved_sparsity": json.dumps(mask_sparsity(tensors))}
-    header.update({key: value if isinstance(value, str) else json.dumps(value)
-                   for key, value in (metadata or {}).items()})
+    values = {"prunekit_version": __version__, "achieved_sparsity": mask_sparsity(tensors), **(metadata or {})}
+    # Strings are JSON-encoded too: stored bare, a string such as "1" or "true" would read back as a number or bool.
+    header = {**{key: json.dumps(value) for key, value in values.items()}, "format": MASK_FILE_FORMAT}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
 
@@ -243,6 +242,7 @@ def load_masks(model: nn.Module, path: str | os.PathLike, mode: str = MASKED) ->
 
 
 def _maybe_json(value: str) -> object:
+    """A header value decoded; files written before strings were JSON-encoded hold bare strings, kept as they are."""
     try:
         return json.loads(value)
     except ValueError:
