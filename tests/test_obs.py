@@ -64,9 +64,10 @@ def test_woodfisher_steps_only_remove_more(tiny_net, tiny_batches):
     result = prunekit.prune(tiny_net, "woodfisher", 0.75, tiny_batches * 3, fisher_samples=32, steps=3,
                             block_size=64)
     steps = [event for event in result.history if "step" in event]
-    assert [event["sparsity"] for event in steps] == pytest.approx([0.25, 0.5, 0.75])
+    assert [event["scheduled"] for event in steps] == pytest.approx([0.25, 0.5, 0.75])
     total = sum(m.numel() for m in result.masks.values())
-    assert [event["removed"] for event in steps] == [round(s * total) - round(r * total) for s, r in
+    assert [event["sparsity"] * total for event in steps] == pytest.approx([round(s * total) for s in (0.25, 0.5, 0.75)])
+    assert [event["pruned"] for event in steps] == [round(s * total) - round(r * total) for s, r in
                                                       ((0.25, 0), (0.5, 0.25), (0.75, 0.5))]
     assert sum(int((~m).sum()) for m in result.masks.values()) == round(0.75 * total)
     assert result.cost.backward_examples == 3 * 32
@@ -85,10 +86,10 @@ def test_obd_scores_half_the_fisher_diagonal_times_the_squared_weight_and_keeps_
 
 
 @pytest.mark.parametrize("method, hparams, message", [
-    ("woodfisher", {"dampening": 0.0}, "dampening must be a finite number > 0"),
-    ("woodfisher", {"steps": 0}, "steps must be >= 1"),
+    ("woodfisher", {"dampening": 0.0}, r"dampening=0.0 is invalid: set it to a finite number > 0"),
+    ("woodfisher", {"steps": 0}, r"steps=0 is invalid: set it to an integer >= 1"),
     ("woodfisher", {"max_memory": 1e-6}, r"woodfisher .* above --max-memory 1e-06; lower --block-size"),
-    ("obd", {"fisher_samples": 0}, "fisher_samples must be an integer >= 1"),
+    ("obd", {"fisher_samples": 0}, r"fisher_samples=0 is invalid: set it to an integer >= 1"),
 ])
 def test_bad_inputs_are_refused(tiny_net, method, hparams, message):
     with pytest.raises(PrunekitError, match=message):

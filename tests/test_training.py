@@ -1,11 +1,14 @@
 import json
 import math
+import re
+from dataclasses import fields
 
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from prunekit import hparams
 from prunekit.errors import PrunekitError
 from prunekit.training import Callback, TrainConfig, Trainer, evaluate, lr_multiplier, reestimate_batch_norm
 
@@ -60,6 +63,9 @@ class Recorder(Callback):
         self.events: list[tuple[str, int]] = []
         self.lrs: list[float] = []
 
+    def on_fit_start(self, trainer):
+        self.events.append(("fit_start", trainer.step))
+
     def on_train_begin(self, trainer):
         self.events.append(("train_begin", trainer.step))
 
@@ -78,6 +84,9 @@ class Recorder(Callback):
 
     def on_train_end(self, trainer):
         self.events.append(("train_end", trainer.step))
+
+    def on_fit_end(self, trainer):
+        self.events.append(("fit_end", trainer.step))
 
 
 class ZeroGradRows(Callback):
@@ -130,13 +139,42 @@ def test_callback_order_and_step_indices():
     loader = toy_loader(examples=48, batch_size=16)
     Trainer(mlp(), loader, config(epochs=2), callbacks=[recorder], progress=False).fit()
     steps_per_epoch = len(loader)
-    expected = [("train_begin", 0)]
+    expected = [("fit_start", 0), ("train_begin", 0)]
     for epoch in range(2):
         for index in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch):
             expected += [("step_begin", index), ("before_optimizer_step", index), ("step_end", index)]
         expected.append(("epoch_end", (epoch + 1) * steps_per_epoch))
-    expected.append(("train_end", 2 * steps_per_epoch))
+    expected += [("train_end", 2 * steps_per_epoch), ("fit_end", 2 * steps_per_epoch)]
     assert recorder.events == expected
+
+
+def test_fit_end_runs_when_training_raises():
+    recorder = Recorder()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(mlp(), toy_loader(), config(), callbacks=[recorder, KillDuringEpoch(step=1)], progress=False).fit()
+    assert recorder.events[-2:] == [("step_end", 1), ("fit_end", 1)]
+
+
+class AddMetric(Callback):
+    """Sees the evaluation's metrics and adds its own, which the log and the checkpoint must keep."""
+
+    def __init__(self) -> None:
+        self.seen: list[set[str]] = []
+
+    def on_epoch_end(self, trainer, metrics):
+        self.seen.append(set(metrics))
+        metrics["custom"] = trainer.epoch
+
+
+def test_evaluation_comes_before_user_callbacks_and_log_and_checkpoint_after(tmp_path):
+    log, checkpoint = tmp_path / "train.jsonl", tmp_path / "checkpoint.pt"
+    add = AddMetric()
+    history = Trainer(mlp(), toy_loader(), config(epochs=2), eval_loader=toy_loader(), callbacks=[add],
+                      log_path=log, checkpoint_path=checkpoint, progress=False).fit()
+    assert all({"eval_accuracy", "eval_loss"} <= seen for seen in add.seen)
+    assert [m["custom"] for m in history] == [0, 1]
+    assert [json.loads(line) for line in log.read_text().splitlines()][1:] == history
+    assert torch.load(checkpoint, weights_only=True)["history"] == history
 
 
 @pytest.mark.parametrize(
@@ -154,16 +192,6 @@ def test_zeroed_gradients_keep_weights_unchanged(overrides):
     after = model[0].weight.detach()
     assert torch.equal(after[:5], before[:5])
     assert not torch.equal(after[5:], before[5:])
-
-
-def test_reset_momentum_clears_optimizer_state():
-    class ResetEachEpoch(Callback):
-        def on_epoch_end(self, trainer, metrics):
-            trainer.reset_momentum()
-
-    trainer = Trainer(mlp(), toy_loader(), config(epochs=1), callbacks=[ResetEachEpoch()], progress=False)
-    trainer.fit()
-    assert len(trainer.optimizer.state) == 0
 
 
 def recorded_lrs(**overrides) -> tuple[list[float], list[dict]]:
@@ -246,64 +274,84 @@ def test_checkpoint_contents_and_atomic_writes(tmp_path):
     assert state["epoch"] == 2 and state["step"] == 2 * len(toy_loader())
 
 
-def test_resume_with_different_config_is_refused(tmp_path):
+def test_resume_with_different_config_or_seed_is_refused(tmp_path):
     checkpoint = tmp_path / "checkpoint.pt"
-    Trainer(mlp(), toy_loader(), config(epochs=1), checkpoint_path=checkpoint, progress=False).fit()
-    with pytest.raises(PrunekitError, match="lr"):
-        Trainer(mlp(), toy_loader(), config(epochs=1, lr=0.2), checkpoint_path=checkpoint, progress=False).fit()
+    Trainer(mlp(), toy_loader(), config(epochs=1), seed=3, checkpoint_path=checkpoint, progress=False).fit()
+    with pytest.raises(PrunekitError, match=r"lr: 0\.05 -> 0\.2"):
+        Trainer(mlp(), toy_loader(), config(epochs=1, lr=0.2), seed=3, checkpoint_path=checkpoint, progress=False).fit()
+    with pytest.raises(PrunekitError, match=r"seed: 3 -> 4"):
+        Trainer(mlp(), toy_loader(), config(epochs=1), seed=4, checkpoint_path=checkpoint, progress=False).fit()
 
 
 def test_jsonl_log_has_config_then_one_line_per_epoch(tmp_path):
     log = tmp_path / "logs" / "train.jsonl"
-    history = Trainer(mlp(), toy_loader(), config(epochs=3), log_path=log, progress=False).fit()
+    history = Trainer(mlp(), toy_loader(), config(epochs=3), seed=7, log_path=log, progress=False).fit()
     lines = [json.loads(line) for line in log.read_text().splitlines()]
-    assert lines[0]["config"]["epochs"] == 3 and lines[0]["start_epoch"] == 0
+    assert lines[0]["config"]["epochs"] == 3 and lines[0]["seed"] == 7 and lines[0]["start_epoch"] == 0
     assert lines[1:] == history
 
 
 @pytest.mark.parametrize(
-    "field, value",
+    "field, value, requirement",
     [
-        ("epochs", 0),
-        ("epochs", 2.5),
-        ("batch_size", 0),
-        ("optimizer", "rmsprop"),
-        ("lr", 0.0),
-        ("lr", float("nan")),
-        ("momentum", 1.0),
-        ("weight_decay", -1e-4),
-        ("lr_schedule", "linear"),
-        ("lr_milestones", (0.75, 0.5)),
-        ("lr_milestones", (0.5, 1.5)),
-        ("lr_gamma", 0.0),
-        ("warmup_epochs", 3),
-        ("label_smoothing", 1.0),
-        ("label_smoothing", -0.1),
-        ("seed", -1),
-        ("grad_clip", 0.0),
+        ("epochs", 0, "an integer >= 1"),
+        ("epochs", 2.5, "an integer >= 1"),
+        ("optimizer", "rmsprop", "one of sgd, adam"),
+        ("lr", 0.0, "a finite number > 0"),
+        ("lr", float("nan"), "a finite number > 0"),
+        ("momentum", 1.0, "a number in [0, 1)"),
+        ("nesterov", 1, "true or false"),
+        ("weight_decay", -1e-4, "a finite number >= 0"),
+        ("lr_schedule", "linear", "one of cosine, step, constant"),
+        ("lr_milestones", (0.75, 0.5), "increasing fractions in (0, 1)"),
+        ("lr_milestones", (0.5, 1.5), "increasing fractions in (0, 1)"),
+        ("lr_gamma", 0.0, "a number in (0, 1]"),
+        ("warmup_epochs", -1.0, "a finite number >= 0"),
+        ("warmup_epochs", 3, "a number below epochs=3"),
+        ("label_smoothing", 1.0, "a number in [0, 1)"),
+        ("label_smoothing", -0.1, "a number in [0, 1)"),
+        ("grad_clip", 0.0, "None or a finite number > 0"),
     ],
 )
-def test_bad_config_names_the_field(field, value, tmp_path):
+def test_bad_config_names_the_field_the_value_and_the_requirement(field, value, requirement, tmp_path):
     bad = config(**{field: value})
-    with pytest.raises(PrunekitError, match=rf"TrainConfig\.{field}="):
-        bad.validate()
+    message = re.escape(f"{field}={value!r} is invalid: set it to {requirement}")
+    with pytest.raises(PrunekitError, match=message):
+        hparams.validate(bad, "training")
     log = tmp_path / "train.jsonl"
-    with pytest.raises(PrunekitError, match=rf"TrainConfig\.{field}="):
+    with pytest.raises(PrunekitError, match=message):
         Trainer(mlp(), toy_loader(), bad, log_path=log, progress=False)
     assert not log.exists()
 
 
+def test_field_errors_say_training_and_the_flag():
+    with pytest.raises(PrunekitError) as error:
+        hparams.validate(config(epochs=0), "training")
+    assert str(error.value) == "training epochs=0 is invalid: set it to an integer >= 1 (--epochs)"
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True])
+def test_bad_seed_is_refused_before_work(seed, tmp_path):
+    log = tmp_path / "train.jsonl"
+    with pytest.raises(PrunekitError, match=re.escape(f"seed={seed!r} is invalid: set it to an integer >= 0")):
+        Trainer(mlp(), toy_loader(), config(), seed=seed, log_path=log, progress=False)
+    assert not log.exists()
+
+
+def test_seed_and_batch_size_are_not_training_settings():
+    names = {f.name for f in fields(TrainConfig)}
+    assert not names & {"seed", "batch_size"}
+
+
 def test_nesterov_needs_sgd_momentum():
-    with pytest.raises(PrunekitError, match="nesterov"):
-        config(nesterov=True, momentum=0.0).validate()
-    with pytest.raises(PrunekitError, match="nesterov"):
-        config(nesterov=True, optimizer="adam").validate()
+    with pytest.raises(PrunekitError, match=r"nesterov=True is invalid with optimizer='sgd' and momentum=0\.0"):
+        hparams.validate(config(nesterov=True, momentum=0.0), "training")
+    with pytest.raises(PrunekitError, match=r"nesterov=True is invalid with optimizer='adam'"):
+        hparams.validate(config(nesterov=True, optimizer="adam"), "training")
 
 
-def test_config_fields_have_help():
-    from dataclasses import fields
-
-    assert all(f.metadata.get("help") for f in fields(TrainConfig))
+def test_config_fields_have_help_and_a_check():
+    assert all(f.metadata.get("help") and f.metadata.get("check") for f in fields(TrainConfig))
 
 
 def test_stop_ends_after_current_step():

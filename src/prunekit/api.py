@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from . import hparams as hparams_lib
-from .budgets import Budget, check_sparsity
+from .budgets import Budget, Plan, check_sparsity
 from .cost import Cost, CostMeter
 from .errors import PrunekitError
-from .masks import attach_masks
-from .methods import PRUNE_OWNED_FIELDS, PruneContext, get_method
+from .masks import attach_masks, mask_sparsity
+from .methods import PruneContext, get_method
 from .tables import render_table
 from .targets import Skipped, Target, find_targets
 
@@ -44,9 +44,8 @@ class PruneResult:
 
     @property
     def sparsity(self) -> float:
-        """Achieved sparsity over the pruned tensors (zeros / total)."""
-        total = sum(layer.numel for layer in self.layers)
-        return sum(layer.achieved * layer.numel for layer in self.layers) / total
+        """Achieved sparsity over the pruned tensors (pruned / total)."""
+        return mask_sparsity(self.masks)
 
     def metadata(self) -> dict[str, Any]:
         """What a mask file records about how it was made."""
@@ -73,9 +72,9 @@ def prune(
     data: Any = None,
     *,
     budget: str | Budget = "global",
-    structure: str = "unstructured",
-    n: int = 2,
-    m: int = 4,
+    structure: str | None = None,
+    n: int | None = None,
+    m: int | None = None,
     layer_sparsity: Mapping[str, float] | None = None,
     include: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
@@ -87,34 +86,38 @@ def prune(
 
     `sparsity` is the fraction of zeros over the prunable tensors (default 0.9; N:M implies 1 - N/M).
     `data` is an iterable of (inputs, targets) batches for methods that need data. `budget` is an
-    allocation name ("global", "uniform", "erk") or a Budget; `structure`, `n`, `m` and
-    `layer_sparsity` complete it. `include`/`exclude` are regexes on tensor names. `observer(model, event)`
+    allocation name ("global", "uniform", "erk") or a Budget; `structure` (default "unstructured"),
+    `n`, `m` (default 2:4) and `layer_sparsity` complete a name (a Budget already holds them). `include`/`exclude` are regexes on tensor names. `observer(model, event)`
     is called at each point the method records (stages, rounds), with the model as it is then.
     Every argument is checked before any work is done.
     """
     spec = get_method(method)
-    _reject_prune_owned(method_hparams)
     hp = hparams_lib.build(spec.hparams, method_hparams, f"method {method!r}")
-    budget = budget if isinstance(budget, Budget) else Budget(budget, structure, n, m, layer_sparsity)
+    budget = _budget(budget, structure=structure, n=n, m=m, layer_sparsity=layer_sparsity)
     sparsity = _resolve_sparsity(sparsity, budget)
     targets, skipped = _prunable(model, budget, include, exclude)
+    plan = budget.plan({t.name: t.shape for t in targets}, sparsity)
     if spec.needs_data and data is None:
         raise PrunekitError(f"method {method!r} needs data: pass data=<iterable of (inputs, targets) batches> "
                             "(from the CLI: --dataset and --data-dir)")
     device = targets[0].dense.device
     with CostMeter(model, device) as meter:
-        ctx = PruneContext(model, targets, sparsity, budget, data, seed, meter, device, observer=observer)
+        ctx = PruneContext(model, targets, sparsity, budget, data, seed, meter, device, observer=observer, plan=plan)
         masks = spec.run(ctx, hp)
         attach_masks(model, masks, spec.mask_mode)
-    return PruneResult(method, hparams_lib.to_dict(hp), sparsity, masks,
-                       _layer_results(targets, masks, budget, sparsity), skipped, meter.cost, budget, ctx.history)
+    return PruneResult(method, hparams_lib.to_dict(hp), sparsity, masks, _layer_results(targets, masks, plan),
+                       skipped, meter.cost, budget, ctx.history)
 
 
-def _reject_prune_owned(method_hparams: Mapping[str, Any]) -> None:
-    for name in PRUNE_OWNED_FIELDS:
-        if name in method_hparams:
-            raise PrunekitError(f"{name} is not a method hyperparameter: training methods are seeded by prune()'s "
-                                "`seed` and take the batch size of the data you pass (the loader's batch size)")
+def _budget(budget: str | Budget, **parts: Any) -> Budget:
+    """A Budget from an allocation name and its parts; a Budget object already has them, so none may be given."""
+    given = {name: value for name, value in parts.items() if value is not None}
+    if not isinstance(budget, Budget):
+        return Budget(budget, **given)
+    if given:
+        raise PrunekitError(f"{', '.join(given)} given beside a Budget object, which already sets them; "
+                            f"put them in the Budget (Budget(..., {next(iter(given))}=...)) or pass budget by name")
+    return budget
 
 
 def _resolve_sparsity(sparsity: float | None, budget: Budget) -> float:
@@ -145,8 +148,7 @@ def _prunable(model: nn.Module, budget: Budget, include, exclude) -> tuple[list[
     return kept, skipped
 
 
-def _layer_results(targets: list[Target], masks: Mapping[str, torch.Tensor], budget: Budget,
-                   sparsity: float) -> list[LayerResult]:
-    requested = budget.requested({t.name: t.shape for t in targets}, sparsity)
-    return [LayerResult(t.name, tuple(t.shape), t.numel, requested[t.name],
-                        1 - int(masks[t.name].sum()) / t.numel) for t in targets]
+def _layer_results(targets: list[Target], masks: Mapping[str, torch.Tensor], plan: Plan) -> list[LayerResult]:
+    requested = plan.requested()
+    return [LayerResult(t.name, tuple(t.shape), t.numel, requested[t.name], mask_sparsity({t.name: masks[t.name]}))
+            for t in targets]

@@ -15,6 +15,7 @@ from typing import Mapping
 import torch
 
 from .errors import PrunekitError
+from .hparams import integer, one_of, setting, validate
 from .targets import Target
 
 ALLOCATIONS = ("global", "uniform", "erk")
@@ -25,23 +26,20 @@ STRUCTURES = ("unstructured", "nm", "filters", "channels")
 class Budget:
     """How a model-level sparsity becomes per-tensor masks."""
 
-    allocation: str = field(default="global", metadata={
-        "help": "global: one ranking over all tensors; uniform: the same sparsity per tensor; "
-                "erk: Erdős–Rényi-kernel densities (RigL)"})
-    structure: str = field(default="unstructured", metadata={
-        "help": "unstructured | nm (N of every M along the input dimension) | "
-                "filters (whole output filters) | channels (whole input channels)"})
-    n: int = field(default=2, metadata={"help": "N of N:M sparsity (kept weights per group)"})
-    m: int = field(default=4, metadata={"help": "M of N:M sparsity (group size)"})
-    layer_sparsity: Mapping[str, float] | None = field(default=None, metadata={
-        "help": "per-tensor sparsity overrides {name regex: sparsity}; other tensors share the model sparsity"})
+    allocation: str = setting("global", "global: one ranking over all tensors; uniform: the same sparsity per "
+                              "tensor; erk: Erdős–Rényi-kernel densities (RigL)", one_of(*ALLOCATIONS), flag="--budget")
+    structure: str = setting("unstructured", "unstructured | nm (N of every M along the input dimension) | "
+                             "filters (whole output filters) | channels (whole input channels)", one_of(*STRUCTURES))
+    n: int = setting(2, "N of N:M sparsity (kept weights per group)", integer(1))
+    m: int = setting(4, "M of N:M sparsity (group size)", integer(2))
+    layer_sparsity: Mapping[str, float] | None = setting(
+        None, "per-tensor sparsity overrides {name regex: sparsity}; other tensors share the model sparsity")
 
     def __post_init__(self) -> None:
-        if self.allocation not in ALLOCATIONS:
-            raise PrunekitError(f"budget allocation {self.allocation!r} is unknown; use one of {', '.join(ALLOCATIONS)}")
-        if self.structure not in STRUCTURES:
-            raise PrunekitError(f"budget structure {self.structure!r} is unknown; use one of {', '.join(STRUCTURES)}")
-        if self.structure == "nm" and not 0 < self.n < self.m:
+        validate(self, "budget")  # a Budget is valid wherever it was made
+
+    def check_relations(self) -> None:
+        if self.structure == "nm" and not self.n < self.m:
             raise PrunekitError(f"N:M sparsity needs 0 < N < M, got {self.n}:{self.m} (e.g. --n 2 --m 4)")
         if self.structure != "unstructured" and self.allocation == "erk":
             raise PrunekitError("ERK allocation is for unstructured sparsity; use global or uniform with "
@@ -62,46 +60,14 @@ class Budget:
             return "grouped convolution: an input channel is not a whole slice of its weight"
         return None
 
-    def select(self, scores: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
-        """Boolean masks (True = kept) that prune the lowest-scoring entries."""
-        _check_scores(scores)
-        if self.structure == "nm":
-            return {name: _n_of_m(score, self.n, self.m) for name, score in scores.items()}
-        group_scores = {name: _group_scores(score, self.structure) for name, score in scores.items()}
-        counts = self.prune_counts({n: s.numel() for n, s in group_scores.items()}, sparsity,
-                                   {n: scores[n].shape for n in scores})
-        keep = _keep_groups(group_scores, counts, keep_one_per_tensor=self.structure != "unstructured")
-        return {name: _expand(keep[name], scores[name].shape, self.structure) for name in scores}
-
-    def requested(self, shapes: Mapping[str, torch.Size], sparsity: float) -> dict[str, float | None]:
-        """Requested sparsity per tensor (None where a global ranking decides)."""
-        if self.fixed_sparsity is not None:
-            return {name: self.fixed_sparsity for name in shapes}
-        overrides = self._overrides(shapes)
-        if self.allocation == "global":
-            return {name: overrides.get(name) for name in shapes}
-        sizes = {n: _group_count(shape, self.structure) for n, shape in shapes.items()}
-        counts = self.prune_counts(sizes, sparsity, shapes)
-        return {name: counts[name] / sizes[name] for name in shapes}
-
-    # ---- counts
-
-    def prune_counts(self, sizes: Mapping[str, int], sparsity: float,
-                     shapes: Mapping[str, torch.Size]) -> dict[str, int]:
-        """Groups to prune per tensor; under global allocation the free tensors share one count under key None."""
+    def plan(self, shapes: Mapping[str, torch.Size], sparsity: float) -> Plan:
+        """The per-tensor counts of a prune of these tensors at `sparsity`: checked and matched once."""
         check_sparsity(sparsity)
-        overrides = self._overrides(shapes)
-        counts = {name: round(value * sizes[name]) for name, value in overrides.items()}
-        free = {name: size for name, size in sizes.items() if name not in overrides}
-        if not free:
-            return counts
-        if self.allocation == "global":
-            counts[None] = round(sparsity * sum(free.values()))
-        elif self.allocation == "uniform":
-            counts.update({name: round(sparsity * size) for name, size in free.items()})
-        else:
-            counts.update(_erk_counts({n: shapes[n] for n in free}, sparsity))
-        return counts
+        return Plan(self, dict(shapes), sparsity, self._overrides(shapes))
+
+    def select(self, scores: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+        """Masks of one selection (a plan made for it); repeated selections should keep the plan."""
+        return self.plan({name: score.shape for name, score in scores.items()}, sparsity).select(scores)
 
     def _overrides(self, shapes: Mapping[str, torch.Size]) -> dict[str, float]:
         overrides: dict[str, float] = {}
@@ -112,6 +78,76 @@ class Budget:
                                     f"names look like {next(iter(shapes))!r}")
             overrides.update({name: value for name in matched if name not in overrides})
         return overrides
+
+
+@dataclass
+class Plan:
+    """One prune's budget made concrete: how many groups each tensor loses, computed once.
+
+    Selection, the solvers' pools and the report all read these counts. `counts[name]` is the
+    number of groups (weights, filters or channels) pruned in a tensor with its own count; under a
+    global allocation the other tensors are ranked together and share `counts[None]`.
+    """
+
+    budget: Budget
+    shapes: dict[str, torch.Size]
+    sparsity: float
+    overrides: dict[str, float]
+    counts: dict[str | None, int] = field(init=False)
+    _stages: dict[float, Plan] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.counts = {} if self.budget.structure == "nm" else self._counts()
+
+    @property
+    def group_sizes(self) -> dict[str, int]:
+        """Groups per tensor: weights (unstructured), output filters or input channels."""
+        return {name: _group_count(shape, self.budget.structure) for name, shape in self.shapes.items()}
+
+    @property
+    def shared(self) -> list[str]:
+        """The tensors ranked together under one global count (none under other allocations)."""
+        return [name for name in self.shapes if name not in self.counts]
+
+    def at(self, sparsity: float) -> Plan:
+        """The same tensors at another sparsity (a stage, a schedule's step); each made once."""
+        if sparsity == self.sparsity:
+            return self
+        if sparsity not in self._stages:
+            self._stages[sparsity] = Plan(self.budget, self.shapes, check_sparsity(sparsity), self.overrides)
+        return self._stages[sparsity]
+
+    def select(self, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Boolean masks (True = kept) that prune the lowest-scoring entries, exactly the planned counts."""
+        _check_scores(scores)
+        structure = self.budget.structure
+        if structure == "nm":
+            return {name: _n_of_m(score, self.budget.n, self.budget.m) for name, score in scores.items()}
+        group_scores = {name: _group_scores(score, structure) for name, score in scores.items()}
+        keep = _keep_groups(group_scores, self.counts, keep_one_per_tensor=structure != "unstructured")
+        return {name: _expand(keep[name], scores[name].shape, structure) for name in scores}
+
+    def requested(self) -> dict[str, float | None]:
+        """Requested sparsity per tensor (None where a global ranking decides)."""
+        if self.budget.fixed_sparsity is not None:
+            return {name: self.budget.fixed_sparsity for name in self.shapes}
+        sizes = self.group_sizes
+        return {name: self.counts[name] / sizes[name] if name in self.counts else None for name in self.shapes}
+
+    def _counts(self) -> dict[str | None, int]:
+        sizes = self.group_sizes
+        counts: dict[str | None, int] = {name: round(value * sizes[name]) for name, value in self.overrides.items()}
+        free = {name: size for name, size in sizes.items() if name not in self.overrides}
+        if not free:
+            return counts
+        allocation = self.budget.allocation
+        if allocation == "global":
+            counts[None] = round(self.sparsity * sum(free.values()))
+        elif allocation == "uniform":
+            counts.update({name: round(self.sparsity * size) for name, size in free.items()})
+        else:
+            counts.update(_erk_counts({n: self.shapes[n] for n in free}, self.sparsity))
+        return counts
 
 
 def check_sparsity(value: float, what: str = "sparsity") -> float:
@@ -173,6 +209,11 @@ def _lowest(values: torch.Tensor, count: int) -> torch.Tensor:
     ties = torch.nonzero(values == threshold).flatten()
     pruned[ties[: count - int(pruned.sum())]] = True
     return pruned
+
+
+def keep_largest(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Boolean: True at the `count` largest values; of equal values the earlier ones are dropped first."""
+    return ~_lowest(values, values.numel() - count)
 
 
 def _keep_groups(group_scores: Mapping[str, torch.Tensor], counts: Mapping,

@@ -78,6 +78,10 @@ def _train_command(commands) -> None:
         "Train a zoo model on a dataset and save its weights (safetensors)."))
     _add_model_and_data_flags(parser, checkpoint_help="start from these weights instead of a fresh model")
     _add_dataclass_flags(parser.add_argument_group("training"), TrainConfig, use_defaults=True)
+    parser.add_argument("--seed", type=int, default=0, metavar="INT",
+                        help="seed of the model's initialisation, the shuffling and training's randomness")
+    parser.add_argument("--batch-size", type=int, default=128, metavar="INT",
+                        help="examples per training batch")
     parser.add_argument("--out", required=True, help="where to write the trained weights (.safetensors)")
     parser.add_argument("--log", help="JSON-lines log of the epochs")
     parser.add_argument("--resume", help="checkpoint file for exact resume (created if missing)")
@@ -88,11 +92,17 @@ def _run_train(args) -> None:
     from . import workflow
 
     config = hparams_lib.build(TrainConfig, _dataclass_values(args, TrainConfig), "training")
-    setup = workflow.setup(args.model, args.dataset, args.data_dir, args.checkpoint, seed=config.seed,
-                           device=args.device)
+    for flag, value, check in (("--seed", args.seed, hparams_lib.integer(0)),
+                               ("--batch-size", args.batch_size, hparams_lib.integer(1))):
+        if not check(value):
+            raise PrunekitError(f"{flag} {value} is invalid: set it to {check.requirement}")
     _check_output_path(args.out)
-    history = workflow.train(setup, config, log_path=args.log, checkpoint_path=args.resume)
-    workflow.save_weights(setup, args.out, {"training": dataclasses.asdict(config), "history": history[-1:]})
+    setup = workflow.setup(args.model, args.dataset, args.data_dir, args.checkpoint, seed=args.seed,
+                           device=args.device)
+    history = workflow.train(setup, config, batch_size=args.batch_size, seed=args.seed, log_path=args.log,
+                             checkpoint_path=args.resume)
+    workflow.save_weights(setup, args.out, {"training": hparams_lib.to_dict(config), "seed": args.seed,
+                                            "batch_size": args.batch_size, "history": history[-1:]})
     print(f"trained {args.model} on {args.dataset}: test accuracy {history[-1].get('eval_accuracy', float('nan')):.4f}; "
           f"weights written to {args.out}")
 

@@ -3,8 +3,7 @@
 The second-order pruners (CHITA, WoodFisher, OBD) model the loss near the current weights with
 the empirical Fisher F = (1/n) GᵀG, where the rows of G are n gradients of the loss with respect
 to the prunable weights: per-example gradients (`fisher_batch=1`) or means over mini-batches of
-`fisher_batch` examples. G is n×p; nothing here ever forms the p×p matrix. Products are G·v,
-Gᵀ·u and the n×n Gram G·Gᵀ.
+`fisher_batch` examples. G is n×p; nothing here ever forms the p×p matrix.
 
 Gradients are taken with torch.func (functional_call + vmap + grad) with respect to the *effective*
 weights, i.e. the weights the model computes with (mask included), every other parameter and
@@ -18,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import accumulate, pairwise
 
 import torch
@@ -29,6 +28,7 @@ from torch.nn.utils import parametrize
 
 from .cost import CostMeter
 from .errors import PrunekitError
+from .hparams import integer, number, setting
 from .masks import Mask
 from .modes import model_mode
 from .targets import Target
@@ -41,23 +41,14 @@ PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 class FisherHparams:
     """How many gradients make the empirical Fisher, and how much memory the method may use."""
 
-    fisher_samples: int = field(default=1000, metadata={
-        "help": "n: gradients in the empirical Fisher (rows of G); memory and time grow linearly with it"})
-    fisher_batch: int = field(default=1, metadata={
-        "help": "examples averaged into each gradient (1: per-example gradients); n × this examples are used"})
-    fisher_chunk: int = field(default=128, metadata={
-        "help": "examples per vectorised gradient call (speed vs memory; does not change the result)"})
-    max_memory: float = field(default=8.0, metadata={
-        "help": "GiB the method may allocate; it refuses before any work when its estimate is above"})
-
-    def validate(self) -> None:
-        for name in ("fisher_samples", "fisher_batch", "fisher_chunk"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise PrunekitError(f"{name} must be an integer >= 1, got {value!r} (e.g. --{name.replace('_', '-')} "
-                                    f"{FisherHparams.__dataclass_fields__[name].default})")
-        if not self.max_memory > 0:
-            raise PrunekitError(f"max_memory must be a positive number of GiB, got {self.max_memory!r}")
+    fisher_samples: int = setting(1000, "n: gradients in the empirical Fisher (rows of G); memory and time grow "
+                                  "linearly with it", integer(1))
+    fisher_batch: int = setting(1, "examples averaged into each gradient (1: per-example gradients); n × this "
+                                "examples are used", integer(1))
+    fisher_chunk: int = setting(128, "examples per vectorised gradient call (speed vs memory; does not change the "
+                                "result)", integer(1))
+    max_memory: float = setting(8.0, "GiB the method may allocate; it refuses before any work when its estimate "
+                                "is above", number(0, low_open=True))
 
 
 # ---------------------------------------------------------------- layout of the flat weight vector
@@ -131,19 +122,6 @@ class GradientMatrix:
     @property
     def p(self) -> int:
         return self.rows.shape[1]
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """G·v (n)."""
-        return self.rows @ v.to(self.rows.dtype)
-
-    def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
-        """Gᵀ·u (p)."""
-        return self.rows.T @ u.to(self.rows.dtype)
-
-    def gram(self) -> torch.Tensor:
-        """G·Gᵀ (n×n), in float64."""
-        rows = self.rows.to(torch.float64)
-        return rows @ rows.T
 
     def gradient_sum(self) -> torch.Tensor:
         """Gᵀ·1: n times the mean gradient (the first-order term of the local model)."""

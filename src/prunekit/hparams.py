@@ -51,8 +51,10 @@ def is_number(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def integer(minimum: int = 0) -> Check:
-    return Check(f"an integer >= {minimum}", lambda v: is_integer(v) and v >= minimum)
+def integer(minimum: int = 0, maximum: int | None = None) -> Check:
+    if maximum is None:
+        return Check(f"an integer >= {minimum}", lambda v: is_integer(v) and v >= minimum)
+    return Check(f"an integer in [{minimum}, {maximum}]", lambda v: is_integer(v) and minimum <= v <= maximum)
 
 
 def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
@@ -83,21 +85,23 @@ def optional(check: Check) -> Check:
     return Check(f"None or {check.requirement}", lambda v: v is None or check(v))
 
 
-def setting(default: Any, help: str, check: Check | None = None) -> Any:
-    """A field with its help text and its allowed values."""
-    metadata = {"help": help, "check": check}
+def setting(default: Any, help: str, check: Check | None = None, flag: str | None = None) -> Any:
+    """A field with its help text and its allowed values; `flag` where its command-line name differs."""
+    metadata = {"help": help, "check": check, "flag": flag or "--" + "{name}"}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def group(cls: type, help: str = "", **defaults: Any) -> Any:
+def group(cls: type, help: Mapping[str, str] | None = None, checks: Mapping[str, Check] | None = None,
+          **defaults: Any) -> Any:
     """A nested settings group with its own defaults, e.g. `training: TrainConfig = group(TrainConfig, epochs=5)`.
 
-    `help` may be a mapping {field: text} that replaces the group's help of those fields for this owner.
+    `help` and `checks` replace the group's help texts and checks of some fields for this owner
+    (e.g. a method that may train for 0 epochs).
     """
     return dataclasses.field(default_factory=lambda: cls(**defaults),
-                             metadata={"group": cls, "help": help if isinstance(help, Mapping) else {}})
+                             metadata={"group": cls, "help": dict(help or {}), "checks": dict(checks or {})})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +112,7 @@ class FieldInfo:
     help: str
     path: tuple[str, ...] = ()  # the groups it is nested in, outermost first
     check: Check | None = None
+    flag: str = ""  # its command-line flag
 
 
 def describe(cls: type, defaults: Any = None) -> list[FieldInfo]:
@@ -119,10 +124,11 @@ def describe(cls: type, defaults: Any = None) -> list[FieldInfo]:
         inner = f.metadata.get("group")
         if inner is None:
             infos.append(FieldInfo(f.name, hints[f.name], default, f.metadata.get("help", ""), (),
-                                   f.metadata.get("check")))
+                                   f.metadata.get("check"), flag_of(f)))
             continue
-        replaced = f.metadata.get("help", {})
-        infos += [dataclasses.replace(info, path=(f.name, *info.path), help=replaced.get(info.name, info.help))
+        helps, checks = f.metadata["help"], f.metadata["checks"]
+        infos += [dataclasses.replace(info, path=(f.name, *info.path), help=helps.get(info.name, info.help),
+                                      check=checks.get(info.name, info.check))
                   for info in describe(inner, default)]
     names = [info.name for info in infos]
     repeated = {name for name in names if names.count(name) > 1}
@@ -170,22 +176,36 @@ def _assemble(cls: type, parsed: Mapping[str, Any], fields: Mapping[str, FieldIn
     return dataclasses.replace(template, **changes)
 
 
-def validate(instance: Any, owner: str = "") -> Any:
-    """Check every declared range (nested groups included), then `check_relations()`; returns `instance`."""
+def validate(instance: Any, owner: str = "", checks: Mapping[str, Check] | None = None) -> Any:
+    """Check every declared range (nested groups included), then `check_relations()`; returns `instance`.
+
+    `checks` replace some fields' declared checks (what a group's owner declared for them).
+    """
     prefix = f"{owner} " if owner else ""
     for f in dataclasses.fields(instance):
         value = getattr(instance, f.name)
         if "group" in f.metadata:
-            validate(value, owner)
+            validate(value, owner, f.metadata["checks"])
             continue
-        check = f.metadata.get("check")
-        if check is not None and not check(value):
-            raise PrunekitError(f"{prefix}{f.name}={value!r} is invalid: set it to {check.requirement} "
-                                f"(--{f.name.replace('_', '-')})")
+        check = (checks or {}).get(f.name, f.metadata.get("check"))
+        if check is not None:
+            require(value, check, f"{prefix}{f.name}", f" ({flag_of(f)})")
     relations = getattr(instance, "check_relations", None) or getattr(instance, "validate", None)  # TRANSITION
     if relations is not None:
         relations()
     return instance
+
+
+def require(value: Any, check: Check, what: str, hint: str = "") -> Any:
+    """`value` if it passes `check`, else the one message every setting and argument fails with."""
+    if not check(value):
+        raise PrunekitError(f"{what}={value!r} is invalid: set it to {check.requirement}{hint}")
+    return value
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The command-line flag of a field: its declared one, else --name-with-dashes."""
+    return f.metadata.get("flag", "--{name}").format(name=f.name.replace("_", "-"))
 
 
 def to_dict(instance: Any) -> dict[str, Any]:

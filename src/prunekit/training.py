@@ -1,7 +1,23 @@
 """One small training loop for dense and masked models: closed to edits, open to callbacks.
 
-Pruning methods never fork the loop; they hook into it through `Callback`
-(e.g. editing gradients in `on_before_optimizer_step`).
+Pruning methods never fork the loop; they hook into it through `Callback` (e.g. editing gradients
+in `on_before_optimizer_step`). What the loop minimises is an `Objective` (cross-entropy unless
+`loss=` says otherwise). Logging, checkpoint/resume, evaluation and the progress bar are callbacks
+too, built from the Trainer's keyword arguments.
+
+`fit()` runs, in this order:
+1. torch's RNG is seeded with the trainer's `seed`;
+2. `on_fit_start`: Checkpointing restores a saved run here (so callbacks before it see step 0);
+3. `on_train_begin`: trainer.epoch, step and history are the restored ones;
+4. per epoch: `loader.set_epoch(epoch)`, then per batch `on_step_begin`, forward and backward,
+   `on_before_optimizer_step`, gradient clipping, the optimizer and LR steps, `on_step_end`;
+   then the epoch's metrics are appended to trainer.history and `on_epoch_end` sees them;
+5. `on_train_end` after the last epoch or stop();
+6. `on_fit_end`, always, also when fit() raises (the progress bar closes here).
+
+Every hook runs the callbacks in one order: Evaluation (so eval metrics are there for everyone),
+the callbacks passed, then ProgressBar, JsonLog (which logs what the others added to the metrics)
+and Checkpointing (last, so the saved history is complete; only whole epochs are saved).
 """
 from __future__ import annotations
 
@@ -9,27 +25,28 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from numbers import Real
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from prunekit import hparams
 from prunekit.errors import PrunekitError
+from prunekit.hparams import Check, integer, number, one_of, optional, setting
 from prunekit.io import atomic_path
+from prunekit.modes import model_mode
+from prunekit.objectives import Batch, CrossEntropy, Loss, Objective, as_objective, batch_examples, to_device
 
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("cosine", "step", "constant")
-
-Batch = tuple[torch.Tensor, torch.Tensor]
+VALID_SEED = integer(0)
 
 
 class TrainLoader(Protocol):
-    """Batches of (inputs, class indices); `len()` is batches per epoch.
+    """Batches the objective takes (`(inputs, class indices)` for cross-entropy); `len()` is batches per epoch.
 
     It may also define `set_epoch(epoch)`, called at the start of every epoch, to make
     that epoch's shuffling deterministic (required for exact resume).
@@ -40,101 +57,44 @@ class TrainLoader(Protocol):
     def __len__(self) -> int: ...
 
 
+def _are_increasing_fractions(values: Any) -> bool:
+    return (isinstance(values, (tuple, list)) and all(hparams.is_number(v) and 0 < v < 1 for v in values)
+            and all(a < b for a, b in zip(values, values[1:])))
+
+
+INCREASING_FRACTIONS = Check("increasing fractions in (0, 1), e.g. 0.5,0.75", _are_increasing_fractions)
+BOOLEAN = Check("true or false", lambda value: isinstance(value, bool))
+
+
 @dataclass
 class TrainConfig:
-    """Everything that determines a training run, apart from the model and data."""
+    """Everything that determines a training run, apart from the model, the data (and its batch size) and the seed."""
 
-    epochs: int = field(default=10, metadata={"help": "Passes over the training loader (>= 1)."})
-    batch_size: int = field(
-        default=128, metadata={"help": "Examples per batch; informational, the loaders own batching."}
-    )
-    optimizer: str = field(default="sgd", metadata={"help": "Optimizer: 'sgd' or 'adam'."})
-    lr: float = field(default=0.1, metadata={"help": "Peak learning rate (> 0)."})
-    momentum: float = field(
-        default=0.9, metadata={"help": "SGD momentum in [0, 1); for 'adam' it is beta1."}
-    )
-    nesterov: bool = field(
-        default=False, metadata={"help": "Nesterov momentum (SGD only; needs momentum > 0)."}
-    )
-    weight_decay: float = field(
-        default=5e-4, metadata={"help": "L2 penalty added to the gradient by the optimizer (>= 0)."}
-    )
-    lr_schedule: str = field(
-        default="cosine", metadata={"help": "LR decay after warmup: 'cosine', 'step' or 'constant'."}
-    )
-    lr_milestones: tuple[float, ...] = field(
-        default=(0.5, 0.75),
-        metadata={
-            "help": "For 'step': increasing fractions of all steps, in (0, 1), where the LR is multiplied by lr_gamma."
-        },
-    )
-    lr_gamma: float = field(
-        default=0.1, metadata={"help": "For 'step': LR multiplier at each milestone, in (0, 1]."}
-    )
-    warmup_epochs: float = field(
-        default=0.0, metadata={"help": "Epochs of linear LR warmup from lr/steps to lr, in [0, epochs)."}
-    )
-    label_smoothing: float = field(
-        default=0.0, metadata={"help": "Label smoothing of the training loss, in [0, 1)."}
-    )
-    seed: int = field(default=0, metadata={"help": "Seed for torch's RNG at the start of fit() (>= 0)."})
-    grad_clip: float | None = field(
-        default=None, metadata={"help": "Clip the global gradient norm to this value (> 0); None: no clipping."}
-    )
+    epochs: int = setting(10, "Passes over the training loader.", integer(1))
+    optimizer: str = setting("sgd", "Optimizer.", one_of(*OPTIMIZERS))
+    lr: float = setting(0.1, "Peak learning rate.", number(0, low_open=True))
+    momentum: float = setting(0.9, "SGD momentum; for adam it is beta1.", number(0, 1, high_open=True))
+    nesterov: bool = setting(False, "Nesterov momentum (SGD only; needs momentum > 0).", BOOLEAN)
+    weight_decay: float = setting(5e-4, "L2 penalty added to the gradient by the optimizer.", number(0))
+    lr_schedule: str = setting("cosine", "LR decay after warm-up.", one_of(*LR_SCHEDULES))
+    lr_milestones: tuple[float, ...] = setting(
+        (0.5, 0.75), "For 'step': fractions of all steps where the LR is multiplied by lr_gamma.", INCREASING_FRACTIONS)
+    lr_gamma: float = setting(0.1, "For 'step': LR multiplier at each milestone.", number(0, 1, low_open=True))
+    warmup_epochs: float = setting(0.0, "Epochs of linear LR warm-up from lr/steps to lr (fewer than epochs).",
+                                   number(0))
+    label_smoothing: float = setting(0.0, "Label smoothing of the cross-entropy training loss.",
+                                     number(0, 1, high_open=True))
+    grad_clip: float | None = setting(None, "Clip the global gradient norm to this value; None: no clipping.",
+                                      optional(number(0, low_open=True)))
 
-    def validate(self) -> None:
-        """Raise PrunekitError naming the first out-of-range field."""
-        for name, requirement, ok in self._field_checks():
-            if not ok:
-                raise PrunekitError(
-                    f"TrainConfig.{name}={getattr(self, name)!r} is invalid: set it to {requirement}."
-                )
-
-    def _field_checks(self) -> Iterator[tuple[str, str, bool]]:
-        # A generator, so a field's type is checked before later fields compare against it.
-        yield "epochs", "an integer >= 1", _is_int(self.epochs) and self.epochs >= 1
-        yield "batch_size", "an integer >= 1", _is_int(self.batch_size) and self.batch_size >= 1
-        yield "optimizer", f"one of {OPTIMIZERS}", self.optimizer in OPTIMIZERS
-        yield "lr", "a finite number > 0", _is_real(self.lr) and 0 < self.lr < math.inf
-        yield "momentum", "a number in [0, 1)", _is_real(self.momentum) and 0 <= self.momentum < 1
-        yield "nesterov", "False, or True only with optimizer='sgd' and momentum > 0", (
-            isinstance(self.nesterov, bool)
-            and (not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0))
-        )
-        yield "weight_decay", "a finite number >= 0", (
-            _is_real(self.weight_decay) and 0 <= self.weight_decay < math.inf
-        )
-        yield "lr_schedule", f"one of {LR_SCHEDULES}", self.lr_schedule in LR_SCHEDULES
-        yield "lr_milestones", "increasing fractions in (0, 1), e.g. (0.5, 0.75)", (
-            _are_increasing_fractions(self.lr_milestones)
-        )
-        yield "lr_gamma", "a number in (0, 1]", _is_real(self.lr_gamma) and 0 < self.lr_gamma <= 1
-        yield "warmup_epochs", "a number in [0, epochs)", (
-            _is_real(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs
-        )
-        yield "label_smoothing", "a number in [0, 1)", (
-            _is_real(self.label_smoothing) and 0 <= self.label_smoothing < 1
-        )
-        yield "seed", "an integer >= 0", _is_int(self.seed) and self.seed >= 0
-        yield "grad_clip", "None or a finite number > 0", self.grad_clip is None or (
-            _is_real(self.grad_clip) and 0 < self.grad_clip < math.inf
-        )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
-
-
-def _are_increasing_fractions(values: Any) -> bool:
-    if not isinstance(values, (tuple, list)):
-        return False
-    if not all(_is_real(v) and 0 < v < 1 for v in values):
-        return False
-    return all(a < b for a, b in zip(values, values[1:]))
+    def check_relations(self) -> None:
+        if self.nesterov and not (self.optimizer == "sgd" and self.momentum > 0):
+            raise PrunekitError(f"nesterov=True is invalid with optimizer={self.optimizer!r} and momentum="
+                                f"{self.momentum!r}: Nesterov momentum needs optimizer 'sgd' with momentum > 0; "
+                                "set --nesterov false, or --optimizer sgd with --momentum > 0")
+        if not self.warmup_epochs < self.epochs:
+            raise PrunekitError(f"warmup_epochs={self.warmup_epochs!r} is invalid: set it to a number below "
+                                f"epochs={self.epochs} (--warmup-epochs)")
 
 
 def lr_multiplier(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -156,10 +116,13 @@ def _decay(config: TrainConfig, step: int, total_steps: int, warmup_steps: float
 
 
 class Callback:
-    """Hooks into `Trainer`; every method is a no-op, override the ones you need.
+    """Hooks into `Trainer`; every method is a no-op, override the ones you need (the order is in the module doc).
 
     Inside the three step hooks `trainer.step` is the 0-based index of the step in progress.
     """
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """First in fit(), after seeding and before any resume: restore saved state here."""
 
     def on_train_begin(self, trainer: Trainer) -> None:
         """Before the first step of fit() (after any resume, so trainer.step may be > 0)."""
@@ -174,15 +137,20 @@ class Callback:
         """After optimizer.step() and the LR scheduler step."""
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict) -> None:
-        """After the epoch's metrics (and evaluation); entries added to `metrics` are logged too."""
+        """After the epoch; `metrics` is the last entry of trainer.history: entries added to it are kept and logged."""
 
     def on_train_end(self, trainer: Trainer) -> None:
         """After the last epoch, or after stop()."""
 
+    def on_fit_end(self, trainer: Trainer) -> None:
+        """Last in fit(), also when it raises: release what the callback holds; it must not raise."""
+
 
 class Trainer:
-    """Trains `model` with cross-entropy under `config`, with callbacks, a JSONL log and exact resume.
+    """Trains `model` to minimise `loss` under `config`, with callbacks, a JSONL log and exact resume.
 
+    `seed` seeds torch's RNG when fit() starts (the loader's shuffling has its own seed). `loss` is None
+    (cross-entropy with the config's label smoothing), an Objective, or a callable `loss(model, batch)`.
     `trainer.epoch` is the 0-based index of the epoch in progress (after fit(), the number of
     finished epochs); `trainer.step` counts optimizer steps taken so far.
     """
@@ -193,6 +161,8 @@ class Trainer:
         train_loader: TrainLoader,
         config: TrainConfig,
         *,
+        seed: int = 0,
+        loss: Loss = None,
         eval_loader: Iterable[Batch] | None = None,
         callbacks: Iterable[Callback] = (),
         device: str | torch.device = "cpu",
@@ -201,16 +171,15 @@ class Trainer:
         progress: bool | None = None,
         params: Iterable[torch.Tensor] | None = None,
     ) -> None:
-        config.validate()
+        hparams.validate(config, "training")
+        if not VALID_SEED(seed):
+            raise PrunekitError(f"seed={seed!r} is invalid: set it to {VALID_SEED.requirement} (--seed)")
+        self.objective = _training_objective(loss, config)
         self.config = config
+        self.seed = seed
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.train_loader = train_loader
-        self.eval_loader = eval_loader
-        self.callbacks = tuple(callbacks)
-        self.log_path = None if log_path is None else Path(log_path)
-        self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
-        self.show_progress = _stderr_is_terminal() if progress is None else progress
         self.params = _trainable_params(self.model, params)
         self.steps_per_epoch = _steps_per_epoch(train_loader)
         self.total_steps = config.epochs * self.steps_per_epoch
@@ -219,72 +188,76 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_multiplier(config, step, steps_per_epoch)
         )
+        # Evaluation first, so every callback sees its metrics; the log and the checkpoint last, so they hold
+        # what the others added. Cross-entropy is evaluated without label smoothing.
+        evaluation = [] if eval_loader is None else [Evaluation(eval_loader, None if loss is None else self.objective)]
+        show_progress = _stderr_is_terminal() if progress is None else progress
+        self.callbacks = (*evaluation, *callbacks, *([ProgressBar()] if show_progress else []),
+                          *([] if log_path is None else [JsonLog(log_path)]),
+                          *([] if checkpoint_path is None else [Checkpointing(checkpoint_path)]))
         self.epoch = 0
         self.step = 0
         self.history: list[dict] = []
         self._stop_requested = False
 
     def fit(self) -> list[dict]:
-        """Train until `config.epochs` are done, resuming from the checkpoint if it exists.
+        """Train until `config.epochs` are done, resuming from the checkpoint if there is one.
 
         Returns the metrics of every epoch of the run, including those restored from the checkpoint.
         """
-        torch.manual_seed(self.config.seed)
-        if self.checkpoint_path is not None and self.checkpoint_path.exists():
-            self._resume()
         self._stop_requested = False
-        self._append_log({"config": asdict(self.config), "start_epoch": self.epoch})
-        self._notify("on_train_begin")
-        bar = _ProgressBar(self.show_progress, self.total_steps, self.step)
+        torch.manual_seed(self.seed)
         try:
+            self._notify("on_fit_start")
+            self._notify("on_train_begin")
             while self.epoch < self.config.epochs and not self._stop_requested:
-                self._run_epoch(bar)
+                self._run_epoch()
+            self._notify("on_train_end")
         finally:
-            bar.close()
-        self._notify("on_train_end")
+            self._notify("on_fit_end")
         return list(self.history)
 
     def stop(self) -> None:
         """End fit() after the current step (or right away when called from on_epoch_end)."""
         self._stop_requested = True
 
-    def reset_momentum(self) -> None:
-        """Drop the optimizer's state (momentum / Adam moments), e.g. after the mask changes."""
-        self.optimizer.state.clear()
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next step (of the first parameter group)."""
+        return self.optimizer.param_groups[0]["lr"]
 
-    def _run_epoch(self, bar: _ProgressBar) -> None:
+    @property
+    def at_epoch_boundary(self) -> bool:
+        """Whether the steps taken are whole epochs (not after stop() mid-epoch): where a run resumes exactly."""
+        return self.step % self.steps_per_epoch == 0
+
+    def _run_epoch(self) -> None:
         set_epoch = getattr(self.train_loader, "set_epoch", None)
         if set_epoch is not None:
             set_epoch(self.epoch)
         self.model.train()
         started = time.perf_counter()
-        totals = _EpochTotals(self.device)
-        steps_at_start = self.step
-        for inputs, targets in self.train_loader:
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-            loss, logits = self._train_step(inputs, targets)
-            totals.add(loss, logits, targets)
-            bar.advance(loss, self._current_lr())
+        totals = _Totals(self.objective, self.device)
+        for batch in self.train_loader:
+            batch = to_device(batch, self.device)
+            loss, outputs = self._train_step(batch)
+            totals.add(loss, outputs, batch)
             if self._stop_requested:
                 break
         train = totals.summary()  # syncs the device, so `seconds` below is the real compute time
-        metrics = {
-            "epoch": self.epoch + 1,
-            "train_loss": train["loss"],
-            "train_accuracy": train["accuracy"],
-            "lr": self._current_lr(),
-            "seconds": time.perf_counter() - started,
-        }
-        self._finish_epoch(metrics, completed=self.step - steps_at_start >= self.steps_per_epoch)
+        metrics = {"epoch": self.epoch + 1, **_prefixed("train_", train), "lr": self.lr,
+                   "seconds": time.perf_counter() - started}
+        self.history.append(metrics)
+        self._notify("on_epoch_end", metrics)
+        if self.at_epoch_boundary:
+            self.epoch += 1
 
-    def _train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._notify("on_step_begin", (inputs, targets))
+    def _train_step(self, batch: Batch) -> tuple[torch.Tensor, Any]:
+        self._notify("on_step_begin", batch)
         # The model's own grads too: with restricted `params` the rest would otherwise accumulate.
         self.model.zero_grad(set_to_none=True)
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.model(inputs)
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.config.label_smoothing)
+        loss, outputs = self.objective.loss(self.model, batch)
         loss.backward()
         self._notify("on_before_optimizer_step", loss)
         if self.config.grad_clip is not None:
@@ -293,152 +266,196 @@ class Trainer:
         self.scheduler.step()
         self._notify("on_step_end", loss)
         self.step += 1
-        return loss.detach(), logits.detach()
-
-    def _finish_epoch(self, metrics: dict, completed: bool) -> None:
-        if self.eval_loader is not None:
-            evaluation = evaluate(self.model, self.eval_loader, self.device)
-            metrics["eval_accuracy"] = evaluation["accuracy"]
-            metrics["eval_loss"] = evaluation["loss"]
-        self._notify("on_epoch_end", metrics)
-        self.history.append(metrics)
-        self._append_log(metrics)
-        # A checkpoint of a partly trained epoch could not be resumed exactly, so only whole epochs are saved.
-        if completed:
-            self.epoch += 1
-            self._save_checkpoint()
-
-    def _current_lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        return loss.detach(), outputs
 
     def _notify(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
 
-    def _append_log(self, record: dict) -> None:
-        if self.log_path is None:
-            return
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("a", encoding="utf-8") as log:
-            log.write(json.dumps(record) + "\n")
 
-    def _save_checkpoint(self) -> None:
-        if self.checkpoint_path is None:
-            return
-        with atomic_path(self.checkpoint_path) as tmp:
-            torch.save(self._checkpoint_state(), tmp)
-
-    def _checkpoint_state(self) -> dict:
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "epoch": self.epoch,
-            "step": self.step,
-            "rng_state": torch.get_rng_state(),
-            "history": self.history,
-            "config": asdict(self.config),
-            "total_steps": self.total_steps,
-        }
-        if self.device.type == "cuda":
-            state["cuda_rng_state"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def _resume(self) -> None:
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-        self._check_same_run(state)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.epoch = state["epoch"]
-        self.step = state["step"]
-        self.history = list(state["history"])
-        torch.set_rng_state(state["rng_state"])
-        if "cuda_rng_state" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng_state"], self.device)
-
-    def _check_same_run(self, state: dict) -> None:
-        saved, current = state["config"], asdict(self.config)
-        changed = [
-            f"{name}: {saved.get(name)!r} -> {value!r}"
-            for name, value in current.items()
-            if saved.get(name) != value
-        ]
-        if changed:
-            raise PrunekitError(
-                f"checkpoint {self.checkpoint_path} was written with a different TrainConfig "
-                f"({'; '.join(changed)}); resume with the same config, or move the checkpoint away to start a new run."
-            )
-        if state["total_steps"] != self.total_steps:
-            raise PrunekitError(
-                f"checkpoint {self.checkpoint_path} was written for {state['total_steps']} steps, but this run has "
-                f"{self.total_steps} (epochs x len(train_loader)); resume with the same loader length, "
-                "or move the checkpoint away to start a new run."
-            )
+def _training_objective(loss: Loss, config: TrainConfig) -> Objective:
+    if loss is None:
+        return CrossEntropy(config.label_smoothing)
+    if config.label_smoothing:
+        raise PrunekitError(f"label_smoothing={config.label_smoothing!r} applies to the default cross-entropy only, "
+                            "but a loss was passed: set it to 0, or smooth in your loss "
+                            "(e.g. loss=CrossEntropy(label_smoothing=...))")
+    return as_objective(loss)
 
 
-def evaluate(model: nn.Module, loader: Iterable[Batch], device: str | torch.device = "cpu") -> dict:
-    """Accuracy (fraction in [0, 1]), mean cross-entropy `loss` and `examples` over `loader`.
+def evaluate(model: nn.Module, loader: Iterable[Batch], device: str | torch.device = "cpu",
+             objective: Loss = None) -> dict:
+    """Mean `loss` of `objective` (cross-entropy by default), `accuracy` (a fraction in [0, 1]; where the
+    objective has one) and `examples` over `loader`.
 
     `model` must already be on `device`; it is run in eval mode under no_grad and its mode is restored.
     """
-    was_training = model.training
-    model.eval()
-    totals = _EpochTotals(torch.device(device))
-    try:
-        with torch.no_grad():
-            for inputs, targets in loader:
-                inputs, targets = inputs.to(device), targets.to(device)
-                logits = model(inputs)
-                totals.add(F.cross_entropy(logits, targets), logits, targets)
-    finally:
-        model.train(was_training)
+    objective = as_objective(objective)
+    totals = _Totals(objective, torch.device(device))
+    with model_mode(model, False), torch.no_grad():
+        for batch in loader:
+            batch = to_device(batch, device)
+            totals.add(*objective.loss(model, batch), batch)
     if totals.examples == 0:
         raise PrunekitError("evaluate(): the loader yielded no examples; pass a loader with at least one batch.")
     return {**totals.summary(), "examples": totals.examples}
 
 
-class _EpochTotals:
+class _Totals:
     """Loss and correct counts kept on the device, so the hot loop never waits for it."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, objective: Objective, device: torch.device) -> None:
+        self.objective = objective
         self.loss_sum = torch.zeros((), device=device)
-        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.correct: torch.Tensor | None = None  # stays None for an objective without accuracy
         self.examples = 0
 
-    def add(self, mean_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        count = targets.shape[0]
-        self.loss_sum += mean_loss * count
-        self.correct += (logits.argmax(dim=1) == targets).sum()
+    def add(self, mean_loss: torch.Tensor, outputs: Any, batch: Batch) -> None:
+        count = batch_examples(batch)
+        with torch.no_grad():
+            self.loss_sum += mean_loss * count
+            correct = self.objective.correct(outputs, batch)
+        if correct is not None:
+            self.correct = correct if self.correct is None else self.correct + correct
         self.examples += count
 
     def summary(self) -> dict[str, float]:
         examples = max(1, self.examples)
-        return {"loss": self.loss_sum.item() / examples, "accuracy": self.correct.item() / examples}
+        summary = {"loss": self.loss_sum.item() / examples}
+        if self.correct is not None:
+            summary["accuracy"] = self.correct.item() / examples
+        return summary
 
 
-class _ProgressBar:
+def _prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:
+    return {prefix + name: value for name, value in values.items()}
+
+
+# ---------------------------------------------------------------- the built-in callbacks
+
+class Evaluation(Callback):
+    """After every epoch: eval_loss (and eval_accuracy where the objective has one) on `loader`."""
+
+    def __init__(self, loader: Iterable[Batch], objective: Loss = None) -> None:
+        self.loader = loader
+        self.objective = objective
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict) -> None:
+        result = evaluate(trainer.model, self.loader, trainer.device, self.objective)
+        metrics.update(_prefixed("eval_", {name: result[name] for name in ("accuracy", "loss") if name in result}))
+
+
+class ProgressBar(Callback):
     """tqdm over optimizer steps; the postfix refreshes at most twice a second, as reading the loss syncs the device."""
 
     POSTFIX_INTERVAL_SECONDS = 0.5
 
-    def __init__(self, enabled: bool, total: int, initial: int) -> None:
-        self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True) if enabled else None
+    def __init__(self) -> None:
+        self._bar: tqdm | None = None
         self._next_postfix = 0.0
 
-    def advance(self, loss: torch.Tensor, lr: float) -> None:
-        if self._bar is None:
-            return
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self._bar = tqdm(total=trainer.total_steps, initial=trainer.step, unit="step", dynamic_ncols=True)
+        self._next_postfix = 0.0
+
+    def on_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None:
         self._bar.update()
         now = time.monotonic()
         if now >= self._next_postfix:
-            self._bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}")
+            self._bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{trainer.lr:.3g}")
             self._next_postfix = now + self.POSTFIX_INTERVAL_SECONDS
 
-    def close(self) -> None:
+    def on_fit_end(self, trainer: Trainer) -> None:
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
 
+
+class JsonLog(Callback):
+    """JSON lines appended to `path`: the settings when training (re)starts, then one line of metrics per epoch."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self._append({"config": hparams.to_dict(trainer.config), "seed": trainer.seed, "start_epoch": trainer.epoch})
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict) -> None:
+        self._append(metrics)
+
+    def _append(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as log:
+            log.write(json.dumps(record) + "\n")
+
+
+class Checkpointing(Callback):
+    """Saves the run to `path` after every whole epoch and resumes from it when fit() starts, bit for bit.
+
+    A checkpoint written with other settings, another seed or another number of steps is refused.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if self.path.exists():
+            self._restore(trainer, torch.load(self.path, map_location="cpu", weights_only=True))
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict) -> None:
+        # A partly trained epoch could not be resumed exactly, so only whole epochs are saved.
+        if trainer.at_epoch_boundary:
+            with atomic_path(self.path) as tmp:
+                torch.save(self._state(trainer), tmp)
+
+    def _state(self, trainer: Trainer) -> dict:
+        state = {
+            "model": trainer.model.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
+            "epoch": trainer.step // trainer.steps_per_epoch,
+            "step": trainer.step,
+            "rng_state": torch.get_rng_state(),
+            "history": trainer.history,
+            "config": hparams.to_dict(trainer.config),
+            "seed": trainer.seed,
+            "total_steps": trainer.total_steps,
+        }
+        if trainer.device.type == "cuda":
+            state["cuda_rng_state"] = torch.cuda.get_rng_state(trainer.device)
+        return state
+
+    def _restore(self, trainer: Trainer, state: dict) -> None:
+        self._check_same_run(trainer, state)
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        trainer.epoch = state["epoch"]
+        trainer.step = state["step"]
+        trainer.history = list(state["history"])
+        torch.set_rng_state(state["rng_state"])
+        if "cuda_rng_state" in state and trainer.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng_state"], trainer.device)
+
+    def _check_same_run(self, trainer: Trainer, state: dict) -> None:
+        saved = {**state["config"], "seed": state.get("seed")}
+        current = {**hparams.to_dict(trainer.config), "seed": trainer.seed}
+        changed = [f"{name}: {saved.get(name)!r} -> {value!r}" for name, value in current.items()
+                   if saved.get(name) != value]
+        if changed:
+            raise PrunekitError(
+                f"checkpoint {self.path} was written with other training settings ({'; '.join(changed)}); resume "
+                "with the same settings and seed, or move the checkpoint away to start a new run."
+            )
+        if state["total_steps"] != trainer.total_steps:
+            raise PrunekitError(
+                f"checkpoint {self.path} was written for {state['total_steps']} steps, but this run has "
+                f"{trainer.total_steps} (epochs x len(train_loader)); resume with the same loader length, "
+                "or move the checkpoint away to start a new run."
+            )
+
+
+# ---------------------------------------------------------------- helpers
 
 def _stderr_is_terminal() -> bool:
     return sys.stderr is not None and sys.stderr.isatty()
@@ -490,17 +507,14 @@ def reestimate_batch_norm(model: nn.Module, loader: Iterable[Batch], device: str
     as the CHITA code does before pruning); the weights are untouched. Returns the layers re-estimated."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
-    was_training = model.training
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None
-    model.train()
     try:
-        with torch.no_grad():
+        with model_mode(model, True), torch.no_grad():
             for inputs, _ in loader:
                 model(inputs.to(device))
     finally:
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
-        model.train(was_training)
     return len(norms)

@@ -79,10 +79,12 @@ def _new_model(model_name: str, dataset: Dataset, options: dict[str, Any], seed:
     return create_model_for(model_name, dataset.num_classes, dataset.input_shape, **options)
 
 
-def train(setup: Setup, config: TrainConfig, *, log_path=None, checkpoint_path=None, callbacks=(),
-          progress: bool | None = None) -> list[dict]:
-    train_loader = setup.loader("train", config.batch_size, shuffle=True, seed=config.seed)
-    trainer = Trainer(setup.model, train_loader, config, eval_loader=setup.loader("test", EVAL_BATCH),
+def train(setup: Setup, config: TrainConfig, *, batch_size: int, seed: int, log_path=None, checkpoint_path=None,
+          callbacks=(), progress: bool | None = None) -> list[dict]:
+    """Train on the training split in batches of `batch_size`, shuffled and seeded by `seed`; evaluated on the
+    test split after every epoch."""
+    train_loader = setup.loader("train", batch_size, shuffle=True, seed=seed)
+    trainer = Trainer(setup.model, train_loader, config, seed=seed, eval_loader=setup.loader("test", EVAL_BATCH),
                       callbacks=callbacks, log_path=log_path, checkpoint_path=checkpoint_path, progress=progress,
                       device=setup.device)
     return trainer.fit()

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from prunekit.errors import PrunekitError
+from prunekit.hparams import integer, require
 
 from .augment import crop_and_flip, draw_crop_and_flip
 from .splits import TensorSplit
@@ -45,8 +46,8 @@ class Loader:
         drop_last: bool = False,
         device: str | torch.device = "cpu",
     ) -> None:
-        _check_int_at_least("batch_size", batch_size, 1)
-        _check_int_at_least("seed", seed, 0)
+        require(batch_size, integer(1), "batch_size")
+        require(seed, integer(0), "seed")
         self.split = split
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -91,7 +92,7 @@ class Loader:
         return self._epoch
 
     def set_epoch(self, epoch: int) -> None:
-        _check_int_at_least("epoch", epoch, 0)
+        require(epoch, integer(0), "epoch")
         self._epoch = epoch
 
     def __len__(self) -> int:
@@ -150,7 +151,3 @@ def _normalisation(
 def _per_channel(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
 
-
-def _check_int_at_least(name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise PrunekitError(f"{name} must be an integer >= {minimum}, got {value!r}")

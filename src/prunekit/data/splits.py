@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from prunekit.errors import PrunekitError
+from prunekit.hparams import integer, require
 
 
 @dataclass
@@ -49,20 +50,16 @@ class TensorSplit:
 
     def split(self, holdout: int, seed: int = 0) -> tuple[TensorSplit, TensorSplit]:
         """Randomly hold out `holdout` examples: (rest, held_out), disjoint, each in original order."""
-        _check_count("holdout", holdout, low=1, high=len(self) - 1)
+        require(holdout, integer(1, len(self) - 1), "holdout", " for this split")
         order = _permutation(len(self), seed)
         return self.subset(order[holdout:].sort().values), self.subset(order[:holdout].sort().values)
 
     def take(self, n: int, seed: int = 0) -> TensorSplit:
         """A random subset of `n` examples, in original order."""
-        _check_count("n", n, low=1, high=len(self))
+        require(n, integer(1, len(self)), "n", " for this split")
         return self.subset(_permutation(len(self), seed)[:n].sort().values)
 
 
 def _permutation(size: int, seed: int) -> torch.Tensor:
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed))
 
-
-def _check_count(name: str, value: int, *, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise PrunekitError(f"{name} must be an integer in [{low}, {high}] for this split, got {value!r}")

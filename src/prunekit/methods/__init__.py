@@ -7,7 +7,6 @@ masks, measuring — is done once by `prunekit.prune`.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import pkgutil
 from collections.abc import Callable
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import hparams as hparams_lib
-from ..budgets import Budget
+from ..budgets import Budget, Plan
 from ..cost import CostMeter
 from ..errors import PrunekitError
 from ..masks import MASKED
@@ -42,10 +41,15 @@ class PruneContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     history: list[dict[str, Any]] = field(default_factory=list)
     observer: Callable[[nn.Module, dict[str, Any]], None] | None = None
+    plan: Plan | None = None  # the budget's counts for these targets; made from the budget when not given
+
+    def __post_init__(self) -> None:
+        if self.plan is None:
+            self.plan = self.budget.plan({t.name: t.shape for t in self.targets}, self.sparsity)
 
     def select(self, scores: dict[str, torch.Tensor], sparsity: float | None = None) -> dict[str, torch.Tensor]:
-        """Exact masks from scores under this prune's budget."""
-        return self.budget.select(scores, self.sparsity if sparsity is None else sparsity)
+        """Exact masks from scores under this prune's plan (at another sparsity for a stage)."""
+        return self.plan.at(self.sparsity if sparsity is None else sparsity).select(scores)
 
     def record(self, **event: Any) -> None:
         """Log a point of the method's progress (a stage, a round, a mask update) with the cost so far.
@@ -77,7 +81,7 @@ class Method:
     @property
     def trains(self) -> bool:
         """Whether the method trains the network: its hyperparameters hold a training group."""
-        return TRAINING_GROUP in hparams_lib.groups(self.hparams) or issubclass(self.hparams, TrainConfig)
+        return TRAINING_GROUP in hparams_lib.groups(self.hparams)
 
 
 # one-shot: prunes a trained model without training it; training: trains while or after pruning;
@@ -85,19 +89,9 @@ class Method:
 FAMILIES = ("one-shot", "training", "at-init")
 _REGISTRY: dict[str, Method] = {}
 
-# Fields a training method inherits from TrainConfig that are not its to set: the seed is
-# prune()'s `seed`, the batch size is the data's (the loader passed to prune).
-PRUNE_OWNED_FIELDS = ("seed", "batch_size")
-
-
-def training_hparams(config: Any) -> dict[str, Any]:
-    """A TrainConfig as keyword hyperparameters of a training method: all its fields but the prune-owned ones."""
-    return {name: value for name, value in dataclasses.asdict(config).items() if name not in PRUNE_OWNED_FIELDS}
-
-
 def method_fields(method: Method) -> list[hparams_lib.FieldInfo]:
-    """The hyperparameters a user sets for `method` (its dataclass fields less the prune-owned ones)."""
-    return [info for info in hparams_lib.describe(method.hparams) if info.name not in PRUNE_OWNED_FIELDS]
+    """The hyperparameters a user sets for `method`, nested groups' settings flattened."""
+    return hparams_lib.describe(method.hparams)
 
 
 def register(name: str, hparams: type, summary: str, needs_data: bool = False, mask_mode: str = MASKED,

@@ -25,7 +25,7 @@ from typing import Protocol
 
 import torch
 
-from ..budgets import Budget
+from ..budgets import Plan, keep_largest
 from ..fisher import WeightLayout
 
 LINE_SEARCH_DOUBLINGS = 5  # `sea_max_itr` of the reference code
@@ -185,28 +185,26 @@ class Pools:
         self.members = [(self.ids == j).nonzero().squeeze(1) for j in range(len(self.keep))]
 
     @classmethod
-    def from_budget(cls, budget: Budget, layout: WeightLayout, sparsity: float) -> Pools:
-        """The budget's exact counts: a global allocation is one pool, a fixed per-tensor count another."""
-        sizes = dict(zip(layout.names, layout.sizes))
-        counts = budget.prune_counts(sizes, sparsity, dict(zip(layout.names, layout.shapes)))
-        own = [name for name in layout.names if name in counts]
+    def from_plan(cls, plan: Plan, layout: WeightLayout) -> Pools:
+        """The plan's exact counts: each tensor with its own count is a pool, the tensors ranked together another."""
+        own = [name for name in layout.names if name in plan.counts]
         pool_of = {name: i for i, name in enumerate(own)}
-        shared = len(own)  # tensors ranked together under a global allocation
+        shared = len(own)
+        sizes = dict(zip(layout.names, layout.sizes))
         ids = torch.cat([torch.full((size,), pool_of.get(name, shared)) for name, size in sizes.items()])
-        keep = [sizes[name] - counts[name] for name in own]
-        if None in counts:
-            keep.append(sum(size for name, size in sizes.items() if name not in pool_of) - counts[None])
+        keep = [sizes[name] - plan.counts[name] for name in own]
+        if plan.shared:
+            keep.append(sum(sizes[name] for name in plan.shared) - plan.counts[None])
         return cls(ids, keep)
 
     def restrict(self, columns: torch.Tensor) -> Pools:
         return Pools(self.ids[columns], self.keep)
 
     def top(self, values: torch.Tensor, keep: list[int] | None = None) -> torch.Tensor:
-        """H_k: the `keep` largest |values| of each pool (ties to the lower index), as a mask."""
+        """H_k: the `keep` largest |values| of each pool, as a mask (the budget's selection, pool by pool)."""
         mask = torch.zeros(values.shape[0], dtype=torch.bool, device=values.device)
         for members, count in zip(self.members, keep or self.keep):
-            order = torch.sort(values[members].abs(), descending=True, stable=True).indices
-            mask[members[order[:count]]] = True
+            mask[members] = keep_largest(values[members].abs(), count)
         return mask
 
     def widened(self, values: torch.Tensor, factor: float) -> torch.Tensor:

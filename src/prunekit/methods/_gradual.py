@@ -20,43 +20,38 @@ pruned, how many came back, how much of the new mask was already kept, and the p
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..budgets import Budget
 from ..errors import PrunekitError
+from ..hparams import group, integer, number, setting
 from ..masks import MASKED, attach_masks
 from ..schedules import StepSchedule
 from ..targets import Target
 from ..training import Callback, TrainConfig, Trainer
 from . import PruneContext
-from ._training import masked_fraction, train
+from ._stages import Stages
+from ._training import train
 
-# A weight's ranking score from its target and its current mask (True = kept); lowest is pruned.
-Score = Callable[[Target, torch.Tensor], torch.Tensor]
+# Scores of every target given the current masks (True = kept); the lowest are pruned.
+Score = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 @dataclass
-class GradualHparams(TrainConfig):
-    """Training (every TrainConfig field) plus the pruning schedule; start and end are fractions of training."""
+class GradualHparams:
+    """Training (`training`) plus the pruning schedule; start and end are fractions of training."""
 
-    p: int = field(default=16, metadata={
-        "help": "recompute the mask every p optimizer steps (>= 1; the DPF paper uses 16)"})
-    start: float = field(default=0.0, metadata={
-        "help": "fraction of training at which the sparsity starts rising from 0, in [0, 1)"})
-    end: float = field(default=0.75, metadata={
-        "help": "fraction of training at which the sparsity reaches the target, in [start, 1]"})
+    training: TrainConfig = group(TrainConfig)
+    p: int = setting(16, "recompute the mask every p optimizer steps (>= 1; the DPF paper uses 16)", integer(1))
+    start: float = setting(0.0, "fraction of training at which the sparsity starts rising from 0, in [0, 1)",
+                           number(0, 1, high_open=True))
+    end: float = setting(0.75, "fraction of training at which the sparsity reaches the target, in [start, 1]",
+                         number(0, 1))
 
-    def validate(self) -> None:
-        super().validate()
-        if isinstance(self.p, bool) or not isinstance(self.p, int) or self.p < 1:
-            raise PrunekitError(f"p={self.p!r} is invalid: the mask is recomputed every p optimizer steps, "
-                                "so p must be an integer >= 1 (the DPF paper uses 16)")
-        if not 0 <= self.start < 1:
-            raise PrunekitError(f"start={self.start!r} is invalid: it is the fraction of training at which "
-                                "pruning starts; set it in [0, 1), e.g. 0")
-        if not self.start <= self.end <= 1:
+    def check_relations(self) -> None:
+        if not self.start <= self.end:
             raise PrunekitError(f"end={self.end!r} is invalid: the schedule must end after it starts "
                                 f"(start={self.start}) and by the end of training; set end in [{self.start}, 1]")
 
@@ -69,29 +64,29 @@ def check_gradual_budget(budget: Budget, method: str) -> None:
                             "one-shot with method magnitude")
 
 
-def train_with_gradual_masks(ctx: PruneContext, hp: GradualHparams, *, mode: str, score: Score,
+def train_with_gradual_masks(ctx: PruneContext, hp: GradualHparams, *, mode: str, score: Score, monotone: bool,
                              keep_updating: bool) -> dict[str, torch.Tensor]:
     """Train `ctx.model` once while the masks follow the schedule; returns the final masks (at the target).
 
-    `mode` is the masks' gradient mode during training, `score` ranks the weights at each update, and
-    `keep_updating` says whether the mask is still recomputed (at the target) after the schedule ends.
+    `mode` is the masks' gradient mode during training, `score` ranks the weights at each update,
+    `monotone` ranks the pruned below every survivor (masks only shrink), and `keep_updating` says
+    whether the mask is still recomputed (at the target) after the schedule ends.
     """
-    everything = {t.name: torch.ones(t.shape, dtype=torch.bool, device=t.dense.device) for t in ctx.targets}
+    callback = GradualMasks(ctx, hp, mode, score, monotone, keep_updating)
     # Attached before the Trainer builds its optimizer; later updates only change the mask buffers.
-    attach_masks(ctx.model, everything, mode)
-    callback = GradualMasks(ctx, hp, everything, mode, score, keep_updating)
-    train(ctx, hp, [callback])
-    return callback.masks
+    attach_masks(ctx.model, callback.stages.masks, mode)
+    train(ctx, hp.training, [callback])
+    return callback.stages.masks
 
 
 class GradualMasks(Callback):
     """Recomputes the masks on the schedule at the start of a step and records the churn."""
 
-    def __init__(self, ctx: PruneContext, hp: GradualHparams, masks: dict[str, torch.Tensor], mode: str,
-                 score: Score, keep_updating: bool) -> None:
+    def __init__(self, ctx: PruneContext, hp: GradualHparams, mode: str, score: Score, monotone: bool,
+                 keep_updating: bool) -> None:
         self.ctx = ctx
         self.hp = hp
-        self.masks = masks
+        self.stages = Stages(ctx, monotone)
         self.mode = mode
         self.score = score
         self.keep_updating = keep_updating
@@ -118,26 +113,21 @@ class GradualMasks(Callback):
         return step % self.hp.p == 0 or step == self.schedule.end  # the end is always hit exactly
 
     def _update(self, trainer: Trainer, sparsity: float | None = None) -> None:
-        step = trainer.step
-        self.scheduled = self.schedule(step) if sparsity is None else sparsity
-        with torch.no_grad():
-            new = self.ctx.select({t.name: self.score(t, self.masks[t.name]) for t in self.ctx.targets},
-                                  self.scheduled)
+        self.scheduled = self.schedule(trainer.step) if sparsity is None else sparsity
+        new = self.stages.select(self.score(self.stages.masks), self.scheduled)
         attach_masks(self.ctx.model, new, self.mode)
         if self.mode == MASKED:
             _clear_optimizer_state(trainer.optimizer, self.ctx.targets, new)
-        churn = _churn(self.masks, new)
-        self.masks = new
-        self.ctx.record(step=step, epoch=trainer.epoch, scheduled=self.scheduled, sparsity=masked_fraction(new),
-                        pruning_error=_pruning_error(self.ctx.targets, new), **churn)
+        self.stages.record(step=trainer.step, epoch=trainer.epoch, scheduled=self.scheduled,
+                           pruning_error=_pruning_error(self.ctx.targets, new))
 
 
-def _churn(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, float | int]:
-    """Weights pruned and reactivated by an update, and the fraction of kept weights that were kept before."""
-    pruned = sum(int((old[n] & ~new[n]).sum()) for n in new)
-    reactivated = sum(int((~old[n] & new[n]).sum()) for n in new)
-    kept = sum(int(new[n].sum()) for n in new)
-    return {"pruned": pruned, "reactivated": reactivated, "overlap": (kept - reactivated) / max(kept, 1)}
+def dense_square_magnitude(targets: list[Target]) -> Score:
+    """w² of the dense weights, pruned ones included (which DPF's feedback may bring back).
+
+    Squared, so that a group's mean score (structure="filters") ranks filters by their L2 norm.
+    """
+    return lambda masks: {t.name: t.dense.detach().square() for t in targets}
 
 
 def _pruning_error(targets: list[Target], masks: dict[str, torch.Tensor]) -> float:

@@ -11,14 +11,12 @@ which is what the official BiP and Hydra layers get from autograd with their str
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 import torch
 
-from ..errors import PrunekitError
 from ..masks import STRAIGHT_THROUGH, attach_masks
 from ..targets import Target
 from ..training import Callback, TrainConfig, Trainer
@@ -93,21 +91,3 @@ def finetune(ctx: PruneContext, masks: Mapping[str, torch.Tensor], config: Train
     """Train the weights under fixed masks (pruned weights stay exactly zero); nothing when epochs is 0."""
     if epochs:
         train_under_masks(ctx, masks, replace(config, epochs=epochs), [RecordEpochs(ctx, "finetune")])
-
-
-# ---------------------------------------------------------------- hyperparameter checks
-
-def check_fields(owner: str, checks: Iterable[tuple[str, Any, str, bool]]) -> None:
-    """Raise PrunekitError for the first failed (name, value, requirement, ok) check."""
-    for name, value, requirement, ok in checks:
-        if not ok:
-            raise PrunekitError(f"{owner} hyperparameter {name}={value!r} is invalid: set it to {requirement} "
-                                f"(--{name.replace('_', '-')})")
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

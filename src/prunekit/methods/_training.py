@@ -6,7 +6,6 @@ one-shot + fine-tune), so that one seed fixes a whole run and "train under a mas
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
 
 import torch
 
@@ -29,19 +28,37 @@ def require_training_data(ctx: PruneContext) -> None:
 
 
 def train(ctx: PruneContext, config: TrainConfig, callbacks: Iterable[Callback] = (),
-          params: Iterable[torch.Tensor] | None = None) -> list[dict]:
-    """Train ctx.model on ctx.data under `config`; prune()'s seed replaces the config's."""
-    return Trainer(ctx.model, ctx.data, replace(config, seed=ctx.seed), callbacks=callbacks, device=ctx.device,
+          params: Iterable[torch.Tensor] | None = None, *, segment: int = 0, first_epoch: int = 0) -> list[dict]:
+    """Train ctx.model on ctx.data under `config`, seeded by prune()'s seed.
+
+    A method that trains in several segments (a fresh optimizer and LR cycle each) numbers them:
+    segment k is seeded with seed + k and sees the data from epoch `first_epoch` on, so segments
+    do not replay each other's shuffles.
+    """
+    data = ctx.data if first_epoch == 0 else _FromEpoch(ctx.data, first_epoch)
+    return Trainer(ctx.model, data, config, seed=ctx.seed + segment, callbacks=callbacks, device=ctx.device,
                    progress=False, params=params).fit()
 
 
 def train_under_masks(ctx: PruneContext, masks: Mapping[str, torch.Tensor], config: TrainConfig,
-                      callbacks: Iterable[Callback] = ()) -> list[dict]:
+                      callbacks: Iterable[Callback] = (), **segment: int) -> list[dict]:
     """Train with `masks` attached in masked mode: pruned weights are zero and get no gradient."""
     attach_masks(ctx.model, masks, MASKED)
-    return train(ctx, config, callbacks)
+    return train(ctx, config, callbacks, **segment)
 
 
-def masked_fraction(masks: Mapping[str, torch.Tensor]) -> float:
-    """Pruned entries / entries over all masks (weights, also for structured budgets)."""
-    return sum(int((~m).sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+class _FromEpoch:
+    """The training data seen from a later epoch: each segment's Trainer counts epochs from 0."""
+
+    def __init__(self, data, first_epoch: int) -> None:
+        self.data, self.first_epoch = data, first_epoch
+
+    def __iter__(self):
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.data, "set_epoch"):
+            self.data.set_epoch(self.first_epoch + epoch)

@@ -36,81 +36,58 @@ Choices, and where the official code (OPTML-Group/BiP) differs:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import PrunekitError
+from ..hparams import group, integer, number, one_of, setting
 from ..training import LR_SCHEDULES, Callback, TrainConfig, Trainer, lr_multiplier
 from . import PruneContext, register
-from ._scores import (
-    RecordEpochs,
-    Scores,
-    check_fields,
-    finetune,
-    grad_at_masked_weight,
-    is_count,
-    is_number,
-    straight_through,
-)
+from ._scores import RecordEpochs, Scores, finetune, grad_at_masked_weight, straight_through
 from ._training import train
 
 IMPLICIT_GRADIENTS = ("paper", "code", "off")
 
 
 @dataclass
-class BipHparams(TrainConfig):
-    """The training fields configure the lower level (the weights); the score_* fields the upper level."""
+class BipHparams:
+    """`training` configures the lower level (the weights); the score_* fields the upper level."""
 
-    epochs: int = field(default=10, metadata={
-        "help": "Epochs of bi-level iterations (>= 1); each is two passes over the data, one per level."})
-    lr: float = field(default=0.1, metadata={"help": "Lower-level (weight) peak learning rate (> 0)."})
-    weight_decay: float = field(default=1e-4, metadata={
-        "help": "L2 penalty on the kept weights in the lower level (>= 0)."})
-    score_lr: float = field(default=0.1, metadata={"help": "Upper-level (score) SGD learning rate (> 0)."})
-    score_lr_schedule: str = field(default="step", metadata={
-        "help": "Score LR decay: 'cosine', 'step' (at lr_milestones by lr_gamma) or 'constant'."})
-    score_weight_decay: float = field(default=1e-4, metadata={"help": "L2 penalty on the scores (>= 0)."})
-    implicit_gradient: str = field(default="paper", metadata={
-        "help": "Implicit-gradient term of the upper level: 'paper' (-(1/γ)·∇_zℓ⊙∇_θℓ), "
-                "'code' (the official code's -lr2·(∂ℓ/∂s)²) or 'off'."})
-    ig_scale: float = field(default=1e-4, metadata={
-        "help": "1/γ of the paper's implicit gradient (lr2 of the official code), > 0."})
-    finetune_epochs: int = field(default=0, metadata={
-        "help": "Epochs of training the weights under the final mask afterwards (>= 0; 0: none)."})
-
-    def validate(self) -> None:
-        super().validate()
-        check_fields("bip", [
-            ("score_lr", self.score_lr, "a finite number > 0", is_number(self.score_lr) and self.score_lr > 0),
-            ("score_lr_schedule", self.score_lr_schedule, f"one of {LR_SCHEDULES}",
-             self.score_lr_schedule in LR_SCHEDULES),
-            ("score_weight_decay", self.score_weight_decay, "a finite number >= 0",
-             is_number(self.score_weight_decay) and self.score_weight_decay >= 0),
-            ("implicit_gradient", self.implicit_gradient, f"one of {IMPLICIT_GRADIENTS}",
-             self.implicit_gradient in IMPLICIT_GRADIENTS),
-            ("ig_scale", self.ig_scale, "a finite number > 0 (implicit_gradient=off turns the term off)",
-             is_number(self.ig_scale) and self.ig_scale > 0),
-            ("finetune_epochs", self.finetune_epochs, "an integer >= 0", is_count(self.finetune_epochs)),
-        ])
+    training: TrainConfig = group(TrainConfig, help={
+        "epochs": "epochs of bi-level iterations (>= 1); each is two passes over the data, one per level",
+        "lr": "lower-level (weight) peak learning rate (> 0)",
+        "weight_decay": "L2 penalty on the kept weights in the lower level (>= 0)"},
+        epochs=10, lr=0.1, weight_decay=1e-4)
+    score_lr: float = setting(0.1, "upper-level (score) SGD learning rate (> 0)", number(0, low_open=True))
+    score_lr_schedule: str = setting("step", "score LR decay: 'cosine', 'step' (at lr_milestones by lr_gamma) or "
+                                     "'constant'", one_of(*LR_SCHEDULES))
+    score_weight_decay: float = setting(1e-4, "L2 penalty on the scores (>= 0)", number(0))
+    implicit_gradient: str = setting("paper", "implicit-gradient term of the upper level: 'paper' "
+                                     "(-(1/γ)·∇_zℓ⊙∇_θℓ), 'code' (the official code's -lr2·(∂ℓ/∂s)²) or 'off'",
+                                     one_of(*IMPLICIT_GRADIENTS))
+    ig_scale: float = setting(1e-4, "1/γ of the paper's implicit gradient (lr2 of the official code), > 0 "
+                              "(implicit_gradient=off turns the term off)", number(0, low_open=True))
+    finetune_epochs: int = setting(0, "epochs of training the weights under the final mask afterwards (>= 0; 0: "
+                                   "none)", integer(0))
 
 
 @register("bip", BipHparams, "bi-level optimization of a top-k mask and the weights (Zhang et al. 2022)",
-          needs_data=True)
+          needs_data=True, family="training")
 def bip(ctx: PruneContext, hp: BipHparams) -> dict[str, torch.Tensor]:
     _require_two_batches(ctx.data)
     scores = search(ctx, hp)
-    finetune(ctx, scores.masks, hp, hp.finetune_epochs)
+    finetune(ctx, scores.masks, hp.training, hp.finetune_epochs)
     return scores.masks
 
 
 def search(ctx: PruneContext, hp: BipHparams) -> Scores:
-    """The bi-level iterations for hp.epochs passes over the data; the model's weights are trained in place."""
+    """The bi-level iterations for `epochs` passes over the data; the model's weights are trained in place."""
     scores = Scores(ctx, {t.name: t.dense for t in ctx.targets})
     scores.project()
-    train(ctx, hp, [BilevelStep(ctx, scores, hp), RecordEpochs(ctx, "bilevel", scores)])
+    train(ctx, hp.training, [BilevelStep(ctx, scores, hp), RecordEpochs(ctx, "bilevel", scores)])
     return scores
 
 
@@ -122,9 +99,9 @@ class BilevelStep(Callback):
         self.ctx = ctx
         self.scores = scores
         self.hp = hp
-        self.optimizer = torch.optim.SGD(list(scores.tensors.values()), lr=hp.score_lr, momentum=hp.momentum,
-                                         weight_decay=hp.score_weight_decay)
-        score_schedule = replace(hp, lr_schedule=hp.score_lr_schedule)
+        self.optimizer = torch.optim.SGD(list(scores.tensors.values()), lr=hp.score_lr,
+                                         momentum=hp.training.momentum, weight_decay=hp.score_weight_decay)
+        score_schedule = replace(hp.training, lr_schedule=hp.score_lr_schedule)
         steps_per_epoch = len(ctx.data)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_multiplier(score_schedule, step, steps_per_epoch))
@@ -133,7 +110,7 @@ class BilevelStep(Callback):
 
     def on_step_begin(self, trainer: Trainer, batch) -> None:
         if self.upper_batches is None:
-            self.upper_batches = _upper_level_pass(self.ctx.data, self.hp.epochs + trainer.epoch)
+            self.upper_batches = _upper_level_pass(self.ctx.data, self.hp.training.epochs + trainer.epoch)
 
     def on_before_optimizer_step(self, trainer: Trainer, loss: torch.Tensor) -> None:
         """Lower level: ∇_θ ℓ(z* ⊙ θ) = z* ⊙ ∂ℓ/∂z (the straight-through mask left all of ∂ℓ/∂z on θ)."""
@@ -161,7 +138,7 @@ class BilevelStep(Callback):
         """One SGD step on the scores at θ_{t+1}, on a batch independent of the lower level's."""
         inputs, labels = (tensor.to(trainer.device) for tensor in next(self.upper_batches))
         self.ctx.model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.ctx.model(inputs), labels, label_smoothing=self.hp.label_smoothing)
+        loss = F.cross_entropy(self.ctx.model(inputs), labels, label_smoothing=self.hp.training.label_smoothing)
         loss.backward()
         for target in self.ctx.targets:
             score = self.scores.tensors[target.name]

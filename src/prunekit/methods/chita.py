@@ -26,13 +26,11 @@ stage (Alg. 1); `chita-gradual` interleaves CHITA prune events with SGD fine-tun
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import torch
 
-from ..budgets import check_sparsity
 from ..errors import PrunekitError
 from ..fisher import (
     PRECISIONS,
@@ -46,9 +44,10 @@ from ..fisher import (
     matrix_bytes,
     require_memory,
 )
+from ..hparams import group, integer, number, one_of, setting
 from ..masks import MASKED, attach_masks, mask_of
 from ..schedules import STAGE_SCHEDULES, stage_sparsities
-from ..training import TrainConfig, Trainer
+from ..training import TrainConfig
 from . import PruneContext, register
 from ._chita_solvers import (
     ACTIVE_SET_WIDTH,
@@ -62,6 +61,8 @@ from ._chita_solvers import (
     iterate_at,
     refit_pursuit,
 )
+from ._stages import Stages
+from ._training import train_under_masks
 
 SOLVERS = ("iht", "backsolve", "block")
 
@@ -70,89 +71,60 @@ SOLVERS = ("iht", "backsolve", "block")
 class ChitaHparams(FisherHparams):
     """One CHITA solve: the local model (n, ridge, first-order term) and the solver."""
 
-    ridge: float = field(default=1e-4, metadata={
-        "help": "λ: ridge keeping the solution near the current weights (λ' = λ·n/2 in the objective); > 0"})
-    first_order: bool = field(default=False, metadata={
-        "help": "keep the gradient term of the local model (off: OBS-style, gradient taken as 0 at a trained model); "
-                "the ridge then also bounds the step along the gradient, so it usually needs a larger --ridge"})
-    solver: str = field(default="iht", metadata={
-        "help": "iht: active-set IHT with line search; backsolve: magnitude support + ridge refit; "
-                "block: backsolve under a block-diagonal Fisher (large models)"})
-    block_size: int = field(default=500, metadata={
-        "help": "block solver: tensors of at least this many weights are cut into blocks of about this size"})
-    iterations: int = field(default=100, metadata={"help": "iht: IHT steps per active-set round"})
-    active_set_rounds: int = field(default=10, metadata={"help": "iht: times the active set may grow"})
-    pursuit_rounds: int = field(default=10, metadata={
-        "help": "iht and block: rounds of IHT step + exact refit after the start, each swapping weights while the "
-                "objective falls (0: off; block: unstructured budgets only)"})
-    tolerance: float = field(default=1e-7, metadata={
-        "help": "iht: stop when a step lowers the objective by less than this fraction"})
-    precision: str = field(default="float64", metadata={
-        "help": "float64 | float32: how G is stored and the IHT computed (float32 halves the memory)"})
-
-    def validate(self) -> None:
-        FisherHparams.validate(self)
-        if not self.ridge > 0 or not math.isfinite(self.ridge):
-            raise PrunekitError(f"ridge must be a finite number > 0, got {self.ridge!r} (e.g. --ridge 1e-4); "
-                                "without it the refit is singular when n < kept weights")
-        if self.solver not in SOLVERS:
-            raise PrunekitError(f"solver {self.solver!r} is unknown; use one of {', '.join(SOLVERS)}")
-        if self.precision not in PRECISIONS:
-            raise PrunekitError(f"precision {self.precision!r} is unknown; use float64 or float32")
-        for name in ("block_size", "iterations", "active_set_rounds"):
-            if getattr(self, name) < 1:
-                raise PrunekitError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.pursuit_rounds < 0:
-            raise PrunekitError(f"pursuit_rounds must be >= 0, got {self.pursuit_rounds!r}")
-        if not 0 <= self.tolerance < 1:
-            raise PrunekitError(f"tolerance must be in [0, 1), got {self.tolerance!r}")
+    ridge: float = setting(1e-4, "λ: ridge keeping the solution near the current weights (λ' = λ·n/2 in the "
+                           "objective); > 0, since without it the refit is singular when n < kept weights",
+                           number(0, low_open=True))
+    first_order: bool = setting(False, "keep the gradient term of the local model (off: OBS-style, gradient taken "
+                                "as 0 at a trained model); the ridge then also bounds the step along the "
+                                "gradient, so it usually needs a larger --ridge")
+    solver: str = setting("iht", "iht: active-set IHT with line search; backsolve: magnitude support + ridge "
+                          "refit; block: backsolve under a block-diagonal Fisher (large models)", one_of(*SOLVERS))
+    block_size: int = setting(500, "block solver: tensors of at least this many weights are cut into blocks of "
+                              "about this size", integer(1))
+    iterations: int = setting(100, "iht: IHT steps per active-set round", integer(1))
+    active_set_rounds: int = setting(10, "iht: times the active set may grow", integer(1))
+    pursuit_rounds: int = setting(10, "iht and block: rounds of IHT step + exact refit after the start, each "
+                                  "swapping weights while the objective falls (0: off; block: unstructured "
+                                  "budgets only)", integer(0))
+    tolerance: float = setting(1e-7, "iht: stop when a step lowers the objective by less than this fraction",
+                               number(0, 1, high_open=True))
+    precision: str = setting("float64", "float64 | float32: how G is stored and the IHT computed (float32 halves "
+                             "the memory)", one_of(*PRECISIONS))
 
 
 @dataclass
 class ChitaPlusPlusHparams(ChitaHparams):
     """CHITA++: several CHITA solves at rising sparsities, G recomputed at the current weights each stage."""
 
-    stages: int = field(default=20, metadata={"help": "number of stages (the last one is at the target sparsity)"})
-    schedule: str = field(default="exponential", metadata={
-        "help": f"stage sparsities from --base to the target: {', '.join(STAGE_SCHEDULES)}"})
-    base: float = field(default=0.1, metadata={"help": "sparsity of the schedule's first stage (below the target)"})
-
-    def validate(self) -> None:
-        ChitaHparams.validate(self)
-        check_sparsity(self.base, "chita++ base")
-        if self.stages < 1:
-            raise PrunekitError(f"stages must be >= 1, got {self.stages!r}")
-        if self.schedule not in STAGE_SCHEDULES:
-            raise PrunekitError(f"schedule {self.schedule!r} is unknown; use one of {', '.join(STAGE_SCHEDULES)}")
+    stages: int = setting(20, "number of stages (the last one is at the target sparsity)", integer(1))
+    schedule: str = setting("exponential", f"stage sparsities from --base to the target: "
+                            f"{', '.join(STAGE_SCHEDULES)}", one_of(*STAGE_SCHEDULES))
+    base: float = setting(0.1, "sparsity of the schedule's first stage (below the target)",
+                          number(0, 1, high_open=True))
 
 
 @dataclass
-class ChitaGradualHparams(ChitaHparams, TrainConfig):
+class ChitaGradualHparams(ChitaHparams):
     """CHITA prune events on a cubic schedule with SGD fine-tuning in between (the paper's gradual recipe)."""
 
-    events: int = field(default=7, metadata={"help": "pruning events (the last one reaches the target)"})
-    prune_every: int = field(default=12, metadata={
-        "help": "epochs of fine-tuning after each event but the last, one cosine LR cycle each"})
-    outer_base: float = field(default=0.5, metadata={"help": "sparsity of the first event"})
-    inner_stages: int = field(default=1, metadata={
-        "help": "CHITA++ stages per event, from the previous event's sparsity"})
-    # The recipe's own values where they differ from the one-shot and training defaults.
-    epochs: int = field(default=100, metadata={"help": "total epochs, events included (the last segment is the rest)"})
-    weight_decay: float = field(default=3.75e-5, metadata={"help": "L2 penalty of the fine-tuning SGD (>= 0)"})
-    fisher_samples: int = field(default=500, metadata={"help": "n: gradients in the empirical Fisher per event"})
-    fisher_batch: int = field(default=16, metadata={"help": "examples averaged into each gradient"})
-    solver: str = field(default="block", metadata={"help": "iht | backsolve | block (the recipe uses block)"})
+    training: TrainConfig = group(TrainConfig, help={
+        "epochs": "total epochs, events included (the last segment is the rest)",
+        "weight_decay": "L2 penalty of the fine-tuning SGD (>= 0)"},
+        epochs=100, weight_decay=3.75e-5)  # the recipe's own values
+    events: int = setting(7, "pruning events (the last one reaches the target)", integer(1))
+    prune_every: int = setting(12, "epochs of fine-tuning after each event but the last, one cosine LR cycle each",
+                               integer(1))
+    outer_base: float = setting(0.5, "sparsity of the first event", number(0, 1, high_open=True))
+    inner_stages: int = setting(1, "CHITA++ stages per event, from the previous event's sparsity", integer(1))
+    # The recipe's own values where they differ from the one-shot defaults.
+    fisher_samples: int = setting(500, "n: gradients in the empirical Fisher per event", integer(1))
+    fisher_batch: int = setting(16, "examples averaged into each gradient", integer(1))
+    solver: str = setting("block", "iht | backsolve | block (the recipe uses block)", one_of(*SOLVERS))
 
-    def validate(self) -> None:
-        ChitaHparams.validate(self)
-        TrainConfig.validate(self)
-        for name in ("events", "prune_every", "inner_stages"):
-            if getattr(self, name) < 1:
-                raise PrunekitError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.epochs <= self.prune_every * (self.events - 1):
+    def check_relations(self) -> None:
+        if self.training.epochs <= self.prune_every * (self.events - 1):
             raise PrunekitError(f"{self.events} events every {self.prune_every} epochs leave no epoch after the "
-                                f"last one within --epochs {self.epochs}; raise --epochs or lower --events")
-        check_sparsity(self.outer_base, "chita-gradual outer_base")
+                                f"last one within --epochs {self.training.epochs}; raise --epochs or lower --events")
 
 
 # ---------------------------------------------------------------- methods
@@ -172,7 +144,7 @@ def chita_plus_plus(ctx: PruneContext, hp: ChitaPlusPlusHparams) -> dict[str, to
 
 
 @register("chita-gradual", ChitaGradualHparams, "CHITA prune events on a cubic schedule with SGD fine-tuning, "
-          "momentum reset and cosine LR restarts in between", needs_data=True)
+          "momentum reset and cosine LR restarts in between", needs_data=True, family="training")
 def chita_gradual(ctx: PruneContext, hp: ChitaGradualHparams) -> dict[str, torch.Tensor]:
     if hp.outer_base > ctx.sparsity:
         raise PrunekitError(f"chita-gradual --outer-base {hp.outer_base} is above the target sparsity "
@@ -183,12 +155,10 @@ def chita_gradual(ctx: PruneContext, hp: ChitaGradualHparams) -> dict[str, torch
     for event, sparsity in enumerate(event_sparsities):
         inner = stage_sparsities(sparsity, hp.inner_stages, "exponential", base=previous)
         masks = solve_stages(ctx, hp, inner)
-        attach_masks(ctx.model, masks, MASKED)
-        last = event == hp.events - 1
-        epochs = hp.epochs - epoch if last else hp.prune_every
-        # A fresh Trainer per segment: new optimizer (momentum reset) and a new cosine cycle (LR restart).
-        config = TrainConfig(**{**_train_fields(hp), "epochs": epochs, "seed": ctx.seed + event})
-        history = Trainer(ctx.model, _FromEpoch(ctx.data, epoch), config, device=ctx.device, progress=False).fit()
+        epochs = hp.training.epochs - epoch if event == hp.events - 1 else hp.prune_every
+        # A segment per event: a new optimizer (momentum reset) and a new cosine cycle (LR restart).
+        history = train_under_masks(ctx, masks, replace(hp.training, epochs=epochs), segment=event,
+                                    first_epoch=epoch)
         epoch += epochs
         ctx.record(event=event, sparsity=sparsity, epochs=epoch, train_accuracy=history[-1]["train_accuracy"],
                    train_loss=history[-1]["train_loss"])
@@ -202,6 +172,7 @@ def solve_stages(ctx: PruneContext, hp: ChitaHparams, sparsities: list[float]) -
     """CHITA at each sparsity in turn, each around the weights the previous one left (G recomputed)."""
     check_before_work(ctx, hp, min(sparsities))
     layout = WeightLayout.of(ctx.targets)
+    stages = Stages(ctx, monotone=False)  # a later stage may bring back what an earlier one pruned
     for stage, sparsity in enumerate(sparsities):
         # Each stage takes the next examples the data gives (a shuffling loader gives new ones each pass).
         inputs, labels = fisher_examples(ctx.data, hp.fisher_samples * hp.fisher_batch)
@@ -210,11 +181,11 @@ def solve_stages(ctx: PruneContext, hp: ChitaHparams, sparsities: list[float]) -
                             dtype=PRECISIONS[hp.precision], meter=ctx.meter)
         anchor = layout.flatten({t.name: t.weight for t in ctx.targets}).to(g.rows.dtype)
         solution, trace, swapped = solve(ctx, hp, g, anchor, sparsity)
-        masks = ctx.select(layout.unflatten(solution.support.to(torch.float32)), sparsity)
+        # The solver's support already holds the plan's counts: it is the stage's mask as it is.
+        masks = stages.accept(layout.unflatten(solution.support))
         _install(ctx, layout, solution.w, masks)
-        ctx.record(stage=stage, sparsity=sparsity, solver=hp.solver, objective=trace, swapped=swapped,
-                   revived=int((solution.support & (anchor == 0)).sum()))
-    return masks
+        stages.record(stage=stage, scheduled=sparsity, solver=hp.solver, objective=trace, swapped=swapped)
+    return stages.masks
 
 
 def solve(ctx: PruneContext, hp: ChitaHparams, g: GradientMatrix, anchor: torch.Tensor,
@@ -230,7 +201,7 @@ def solve(ctx: PruneContext, hp: ChitaHparams, g: GradientMatrix, anchor: torch.
     start_point = iterate_at(q, first_step * start, start)
     trace = [start_point.value]
     if hp.solver == "iht":
-        pools = Pools.from_budget(ctx.budget, g.layout, sparsity)
+        pools = Pools.from_plan(ctx.plan.at(sparsity), g.layout)
         support = active_set_iht(q, pools, start_point, pools.widened(first_step, ACTIVE_SET_WIDTH),
                                  iterations=hp.iterations, rounds=hp.active_set_rounds, tolerance=hp.tolerance,
                                  lipschitz=lipschitz, trace=trace).support
@@ -240,7 +211,7 @@ def solve(ctx: PruneContext, hp: ChitaHparams, g: GradientMatrix, anchor: torch.
         if _block_pursuit(ctx, hp):
             # The pursuit's objective is the block-diagonal one: its values stay out of the trace of f.
             found = refit_pursuit(BlockFits(g.rows, anchor, blocks, q.ridge, q.linear),
-                                  Pools.from_budget(ctx.budget, g.layout, sparsity), start, hp.pursuit_rounds, [])
+                                  Pools.from_plan(ctx.plan.at(sparsity), g.layout), start, hp.pursuit_rounds, [])
             w, support = found.w, found.support
         else:
             w, support = block_backsolve(g.rows, anchor, start, blocks, q.ridge, q.linear), start
@@ -284,25 +255,3 @@ def _install(ctx: PruneContext, layout: WeightLayout, w: torch.Tensor, masks: di
     layout.write(ctx.targets, w)
     if any(mask_of(t.module) is not None for t in ctx.targets):
         attach_masks(ctx.model, masks, MASKED)
-
-
-def _train_fields(hp: TrainConfig) -> dict:
-    return {f.name: getattr(hp, f.name) for f in dataclasses.fields(TrainConfig)}
-
-
-class _FromEpoch:
-    """The training data seen from a later epoch: each segment's Trainer counts epochs from 0,
-    so without the shift every segment would replay the same shuffles."""
-
-    def __init__(self, data, first_epoch: int) -> None:
-        self.data, self.first_epoch = data, first_epoch
-
-    def __iter__(self):
-        return iter(self.data)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.data, "set_epoch"):
-            self.data.set_epoch(self.first_epoch + epoch)

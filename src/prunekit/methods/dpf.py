@@ -25,36 +25,29 @@ ended at chance after 10 epochs). Each mask update records the pruning error
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from ..hparams import setting
 from ..masks import STRAIGHT_THROUGH
-from ..targets import Target
 from . import PruneContext, register
-from ._gradual import GradualHparams, check_gradual_budget, train_with_gradual_masks
+from ._gradual import GradualHparams, check_gradual_budget, dense_square_magnitude, train_with_gradual_masks
 
 
 @dataclass
 class DPFHparams(GradualHparams):
     """Training settings, the schedule (p, start, end) and whether the mask freezes at the target."""
 
-    freeze: bool = field(default=False, metadata={
-        "help": "stop recomputing the mask once the schedule reaches the target (default: keep recomputing)"})
-
-
-def dense_magnitude(target: Target, kept: torch.Tensor) -> torch.Tensor:
-    """w² of the dense weights, pruned ones included: the feedback lets any weight win its place back.
-
-    Squared, so that a group's mean score (structure="filters") ranks filters by their L2 norm.
-    """
-    return target.dense.detach().square()
+    freeze: bool = setting(False, "stop recomputing the mask once the schedule reaches the target (default: "
+                           "keep recomputing)")
 
 
 @register("dpf", DPFHparams, "dynamic pruning with feedback: gradual magnitude masks, gradient at the pruned "
-          "model applied to the dense weights (Lin et al. 2020)", needs_data=True)
+          "model applied to the dense weights (Lin et al. 2020)", needs_data=True, family="training")
 def dpf(ctx: PruneContext, hp: DPFHparams) -> dict[str, torch.Tensor]:
     check_gradual_budget(ctx.budget, "dpf")
-    # Straight-through: the forward pass uses m ⊙ w and the gradient taken there reaches every w.
-    return train_with_gradual_masks(ctx, hp, mode=STRAIGHT_THROUGH, score=dense_magnitude,
-                                    keep_updating=not hp.freeze)
+    # Straight-through: the forward pass uses m ⊙ w and the gradient taken there reaches every w; the
+    # ranking includes the pruned (not monotone), so a pruned weight that grows comes back.
+    return train_with_gradual_masks(ctx, hp, mode=STRAIGHT_THROUGH, score=dense_square_magnitude(ctx.targets),
+                                    monotone=False, keep_updating=not hp.freeze)

@@ -14,19 +14,18 @@ the epoch budget of the other methods.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..errors import PrunekitError
+from ..hparams import group, number, setting, validate
 from ..masks import MASKED, attach_masks
-from ..targets import Target
 from ..training import TrainConfig
 from . import PruneContext, register
-from ._gradual import GradualHparams, check_gradual_budget, train_with_gradual_masks
-from ._training import masked_fraction, train
-
-PRUNED = -1.0  # below every w², so a pruned weight is never chosen again
+from ._gradual import GradualHparams, check_gradual_budget, dense_square_magnitude, train_with_gradual_masks
+from ._stages import Stages
+from ._training import train
 
 
 @dataclass
@@ -34,61 +33,55 @@ class GMPHparams(GradualHparams):
     """Training settings and the schedule (p, start, end); after the end the mask no longer changes."""
 
 
-def kept_magnitude(target: Target, kept: torch.Tensor) -> torch.Tensor:
-    """w² of the weights still kept; pruned ones rank last, so the mask only shrinks."""
-    return torch.where(kept, target.dense.detach().square(), PRUNED)
-
-
 @register("gmp", GMPHparams, "gradual magnitude pruning: DPF's schedule without feedback, pruned weights "
-          "stay zero (Zhu & Gupta 2017)", needs_data=True)
+          "stay zero (Zhu & Gupta 2017)", needs_data=True, family="training")
 def gmp(ctx: PruneContext, hp: GMPHparams) -> dict[str, torch.Tensor]:
     check_gradual_budget(ctx.budget, "gmp")
-    # Masked gradients: a pruned weight is zero, gets no gradient, and its momentum is cleared.
-    # Once the target is reached the kept weights are all that can be ranked, so updates stop.
-    return train_with_gradual_masks(ctx, hp, mode=MASKED, score=kept_magnitude, keep_updating=False)
+    # Masked gradients: a pruned weight is zero, gets no gradient, and its momentum is cleared. The
+    # ranking is monotone (the pruned rank last), so once the target is reached the mask stops changing.
+    return train_with_gradual_masks(ctx, hp, mode=MASKED, score=dense_square_magnitude(ctx.targets), monotone=True,
+                                    keep_updating=False)
 
 
 @dataclass
-class OneShotFinetuneHparams(TrainConfig):
+class OneShotFinetuneHparams:
     """Training settings for the whole budget, split into a dense phase and a fine-tuning phase."""
 
-    prune_at: float = field(default=0.5, metadata={
-        "help": "fraction of the epochs trained dense before the one-shot pruning; the rest fine-tunes, in (0, 1)"})
-    finetune_lr_scale: float = field(default=1.0, metadata={
-        "help": "peak LR of the fine-tuning phase as a multiple of lr; 1 repeats the LR schedule "
-                "(learning-rate rewinding, Renda et al. 2020), Han et al. 2015 fine-tune with a lower one"})
+    training: TrainConfig = group(TrainConfig)
+    prune_at: float = setting(0.5, "fraction of the epochs trained dense before the one-shot pruning; the rest "
+                              "fine-tunes, in (0, 1)", number(0, 1, low_open=True, high_open=True))
+    finetune_lr_scale: float = setting(1.0, "peak LR of the fine-tuning phase as a multiple of lr; 1 repeats the LR "
+                                       "schedule (learning-rate rewinding, Renda et al. 2020), Han et al. 2015 "
+                                       "fine-tune with a lower one", number(0, low_open=True))
 
-    def validate(self) -> None:
-        super().validate()
-        if not 0 < self.finetune_lr_scale < float("inf"):
-            raise PrunekitError(f"finetune_lr_scale={self.finetune_lr_scale!r} is invalid: set it to a number > 0")
-        if not 0 < self.prune_at < 1:
-            raise PrunekitError(f"prune_at={self.prune_at!r} is invalid: set it to a fraction in (0, 1), e.g. 0.5")
+    def check_relations(self) -> None:
         for name, phase in zip(("dense", "fine-tuning"), self.phases()):
             if phase.epochs < 1:
-                raise PrunekitError(f"prune_at={self.prune_at} of {self.epochs} epochs leaves no {name} epoch; "
-                                    "use at least 2 epochs, with round(prune_at × epochs) between 1 and epochs − 1")
+                raise PrunekitError(f"prune_at={self.prune_at} of {self.training.epochs} epochs leaves no {name} "
+                                    "epoch; use at least 2 epochs, with round(prune_at × epochs) between 1 and "
+                                    "epochs − 1")
             try:
-                phase.validate()
+                validate(phase)
             except PrunekitError as error:
                 raise PrunekitError(f"the {name} phase ({phase.epochs} epochs): {error}") from None
 
     def phases(self) -> tuple[TrainConfig, TrainConfig]:
         """The dense training and the fine-tuning, as plain training settings."""
-        dense_epochs = round(self.prune_at * self.epochs)
-        plain = TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
-        return (replace(plain, epochs=dense_epochs),
-                replace(plain, epochs=self.epochs - dense_epochs, lr=self.lr * self.finetune_lr_scale))
+        dense_epochs = round(self.prune_at * self.training.epochs)
+        return (replace(self.training, epochs=dense_epochs),
+                replace(self.training, epochs=self.training.epochs - dense_epochs,
+                        lr=self.training.lr * self.finetune_lr_scale))
 
 
 @register("oneshot-ft", OneShotFinetuneHparams, "train dense, prune once by magnitude, fine-tune the rest of "
-          "the epochs with the mask fixed (Han et al. 2015)", needs_data=True)
+          "the epochs with the mask fixed (Han et al. 2015)", needs_data=True, family="training")
 def oneshot_finetune(ctx: PruneContext, hp: OneShotFinetuneHparams) -> dict[str, torch.Tensor]:
     dense_phase, finetune_phase = hp.phases()
     train(ctx, dense_phase)
+    stages = Stages(ctx)
     # w², as DPF and GMP rank: the same weights for unstructured budgets, filters by L2 norm for structured ones.
-    masks = ctx.select({t.name: t.dense.detach().square() for t in ctx.targets})
+    masks = stages.select(dense_square_magnitude(ctx.targets)(stages.masks), ctx.sparsity)
     attach_masks(ctx.model, masks, MASKED)
-    ctx.record(epoch=dense_phase.epochs, sparsity=masked_fraction(masks))
+    stages.record(epoch=dense_phase.epochs)
     train(ctx, finetune_phase)
     return masks

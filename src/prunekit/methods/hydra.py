@@ -17,48 +17,37 @@ weight decay 5e-4, also applied to the scores).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import PrunekitError
+from ..hparams import group, integer, setting
 from ..targets import Target
 from ..training import Callback, TrainConfig, Trainer
 from . import PruneContext, register
-from ._scores import (
-    RecordEpochs,
-    Scores,
-    check_fields,
-    finetune,
-    grad_at_masked_weight,
-    is_count,
-    straight_through,
-)
+from ._scores import RecordEpochs, Scores, finetune, grad_at_masked_weight, straight_through
 from ._training import train
 
 
 @dataclass
-class HydraHparams(TrainConfig):
-    """The training fields configure both phases: `epochs` trains the scores, `finetune_epochs` the weights."""
+class HydraHparams:
+    """`training` configures both phases: `epochs` trains the scores, `finetune_epochs` the weights."""
 
-    epochs: int = field(default=10, metadata={"help": "Epochs of training the scores with the weights frozen (>= 1)."})
-    finetune_epochs: int = field(default=10, metadata={
-        "help": "Epochs of training the weights under the learned mask (>= 0; 0: scores only)."})
-
-    def validate(self) -> None:
-        super().validate()
-        check_fields("hydra", [("finetune_epochs", self.finetune_epochs, "an integer >= 0",
-                                is_count(self.finetune_epochs))])
+    training: TrainConfig = group(TrainConfig, help={
+        "epochs": "epochs of training the scores with the weights frozen (>= 1)"})
+    finetune_epochs: int = setting(10, "epochs of training the weights under the learned mask (>= 0; 0: scores "
+                                   "only)", integer(0))
 
 
 @register("hydra", HydraHparams, "learn top-k scores with the weights frozen, then fine-tune (Sehwag et al. 2020)",
-          needs_data=True)
+          needs_data=True, family="training")
 def hydra(ctx: PruneContext, hp: HydraHparams) -> dict[str, torch.Tensor]:
     scores = Scores(ctx, {t.name: scaled_scores(t) for t in ctx.targets})
     scores.project()
-    train(ctx, hp, [ScoreStep(ctx, scores), RecordEpochs(ctx, "scores", scores)],
+    train(ctx, hp.training, [ScoreStep(ctx, scores), RecordEpochs(ctx, "scores", scores)],
           params=list(scores.tensors.values()))
-    finetune(ctx, scores.masks, hp, hp.finetune_epochs)
+    finetune(ctx, scores.masks, hp.training, hp.finetune_epochs)
     return scores.masks
 
 

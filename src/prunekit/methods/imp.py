@@ -20,56 +20,51 @@ include the previous round's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from numbers import Real
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from ..checkpoints import load_state_dict_into, plain_state_dict, read_state_dict
 from ..errors import PrunekitError
+from ..hparams import group, number, one_of, setting
 from ..schedules import imp_rounds
 from ..training import Callback, TrainConfig, Trainer
 from . import PruneContext, register
-from ._training import masked_fraction, require_training_data, train, train_under_masks
+from ._stages import run_stages
+from ._training import require_training_data, train, train_under_masks
 
 REWINDS = ("weights", "lr")
 State = dict[str, Tensor]
 
 
 @dataclass
-class RetrainHparams(TrainConfig):
-    """How each retraining runs (TrainConfig: `epochs` per round, lr, schedule, ...) and where it starts.
+class RetrainHparams:
+    """How each retraining runs (`training`: epochs per round, lr, schedule, ...) and where it starts.
 
     The model given to prune() is the trained dense model, unless `train_dense` says it is an
     initialisation. Training is seeded by prune()'s seed.
     """
 
-    epochs: int = field(default=10, metadata={
-        "help": "epochs of each training: every round's retraining, and the dense training with train_dense"})
-    rewind: str = field(default="weights", metadata={
-        "help": "weights: survivors go back to the rewind point before each retraining (weight rewinding); "
-                "lr: survivors keep their trained values and the LR schedule starts again (LR rewinding; "
-                "with a small constant lr this is fine-tuning)"})
-    rewind_epoch: float = field(default=1.0, metadata={
-        "help": "with train_dense: the point of the dense training (in epochs, may be fractional) whose "
-                "weights are the rewind point; 0 is the initialisation, as in the original lottery ticket"})
-    rewind_weights: str | None = field(default=None, metadata={
-        "help": "file with the weights at the rewind point of the training that produced the given model "
-                "(safetensors or torch state dict); without it (and without train_dense) weight rewinding "
-                "returns the survivors to the given trained weights"})
-    train_dense: bool = field(default=False, metadata={
-        "help": "the model given is an initialisation: train it dense for `epochs` first (recorded as round 0, "
-                "its cost counted) and take the rewind point from that run"})
+    training: TrainConfig = group(TrainConfig, help={
+        "epochs": "epochs of each training: every round's retraining, and the dense training with train_dense"})
+    rewind: str = setting("weights", "weights: survivors go back to the rewind point before each retraining "
+                          "(weight rewinding); lr: survivors keep their trained values and the LR schedule starts "
+                          "again (LR rewinding; with a small constant lr this is fine-tuning)", one_of(*REWINDS))
+    rewind_epoch: float = setting(1.0, "with train_dense: the point of the dense training (in epochs, may be "
+                                  "fractional) whose weights are the rewind point; 0 is the initialisation, as in "
+                                  "the original lottery ticket", number(0))
+    rewind_weights: str | None = setting(None, "file with the weights at the rewind point of the training that "
+                                         "produced the given model (safetensors or torch state dict); without it "
+                                         "(and without train_dense) weight rewinding returns the survivors to the "
+                                         "given trained weights")
+    train_dense: bool = setting(False, "the model given is an initialisation: train it dense for `epochs` first "
+                                "(recorded as round 0, its cost counted) and take the rewind point from that run")
 
-    def validate(self) -> None:
-        super().validate()
-        if self.rewind not in REWINDS:
-            raise PrunekitError(f"rewind={self.rewind!r} is unknown; use one of {', '.join(REWINDS)}")
-        captures = self.train_dense and self.rewind == "weights"
-        if captures and not (isinstance(self.rewind_epoch, Real) and 0 <= self.rewind_epoch < self.epochs):
-            raise PrunekitError(f"rewind_epoch={self.rewind_epoch!r} must be in [0, epochs={self.epochs}): "
+    def check_relations(self) -> None:
+        epochs = self.training.epochs
+        if self.train_dense and self.rewind == "weights" and not self.rewind_epoch < epochs:
+            raise PrunekitError(f"rewind_epoch={self.rewind_epoch!r} must be in [0, epochs={epochs}): "
                                 "the rewind point lies inside the dense training")
         if self.rewind_weights is None:
             return
@@ -85,12 +80,8 @@ class RetrainHparams(TrainConfig):
 class ImpHparams(RetrainHparams):
     """IMP: each round prunes `rate` of the remaining weights, rewinds and retrains for `epochs`."""
 
-    rate: float = field(default=0.2, metadata={"help": "fraction of the remaining weights pruned per round, in (0, 1)"})
-
-    def validate(self) -> None:
-        super().validate()
-        if not (isinstance(self.rate, Real) and 0 < self.rate < 1):
-            raise PrunekitError(f"rate={self.rate!r} must be a fraction in (0, 1), e.g. 0.2 for 20% per round")
+    rate: float = setting(0.2, "fraction of the remaining weights pruned per round, in (0, 1)",
+                          number(0, 1, low_open=True, high_open=True))
 
 
 @dataclass
@@ -103,7 +94,7 @@ class OmpHparams(RetrainHparams):
 
 
 @register("imp", ImpHparams, "iterative magnitude pruning: prune 20% of the survivors, rewind, retrain; "
-          "every round recorded with its cost", needs_data=True)
+          "every round recorded with its cost", needs_data=True, family="training")
 def imp(ctx: PruneContext, hp: ImpHparams) -> dict[str, Tensor]:
     if ctx.budget.fixed_sparsity is not None:
         raise PrunekitError("imp raises the sparsity round by round, but N:M sparsity is fixed; "
@@ -112,7 +103,7 @@ def imp(ctx: PruneContext, hp: ImpHparams) -> dict[str, Tensor]:
 
 
 @register("omp", OmpHparams, "one-shot global magnitude on the trained model, then one retraining "
-          "(rewind or fine-tune)", needs_data=True)
+          "(rewind or fine-tune)", needs_data=True, family="training")
 def omp(ctx: PruneContext, hp: OmpHparams) -> dict[str, Tensor]:
     return prune_and_retrain(ctx, hp, [ctx.sparsity])
 
@@ -121,22 +112,25 @@ def prune_and_retrain(ctx: PruneContext, hp: RetrainHparams, sparsities: list[fl
     """One round per sparsity: magnitude within the survivors, rewind, retrain under the mask, record."""
     require_training_data(ctx)
     rewind_point = _rewind_point(ctx, hp)
-    masks = {t.name: torch.ones(t.shape, dtype=torch.bool, device=t.dense.device) for t in ctx.targets}
-    for round_number, sparsity in enumerate(sparsities, start=1):
-        magnitudes = {t.name: t.dense.detach().abs() for t in ctx.targets}
-        masks = ctx.select(within_survivors(masks, magnitudes), sparsity)
+
+    def rewind_and_retrain(masks: dict[str, Tensor]) -> None:
         if rewind_point is not None:
             load_state_dict_into(ctx.model, rewind_point)
-        train_under_masks(ctx, masks, hp)
-        ctx.record(round=round_number, sparsity=masked_fraction(masks))
-    return masks
+        train_under_masks(ctx, masks, hp.training)
+
+    return run_stages(ctx, sparsities, lambda masks: magnitudes(ctx), after=rewind_and_retrain, label="round",
+                      first=1)
+
+
+def magnitudes(ctx: PruneContext) -> dict[str, Tensor]:
+    return {t.name: t.dense.detach().abs() for t in ctx.targets}
 
 
 def _rewind_point(ctx: PruneContext, hp: RetrainHparams) -> State | None:
     """The state survivors return to before each round (None for LR rewinding)."""
     if hp.train_dense:
         capture = _CaptureAt(int(hp.rewind_epoch * len(ctx.data))) if hp.rewind == "weights" else None
-        train(ctx, hp, [capture] if capture else [])
+        train(ctx, hp.training, [capture] if capture else [])
         ctx.record(round=0, sparsity=0.0)
         return capture.state if capture else None
     if hp.rewind == "lr":
@@ -156,16 +150,6 @@ class _CaptureAt(Callback):
     def on_step_begin(self, trainer: Trainer, batch) -> None:
         if trainer.step == self.step:
             self.state = snapshot(trainer.model)
-
-
-# ---------------------------------------------------------------- shared with the other methods that train
-
-def within_survivors(masks: dict[str, Tensor], scores: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Scores where pruned weights rank below every survivor, so a new mask keeps only survivors.
-
-    A survivor can have a zero score too; ranking the pruned at -1 keeps ties from reviving them.
-    """
-    return {name: torch.where(masks[name], score, torch.full_like(score, -1.0)) for name, score in scores.items()}
 
 
 def snapshot(model: nn.Module) -> State:

@@ -13,12 +13,10 @@ Both model the loss near the current weights with the empirical Fisher F = (1/n)
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ..errors import PrunekitError
 from ..fisher import (
     FisherHparams,
     WeightLayout,
@@ -30,33 +28,28 @@ from ..fisher import (
     matrix_bytes,
     require_memory,
 )
+from ..hparams import group, integer, number, setting
 from ..schedules import stage_sparsities
 from . import PruneContext, register
+from ._stages import StageSettings, Stages, run_stages
 
 
 @dataclass
 class WoodFisherHparams(FisherHparams):
     """WoodFisher: the Fisher's blocks, its dampening, and how many recompute steps reach the target."""
 
-    dampening: float = field(default=1e-5, metadata={"help": "λ added to the Fisher's diagonal (> 0)"})
-    block_size: int = field(default=1000, metadata={
-        "help": "tensors of at least this many weights are cut into blocks of about this size; "
-                "memory grows as weights × block size"})
-    steps: int = field(default=4, metadata={
-        "help": "recompute steps of equal sparsity increments; G and F⁻¹ are recomputed at each"})
-
-    def validate(self) -> None:
-        FisherHparams.validate(self)
-        if not self.dampening > 0 or not math.isfinite(self.dampening):
-            raise PrunekitError(f"dampening must be a finite number > 0, got {self.dampening!r} (e.g. 1e-5)")
-        for name in ("block_size", "steps"):
-            if getattr(self, name) < 1:
-                raise PrunekitError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+    dampening: float = setting(1e-5, "λ added to the Fisher's diagonal (> 0)", number(0, low_open=True))
+    block_size: int = setting(1000, "tensors of at least this many weights are cut into blocks of about this "
+                              "size; memory grows as weights × block size", integer(1))
+    steps: int = setting(4, "recompute steps of equal sparsity increments; G and F⁻¹ are recomputed at each",
+                         integer(1))
 
 
 @dataclass
 class ObdHparams(FisherHparams):
-    """OBD: only the Fisher's size; the diagonal needs no more memory than one gradient call."""
+    """OBD: the Fisher's size, and stages (the diagonal recomputed at the pruned model before each)."""
+
+    staging: StageSettings = group(StageSettings)
 
 
 def block_inverse(rows: torch.Tensor, dampening: float) -> torch.Tensor:
@@ -86,18 +79,15 @@ def woodfisher(ctx: PruneContext, hp: WoodFisherHparams) -> dict[str, torch.Tens
     layout = WeightLayout.of(ctx.targets)
     blocks = block_slices(layout, hp.block_size)
     _check_woodfisher_memory(hp, layout, blocks)
-    kept = torch.ones(layout.p, dtype=torch.bool, device=ctx.device)
+    stages = Stages(ctx)
     for step, sparsity in enumerate(stage_sparsities(ctx.sparsity, hp.steps, "linear", ctx.sparsity / hp.steps)):
-        inputs, labels = fisher_examples(ctx.data, hp.fisher_samples * hp.fisher_batch)
-        g = gradient_matrix(ctx.model, ctx.targets, inputs.to(ctx.device), labels.to(ctx.device),
-                            batch=hp.fisher_batch, chunk=hp.fisher_chunk, meter=ctx.meter)
+        kept = layout.flatten(stages.masks)
+        g = _fisher_rows(ctx, hp)
         g.rows[:, ~kept] = 0  # removed weights leave the model: F⁻¹ is then the inverse over the kept ones
         w = layout.flatten({t.name: t.weight for t in ctx.targets}).to(torch.float64)
         inverses = [block_inverse(g.rows[:, columns], hp.dampening) for columns in blocks]
         inverse_diagonal = torch.cat([inverse.diagonal() for inverse in inverses])
-        # OBS saliency; weights removed at an earlier step rank below every kept one.
-        saliency = torch.where(kept, w.square() / (2 * inverse_diagonal), torch.full_like(w, -1.0))
-        masks = ctx.select(layout.unflatten(saliency), sparsity)
+        masks = stages.select(layout.unflatten(w.square() / (2 * inverse_diagonal)), sparsity)  # OBS saliency
         now_kept = layout.flatten(masks)
         removed = kept & ~now_kept
         for columns, inverse in zip(blocks, inverses):
@@ -105,9 +95,8 @@ def woodfisher(ctx: PruneContext, hp: WoodFisherHparams) -> dict[str, torch.Tens
             weights_out = torch.where(removed[columns], w[columns] / inverse_diagonal[columns], 0.0)
             w[columns] -= inverse @ weights_out
         layout.write(ctx.targets, w * now_kept)
-        kept = now_kept
-        ctx.record(step=step, sparsity=sparsity, removed=int(removed.sum()))
-    return masks
+        stages.record(step=step, scheduled=sparsity)
+    return stages.masks
 
 
 @register("obd", ObdHparams, "OBD (LeCun et al. 1990) with the diagonal empirical Fisher: remove the smallest "
@@ -115,11 +104,22 @@ def woodfisher(ctx: PruneContext, hp: WoodFisherHparams) -> dict[str, torch.Tens
 def obd(ctx: PruneContext, hp: ObdHparams) -> dict[str, torch.Tensor]:
     layout = WeightLayout.of(ctx.targets)
     require_memory("obd", {"gradient calls": gradient_call_bytes(hp, layout.p)}, hp, "--fisher-chunk")
+
+    def saliency(masks) -> dict[str, torch.Tensor]:
+        inputs, labels = fisher_examples(ctx.data, hp.fisher_samples * hp.fisher_batch)
+        fisher = diagonal_fisher(ctx.model, ctx.targets, inputs.to(ctx.device), labels.to(ctx.device),
+                                 batch=hp.fisher_batch, chunk=hp.fisher_chunk, meter=ctx.meter)
+        w = layout.flatten({t.name: t.weight for t in ctx.targets}).to(torch.float64)
+        return layout.unflatten(0.5 * fisher * w.square())
+
+    return run_stages(ctx, hp.staging.sparsities(ctx.sparsity), saliency)
+
+
+def _fisher_rows(ctx: PruneContext, hp: FisherHparams):
+    """G at the current weights on the next n examples of the data."""
     inputs, labels = fisher_examples(ctx.data, hp.fisher_samples * hp.fisher_batch)
-    fisher = diagonal_fisher(ctx.model, ctx.targets, inputs.to(ctx.device), labels.to(ctx.device),
-                             batch=hp.fisher_batch, chunk=hp.fisher_chunk, meter=ctx.meter)
-    w = layout.flatten({t.name: t.weight for t in ctx.targets}).to(torch.float64)
-    return ctx.select(layout.unflatten(0.5 * fisher * w.square()))
+    return gradient_matrix(ctx.model, ctx.targets, inputs.to(ctx.device), labels.to(ctx.device),
+                           batch=hp.fisher_batch, chunk=hp.fisher_chunk, meter=ctx.meter)
 
 
 def _check_woodfisher_memory(hp: WoodFisherHparams, layout: WeightLayout, blocks: list[slice]) -> None:

@@ -22,11 +22,9 @@ statistics see those batches).
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from numbers import Real
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,92 +32,81 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import PrunekitError
-from ..schedules import stage_sparsities
-from ..targets import Target
+from ..hparams import group, integer, number, setting
+from ..modes import model_mode
 from ..training import TrainConfig
 from . import PruneContext, register
+from ._stages import StageSettings, run_stages
 from ._training import require_training_data, train_under_masks
-from .imp import within_survivors
 
 Batch = tuple[Tensor, Tensor]
 
 
 @dataclass
-class PruneThenTrainHparams(TrainConfig):
-    """Training of the sparse network after pruning (TrainConfig); seeded by prune()'s seed."""
+class PruneThenTrainHparams:
+    """Training of the sparse network after pruning; seeded by prune()'s seed."""
 
-    epochs: int = field(default=0, metadata={
-        "help": "epochs of training of the sparse network after pruning, as the papers do (0: prune only)"})
-
-    def validate(self) -> None:
-        _check_count("epochs", self.epochs, minimum=0)
-        if self.epochs > 0:  # the training settings only matter when there is training
-            super().validate()
+    training: TrainConfig = group(TrainConfig, help={
+        "epochs": "epochs of training of the sparse network after pruning, as the papers do (0: prune only)"},
+        checks={"epochs": integer(0)}, epochs=0)
 
 
 @dataclass
 class SnipHparams(PruneThenTrainHparams):
-    """SNIP: connection sensitivity on `batches` mini-batches (the paper uses one)."""
+    """SNIP: connection sensitivity on `batches` mini-batches (the paper uses one), in one or more stages."""
 
-    batches: int = field(default=1, metadata={"help": "mini-batches of the data the scores are computed on"})
-
-    def validate(self) -> None:
-        super().validate()
-        _check_count("batches", self.batches, minimum=1)
+    batches: int = setting(1, "mini-batches of the data the scores are computed on", integer(1))
+    staging: StageSettings = group(StageSettings)
 
 
 @dataclass
 class GraspHparams(SnipHparams):
     """GraSP: gradient-flow preservation on `batches` mini-batches, logits divided by `temperature`."""
 
-    temperature: float = field(default=200.0, metadata={
-        "help": "the logits are divided by this before the loss (200 in the GraSP authors' code; 1: plain loss)"})
-
-    def validate(self) -> None:
-        super().validate()
-        if not (isinstance(self.temperature, Real) and 0 < self.temperature < float("inf")):
-            raise PrunekitError(f"temperature={self.temperature!r} must be a finite number > 0 (e.g. 200)")
+    temperature: float = setting(200.0, "the logits are divided by this before the loss (200 in the GraSP "
+                                 "authors' code; 1: plain loss)", number(0, low_open=True))
 
 
 @dataclass
 class SynflowHparams(PruneThenTrainHparams):
     """SynFlow: `iterations` rounds of rescoring on the exponential schedule. Data only trains the result."""
 
-    iterations: int = field(default=100, metadata={
-        "help": "pruning rounds, each rescoring the survivors; round k prunes to 1 - (1 - sparsity)^(k/iterations)"})
-
-    def validate(self) -> None:
-        super().validate()
-        _check_count("iterations", self.iterations, minimum=1)
+    iterations: int = setting(100, "pruning rounds, each rescoring the survivors; round k prunes to "
+                              "1 - (1 - sparsity)^(k/iterations)", integer(1))
 
 
 @register("snip", SnipHparams, "SNIP at initialisation: keep the largest |w * grad| on a mini-batch, then train",
-          needs_data=True)
+          needs_data=True, family="at-init")
 def snip(ctx: PruneContext, hp: SnipHparams) -> dict[str, Tensor]:
     _check_can_train(ctx, hp)
-    masks = ctx.select(snip_scores(ctx.model, ctx.targets, _first_batches(ctx, hp.batches)))
+    batches = _first_batches(ctx, hp.batches)
+    masks = run_stages(ctx, hp.staging.sparsities(ctx.sparsity),
+                       lambda masks: snip_scores(ctx.model, ctx.targets, batches))
     return _then_train(ctx, masks, hp)
 
 
 @register("grasp", GraspHparams, "GraSP at initialisation: remove the largest -w * Hg (gradient flow kept), "
-          "then train", needs_data=True)
+          "then train", needs_data=True, family="at-init")
 def grasp(ctx: PruneContext, hp: GraspHparams) -> dict[str, Tensor]:
     _check_can_train(ctx, hp)
-    scores = grasp_scores(ctx.model, ctx.targets, _first_batches(ctx, hp.batches), hp.temperature)
-    # select() prunes the lowest scores; GraSP prunes the highest S, i.e. the lowest -S.
-    masks = ctx.select({name: -score for name, score in scores.items()})
-    return _then_train(ctx, masks, hp)
+    batches = _first_batches(ctx, hp.batches)
+
+    def score(masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        # GraSP prunes the highest S: rank by the distance below the highest, non-negative as stages need.
+        scores = grasp_scores(ctx.model, ctx.targets, batches, hp.temperature)
+        highest = max(float(score.max()) for score in scores.values())
+        return {name: highest - score for name, score in scores.items()}
+
+    return _then_train(ctx, run_stages(ctx, hp.staging.sparsities(ctx.sparsity), score), hp)
 
 
 @register("synflow", SynflowHparams, "SynFlow at initialisation, data-free: iteratively keep the largest "
-          "|w * dR/dw| of the all-ones flow, then train (data only for training)")
+          "|w * dR/dw| of the all-ones flow, then train (data only for training)", family="at-init")
 def synflow(ctx: PruneContext, hp: SynflowHparams) -> dict[str, Tensor]:
     _check_can_train(ctx, hp)
     input_shape = _input_shape(ctx)
-    masks = {t.name: torch.ones(t.shape, dtype=torch.bool, device=t.dense.device) for t in ctx.targets}
-    for sparsity in stage_sparsities(ctx.sparsity, hp.iterations, "geometric", base=0.0):
-        scores = synflow_scores(ctx.model, ctx.targets, input_shape, masks)
-        masks = ctx.select(within_survivors(masks, scores), sparsity)
+    schedule = StageSettings(hp.iterations, "geometric").sparsities(ctx.sparsity)
+    masks = run_stages(ctx, schedule, lambda masks: synflow_scores(ctx.model, ctx.targets, input_shape, masks))
     return _then_train(ctx, masks, hp)
 
 
@@ -128,7 +115,7 @@ def synflow(ctx: PruneContext, hp: SynflowHparams) -> dict[str, Tensor]:
 def snip_scores(model: nn.Module, targets: Sequence[Target], batches: Sequence[Batch]) -> dict[str, Tensor]:
     """S = |θ ⊙ ∇_θ L|, L the mean cross-entropy over `batches`."""
     weights = [t.dense for t in targets]
-    with _mode(model, training=True):
+    with model_mode(model, training=True):
         grads = _mean_gradient(model, weights, batches, temperature=1.0)
     return {t.name: (w.detach() * g).abs() for t, w, g in zip(targets, weights, grads)}
 
@@ -137,7 +124,7 @@ def grasp_scores(model: nn.Module, targets: Sequence[Target], batches: Sequence[
                  temperature: float = 200.0) -> dict[str, Tensor]:
     """S = −θ ⊙ H g with g = ∇_θ L (fixed) and H g = ∇_θ(gᵀ ∇_θ L); GraSP removes the highest S."""
     weights = [t.dense for t in targets]
-    with _mode(model, training=True):
+    with model_mode(model, training=True):
         g = _mean_gradient(model, weights, batches, temperature)
         hessian_g = [torch.zeros_like(w) for w in weights]
         for batch in batches:
@@ -161,7 +148,7 @@ def synflow_scores(model: nn.Module, targets: Sequence[Target], input_shape: Seq
         state[name] = (state[name] * kept).requires_grad_()
         weights.append(state[name])
     ones = torch.ones(1, *input_shape, dtype=torch.float64, device=weights[0].device)
-    with _mode(model, training=False):
+    with model_mode(model, training=False):
         flow = functional_call(model, state, (ones,)).sum()
     grads = torch.autograd.grad(flow, weights)
     return {t.name: (w.detach() * g).abs() for t, w, g in zip(targets, weights, grads)}
@@ -187,25 +174,10 @@ def _linearised_state(model: nn.Module) -> dict[str, Tensor]:
     return {name: tensor.detach().abs().double() if tensor.is_floating_point() else tensor for name, tensor in named}
 
 
-@contextlib.contextmanager
-def _mode(model: nn.Module, training: bool) -> Iterator[None]:
-    was_training = model.training
-    model.train(training)
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 # ---------------------------------------------------------------- helpers
 
-def _check_count(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise PrunekitError(f"{name}={value!r} must be an integer >= {minimum}")
-
-
 def _check_can_train(ctx: PruneContext, hp: PruneThenTrainHparams) -> None:
-    if hp.epochs > 0:
+    if hp.training.epochs > 0:
         require_training_data(ctx)
 
 
@@ -230,6 +202,6 @@ def _input_shape(ctx: PruneContext) -> tuple[int, ...]:
 
 
 def _then_train(ctx: PruneContext, masks: dict[str, Tensor], hp: PruneThenTrainHparams) -> dict[str, Tensor]:
-    if hp.epochs > 0:
-        train_under_masks(ctx, masks, hp)
+    if hp.training.epochs > 0:
+        train_under_masks(ctx, masks, hp.training)
     return masks
