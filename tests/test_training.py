@@ -350,6 +350,10 @@ def test_nesterov_needs_sgd_momentum():
         hparams.validate(config(nesterov=True, optimizer="adam"), "training")
 
 
+def test_zero_epochs_a_method_may_allow_need_no_warm_up_check():
+    config(epochs=0, warmup_epochs=0.5).check_relations()
+
+
 def test_config_fields_have_help_and_a_check():
     assert all(f.metadata.get("help") and f.metadata.get("check") for f in fields(TrainConfig))
 

@@ -92,7 +92,7 @@ class TrainConfig:
             raise PrunekitError(f"nesterov=True is invalid with optimizer={self.optimizer!r} and momentum="
                                 f"{self.momentum!r}: Nesterov momentum needs optimizer 'sgd' with momentum > 0; "
                                 "set --nesterov false, or --optimizer sgd with --momentum > 0")
-        if not self.warmup_epochs < self.epochs:
+        if self.epochs > 0 and not self.warmup_epochs < self.epochs:  # 0 epochs (a method's "no training") warm nothing
             raise PrunekitError(f"warmup_epochs={self.warmup_epochs!r} is invalid: set it to a number below "
                                 f"epochs={self.epochs} (--warmup-epochs)")
 
