@@ -12,6 +12,7 @@ from prunekit.data import Loader, TensorSplit
 from prunekit.errors import PrunekitError
 from prunekit.methods import PruneContext
 from prunekit.methods._scores import Scores, grad_at_masked_weight, straight_through
+from prunekit.hparams import build
 from prunekit.methods.bip import BilevelStep, BipHparams, upper_gradient
 from prunekit.targets import find_targets
 from prunekit.training import Callback, Trainer
@@ -28,7 +29,8 @@ def one_iteration(model, data, hp: BipHparams, sparsity: float, initial=None) ->
         ctx = PruneContext(model, find_targets(model)[0], sparsity, Budget(), data, 0, meter)
         scores = Scores(ctx, initial or {t.name: t.dense for t in ctx.targets})
         scores.project()
-        Trainer(model, data, hp, callbacks=[BilevelStep(ctx, scores, hp), StopAfterFirstStep()], progress=False).fit()
+        Trainer(model, data, hp.training, callbacks=[BilevelStep(ctx, scores, hp), StopAfterFirstStep()],
+                progress=False).fit()
     return scores
 
 
@@ -63,7 +65,7 @@ def test_top_k_keeps_exactly_k_and_passes_the_mask_gradient_straight_to_the_scor
 
 def test_one_iteration_moves_kept_weights_only_and_every_score(tiny_net, tiny_batches):
     # Strong weight decay and momentum would move pruned weights if the step did not leave them alone.
-    hp = BipHparams(epochs=1, weight_decay=0.05, momentum=0.9)
+    hp = build(BipHparams, {"epochs": 1, "weight_decay": 0.05, "momentum": 0.9}, "bip")
     weights_before = {t.name: t.dense.detach().clone() for t in find_targets(tiny_net)[0]}
     bn_before = tiny_net.bn.weight.detach().clone()
     masks = prunekit.prune(copy.deepcopy(tiny_net), "magnitude", 0.6).masks  # scores = weights: the first mask
@@ -100,8 +102,9 @@ def test_implicit_gradient_variants_on_a_linear_model_with_gradients_by_hand(var
         model.weight.copy_(torch.tensor([[0.5, -1.0, 0.25], [-0.3, 0.8, 2.0]]))
     w0 = model.weight.detach().clone()
     lr, score_lr, scale = 0.5, 0.5, 10.0
-    hp = BipHparams(epochs=1, lr=lr, momentum=0.0, weight_decay=0.0, lr_schedule="constant", score_lr=score_lr,
-                    score_lr_schedule="constant", score_weight_decay=0.0, implicit_gradient=variant, ig_scale=scale)
+    hp = build(BipHparams, dict(epochs=1, lr=lr, momentum=0.0, weight_decay=0.0, lr_schedule="constant",
+                                score_lr=score_lr, score_lr_schedule="constant", score_weight_decay=0.0,
+                                implicit_gradient=variant, ig_scale=scale), "bip")
     scores = one_iteration(model, data, hp, sparsity=0.5)
 
     def grad_z(weights, batch):  # cross-entropy of a linear model: (softmax(x zᵀ) - onehot(y))ᵀ x / B
@@ -180,7 +183,7 @@ def test_filter_wise_bip_masks_whole_filters(tiny_net):
 
 
 @pytest.mark.parametrize("hparams, message", [
-    ({"implicit_gradient": "both"}, r"implicit_gradient='both' is invalid: set it to one of \('paper'"),
+    ({"implicit_gradient": "both"}, r"implicit_gradient='both' is invalid: set it to one of paper, code, off"),
     ({"ig_scale": 0.0}, r"ig_scale=0.0 is invalid.*implicit_gradient=off"),
     ({"score_lr": -1.0}, r"score_lr=-1.0 is invalid: set it to a finite number > 0"),
     ({"score_lr_schedule": "linear"}, r"score_lr_schedule='linear' is invalid"),

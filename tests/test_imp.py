@@ -145,14 +145,14 @@ def test_omp_prunes_the_trained_weights_once_by_global_magnitude(batches):
 
 
 @pytest.mark.parametrize("hparams, message", [
-    ({"rate": 0.0}, r"rate=0.0 must be a fraction in \(0, 1\)"),
-    ({"rate": 1.0}, r"rate=1.0 must be a fraction in \(0, 1\)"),
-    ({"rewind": "init"}, "rewind='init' is unknown; use one of weights, lr"),
+    ({"rate": 0.0}, r"rate=0.0 is invalid: set it to a number in \(0, 1\) \(--rate\)"),
+    ({"rate": 1.0}, r"rate=1.0 is invalid: set it to a number in \(0, 1\)"),
+    ({"rewind": "init"}, "rewind='init' is invalid: set it to one of weights, lr"),
     ({"train_dense": True, "epochs": 2, "rewind_epoch": 2}, r"rewind_epoch=2.0 must be in \[0, epochs=2\)"),
     ({"train_dense": True, "rewind_weights": "early.safetensors"}, "both set the rewind point"),
     ({"rewind": "lr", "rewind_weights": "early.safetensors"}, "only used by weight rewinding"),
     ({"rewind_weights": "missing.safetensors"}, "rewind_weights file missing.safetensors does not exist"),
-    ({"epochs": 0}, "TrainConfig.epochs=0 is invalid"),
+    ({"epochs": 0}, r"epochs=0 is invalid: set it to an integer >= 1 \(--epochs\)"),
     ({"structure": "nm"}, "N:M sparsity is fixed"),
 ])
 def test_bad_hyperparameters_are_refused_before_any_work(batches, hparams, message):

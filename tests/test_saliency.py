@@ -112,12 +112,12 @@ def test_pruning_then_training_holds_pruned_weights_at_zero(batch):
 
 
 @pytest.mark.parametrize("method, hparams, message", [
-    ("snip", {"epochs": -1}, r"epochs=-1 must be an integer >= 0"),
-    ("snip", {"batches": 0}, r"batches=0 must be an integer >= 1"),
+    ("snip", {"epochs": -1}, r"epochs=-1 is invalid: set it to an integer >= 0"),
+    ("snip", {"batches": 0}, r"batches=0 is invalid: set it to an integer >= 1"),
     ("snip", {"batches": 3}, "the scores need 3 batches but the data gave 1"),
-    ("snip", {"epochs": 1, "lr": -1.0}, r"TrainConfig.lr=-1.0 is invalid"),
-    ("grasp", {"temperature": 0.0}, r"temperature=0.0 must be a finite number > 0"),
-    ("synflow", {"iterations": 0}, r"iterations=0 must be an integer >= 1"),
+    ("snip", {"epochs": 1, "lr": -1.0}, r"lr=-1.0 is invalid: set it to a finite number > 0"),
+    ("grasp", {"temperature": 0.0}, r"temperature=0.0 is invalid: set it to a finite number > 0"),
+    ("synflow", {"iterations": 0}, r"iterations=0 is invalid: set it to an integer >= 1"),
 ])
 def test_bad_hyperparameters_are_refused_before_any_work(batch, method, hparams, message):
     model = linear()

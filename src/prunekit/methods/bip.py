@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PrunekitError
-from ..hparams import group, integer, number, one_of, setting
+from ..hparams import Check, group, integer, number, one_of, setting
 from ..training import LR_SCHEDULES, Callback, TrainConfig, Trainer, lr_multiplier
 from . import PruneContext, register
 from ._scores import RecordEpochs, Scores, finetune, grad_at_masked_weight, straight_through
@@ -68,8 +68,9 @@ class BipHparams:
     implicit_gradient: str = setting("paper", "implicit-gradient term of the upper level: 'paper' "
                                      "(-(1/γ)·∇_zℓ⊙∇_θℓ), 'code' (the official code's -lr2·(∂ℓ/∂s)²) or 'off'",
                                      one_of(*IMPLICIT_GRADIENTS))
-    ig_scale: float = setting(1e-4, "1/γ of the paper's implicit gradient (lr2 of the official code), > 0 "
-                              "(implicit_gradient=off turns the term off)", number(0, low_open=True))
+    ig_scale: float = setting(1e-4, "1/γ of the paper's implicit gradient (lr2 of the official code), > 0",
+                              Check("a finite number > 0 (implicit_gradient=off turns the term off)",
+                                    number(0, low_open=True)))
     finetune_epochs: int = setting(0, "epochs of training the weights under the final mask afterwards (>= 0; 0: "
                                    "none)", integer(0))
 
