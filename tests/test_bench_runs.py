@@ -19,6 +19,7 @@ from prunekit.bench.runner import check_device, plan
 from prunekit.bench.store import DONE, PENDING, RUNNING, Owner
 from prunekit.cli import main
 from prunekit.errors import PrunekitError
+from prunekit.masks import read_masks
 from prunekit.methods import _REGISTRY, Method
 from prunekit.models import create_model_for
 
@@ -28,7 +29,8 @@ model: lenet300
 dataset: synthetic
 train_size: 600
 test_size: 200
-dense: {epochs: 2, lr: 0.05, batch_size: 64}
+dense: {epochs: 2, lr: 0.05}
+batch_size: 64
 sparsities: [0.5, 0.9]
 seeds: 2
 methods:
@@ -309,7 +311,7 @@ def test_a_gpu_suite_runs_on_the_cpu_only_as_a_quick_smoke_run(tmp_path, monkeyp
     path.write_text(GPU_SUITE)
     with pytest.raises(PrunekitError) as refused:
         run_suite(load_suite(str(path)), db, progress=False, echo=lambda line: None)
-    assert str(refused.value).startswith(f"suite {path}, line 9: tiny is a full budget meant for a GPU")
+    assert str(refused.value).startswith(f"suite {path}, line 10: tiny is a full budget meant for a GPU")
     assert f"`prunekit bench --suite {path} --device cuda`" in str(refused.value) and "--quick" in str(refused.value)
     assert not db.exists()
     with monkeypatch.context() as cuda_here:
@@ -335,6 +337,84 @@ def test_the_command_line_takes_a_device_and_refuses_before_any_work(tmp_path, c
     assert "--device {cpu,cuda}" in capsys.readouterr().out
 
 
+# ---------------------------------------------------------------- variants, searches, runs in their own process
+
+@dataclass(frozen=True)
+class OrderHparams:
+    largest: bool = field(default=True, metadata={"help": "keep the largest weights (else the smallest)"})
+
+
+@pytest.fixture
+def order_method(monkeypatch):
+    """A method with a known best setting (keeping the largest weights is magnitude pruning; keeping the smallest
+    ruins the model); returns the number of training examples each of its prunes was given."""
+    examples = []
+
+    def run(ctx, hp):
+        examples.append(sum(len(targets) for _, targets in ctx.data))
+        sign = 1 if hp.largest else -1
+        return ctx.select({t.name: sign * t.weight.detach().abs() for t in ctx.targets})
+
+    monkeypatch.setitem(_REGISTRY, "order-test", Method("order-test", run, OrderHparams, "largest or smallest"))
+    return examples
+
+
+def test_a_search_keeps_the_candidate_the_held_out_examples_prefer(tmp_path, suite_file, order_method):
+    suite_file.write_text(SUITE.replace("seeds: 2", "seeds: 1\nholdout: 100").replace(
+        "  - method: random\n", "  - method: order-test\n    search: {largest: [false, true]}\n"))
+    db = tmp_path / "runs.db"
+    said = []
+    summary = run_suite(load_suite(str(suite_file)), db, progress=False, echo=said.append)
+    assert (summary.ran, summary.failures) == (4, [])
+    assert order_method == [500] * 4  # 2 candidates x 2 sparsities, never shown the 100 held-out examples
+    assert any("order-test s=0.5 seed 0" in line and "chose largest=True on the held-out data" in line
+               for line in said)
+    with Store(db) as store:
+        runs = {(run.label, run.sparsity): run for run in store.runs()}
+    for sparsity in (0.5, 0.9):
+        searched, magnitude = runs["order-test", sparsity], runs["magnitude", sparsity]
+        scores = {candidate["hparams"]["largest"]: candidate["accuracy"] for candidate in searched.search["candidates"]}
+        assert searched.search["chosen"] == {"largest": True} and scores[True] > scores[False]
+        assert searched.search["holdout"] == 100 and searched.config["search"] == {"largest": [False, True]}
+        assert searched.final.accuracy == magnitude.final.accuracy  # the chosen one is the run, tested on the test set
+        assert torch.equal(read_masks(searched.mask_path)[0]["fc1.weight"], read_masks(magnitude.mask_path)[0]["fc1.weight"])
+        assert magnitude.search is None
+
+
+def test_isolated_runs_give_the_in_process_results_and_their_own_peak_memory(tmp_path, suite_file):
+    suite_file.write_text(SUITE.replace("seeds: 2", "seeds: 1").replace("sparsities: [0.5, 0.9]", "sparsities: [0.9]"))
+    results = {}
+    for isolate in (False, True):
+        db = tmp_path / f"isolate-{isolate}.db"
+        summary = run_suite(load_suite(str(suite_file)), db, isolate=isolate, progress=False, echo=lambda line: None)
+        assert (summary.ran, summary.failures) == (2, [])
+        with Store(db) as store:
+            results[isolate] = {run.label: run for run in store.runs()}
+    for label, inline in results[False].items():
+        isolated = results[True][label]
+        assert isolated.config["isolated"] and not inline.config["isolated"] and isolated.setting != inline.setting
+        assert (isolated.final.accuracy, isolated.final.loss, isolated.final.layers) == (
+            inline.final.accuracy, inline.final.loss, inline.final.layers)
+        assert torch.equal(read_masks(isolated.mask_path)[0]["fc2.weight"], read_masks(inline.mask_path)[0]["fc2.weight"])
+        assert isolated.cost["process_peak_bytes"] > 0 and isolated.cost["peak_memory_bytes"] >= 0
+    suite_file.write_text(suite_file.read_text().replace("seeds: 1", "seeds: 1\nisolate: true"))
+    assert all(run.config["isolated"] for run in plan(load_suite(str(suite_file))).runs)  # the suite may ask too
+
+
+def test_a_variants_runs_are_its_own_suite_and_an_unknown_one_is_refused_first(tmp_path, suite_file, capsys):
+    suite_file.write_text(SUITE.replace("seeds: 2", "seeds: 1") + "variants:\n  half:\n    sparsities: [0.5]\n")
+    db = tmp_path / "runs.db"
+    assert main(["bench", "--suite", str(suite_file), "--db", str(db), "--variant", "full"]) == 2
+    assert capsys.readouterr().err.strip().endswith("has no variant 'full'; its variants: half") and not db.exists()
+    assert main(["bench", "--suite", str(suite_file), "--db", str(db), "--variant", "half"]) == 0
+    assert "suite tiny:half: 2 runs" in capsys.readouterr().out
+    with Store(db) as store:
+        runs = store.runs()
+    assert {(run.suite, run.sparsity, run.config["variant"]) for run in runs} == {("tiny:half", 0.5, "half")}
+    assert main(["bench", "--list"]) == 0
+    assert "variants (--variant)" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- the shipped reproduction suites
 
 def test_dpf_lenet300_quick_runs_from_scratch_beside_its_dense_reference(tmp_path, data_dir):
@@ -350,10 +430,10 @@ def test_dpf_lenet300_quick_runs_from_scratch_beside_its_dense_reference(tmp_pat
     assert reference["train_seconds"] > 0 and reference["accuracy"] > 0.2  # ten classes: above chance
 
 
-def planned(name: str, data_dir) -> dict[str, set]:
-    """label -> {(sparsity, seed)} of the suite's full plan."""
+def planned(name: str, data_dir, variant: str | None = None) -> dict[str, set]:
+    """label -> {(sparsity, seed)} of the suite's (or its variant's) full plan."""
     runs: dict[str, set] = {}
-    for run in plan(load_suite(name, data_dir=data_dir)).runs:
+    for run in plan(load_suite(name, variant=variant, data_dir=data_dir)).runs:
         runs.setdefault(run.label, set()).add((run.sparsity, run.seed))
     return runs
 
@@ -375,12 +455,15 @@ def test_the_bip_suites_plan_the_issues_comparisons(data_dir):
     assert {label for label, e in entries.items() if e.from_scratch} == {"imp", "omp", "snip", "grasp", "synflow"}
     assert entries["imp"].measure_recorded and entries["hydra"].hparams["finetune_epochs"] == 20
 
-    for name, epochs in (("bip_resnet20", 3), ("bip_resnet20_full", 100)):
-        assert planned(name, data_dir) == {"bip": grid([0.8, 0.95]), "omp": grid([0.8, 0.95]), "imp": grid([0.95])}
-        suite = load_suite(name, data_dir=data_dir)
+    for variant, epochs in ((None, 3), ("1epoch", 1), ("full", 100)):
+        assert planned("bip_resnet20", data_dir, variant) == {"bip": grid([0.8, 0.95]), "omp": grid([0.8, 0.95]),
+                                                              "imp": grid([0.95])}
+        suite = load_suite("bip_resnet20", variant=variant, data_dir=data_dir)
         assert suite.checkpoint.name == "resnet20_cifar10.pth.tar" and suite.augment
         assert [e.hparams["epochs"] for e in suite.methods] == [epochs] * 3
-        assert suite.device == ("cuda" if name.endswith("_full") else "cpu")
+        assert suite.device == ("cuda" if variant == "full" else "cpu")
+    full = {e.label: e.hparams["weight_decay"] for e in load_suite("bip_resnet20", variant="full", data_dir=data_dir).methods}
+    assert full == {"bip": 1e-4, "omp": 5e-4, "imp": 5e-4}  # the official finetune.yml for the retraining
 
     assert planned("bip_filters", data_dir) == {"bip": grid([0.3, 0.5, 0.7]), "magnitude-ft": grid([0.3, 0.5, 0.7])}
     bip, baseline = (e.budget for e in load_suite("bip_filters", data_dir=data_dir).methods)
@@ -395,15 +478,27 @@ def test_the_dpf_and_chita_suites_plan_the_issues_comparisons(data_dir):
         suite = load_suite(name, data_dir=data_dir)
         assert suite.from_scratch and suite.dense.epochs == epochs
         assert all(e.hparams["epochs"] == epochs for e in suite.methods)  # the dense row's epochs for every method
-    for name, epochs, seeds in (("dpf_resnet20", 5, (0,)), ("dpf_resnet20_full", 300, (0, 1, 2))):
-        assert planned(name, data_dir) == {"dpf": grid([0.9], seeds), "gmp": grid([0.9], seeds)}
-        suite = load_suite(name, data_dir=data_dir)
+    for variant, epochs, seeds in ((None, 5, (0,)), ("full", 300, (0, 1, 2))):
+        assert planned("dpf_resnet20", data_dir, variant) == {"dpf": grid([0.9], seeds), "gmp": grid([0.9], seeds)}
+        suite = load_suite("dpf_resnet20", variant=variant, data_dir=data_dir)
         assert dict(suite.model_options) == {"shortcut": "identity"} and suite.dense.epochs == epochs
-    assert load_suite("dpf_resnet20_full", data_dir=data_dir).dense.nesterov
+        assert all(e.hparams["epochs"] == epochs for e in suite.methods)
+    full = load_suite("dpf_resnet20", variant="full", data_dir=data_dir)
+    assert full.dense.nesterov and full.device == "cuda" and full.dense.lr_milestones == (0.5, 0.75)
     chita = planned("chita_resnet20", data_dir)
     assert chita == {label: grid([0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
                      for label in ("magnitude", "woodfisher", "chita-block", "chita", "chita++")}
-    assert load_suite("chita_resnet20", data_dir=data_dir).reestimate_bn
+    suite = load_suite("chita_resnet20", data_dir=data_dir)
+    assert suite.reestimate_bn and suite.holdout == 2000
+    assert {e.label: len(e.candidates) for e in suite.methods} == {"magnitude": 1, "woodfisher": 2, "chita-block": 3,
+                                                                   "chita": 3, "chita++": 2}
+    memory = load_suite("chita_resnet20", variant="memory", data_dir=data_dir)
+    assert memory.isolate and planned("chita_resnet20", data_dir, "memory") == {
+        label: grid([0.7]) for label in ("woodfisher", "chita-block", "chita", "chita++")}
+    mlpnet = load_suite("chita_mlpnet", data_dir=data_dir)
+    assert mlpnet.holdout == 5000 and {e.label: len(e.candidates) for e in mlpnet.methods} == {
+        "magnitude": 1, "obd": 1, "woodfisher": 4, "woodfisher-1step": 4, "chita": 10, "chita-backsolve": 10,
+        "chita++": 2}
 
 
 @pytest.mark.slow  # two command-line processes
@@ -469,5 +564,5 @@ def test_reestimate_bn_runs_once_before_the_methods_and_is_part_of_the_start(tmp
 
 def test_reestimate_bn_on_a_model_without_batch_norm_is_an_error_naming_the_line(tmp_path, suite_file):
     suite_file.write_text(suite_file.read_text().replace("seeds: 2", "seeds: 2\nreestimate_bn: true"))
-    with pytest.raises(PrunekitError, match=r"line 9: `reestimate_bn: true` but lenet300 has no batch-norm layer"):
+    with pytest.raises(PrunekitError, match=r"line 10: `reestimate_bn: true` but lenet300 has no batch-norm layer"):
         run_suite(load_suite(str(suite_file)), tmp_path / "runs.db", progress=False, echo=lambda line: None)

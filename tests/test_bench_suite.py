@@ -35,7 +35,7 @@ quick:
 @dataclass(frozen=True)
 class KnobHparams:
     knob: float = field(default=1.0, metadata={"help": "a number in (0, 10)"})
-    seed: int = field(default=0, metadata={"help": "as training methods have"})
+    flip: bool = field(default=False, metadata={"help": "a second knob"})
 
     def validate(self) -> None:
         if not 0 < self.knob < 10:
@@ -82,6 +82,66 @@ def test_quick_merges_mappings_and_keeps_one_seed(tmp_path):
     assert load_suite(str(path), seeds=3).seeds == (0, 1, 2)
 
 
+VARIANTS = """\
+variants:
+  long:
+    description: longer
+    dense: {epochs: 5}
+    sparsities: [0.7]
+    quick: {sparsities: [0.7]}
+  one-method:
+    methods:
+      - method: random
+"""
+
+
+def test_variants_merge_like_quick_and_name_their_runs(tmp_path):
+    path = write(tmp_path, GOOD + VARIANTS)
+    base, long = load_suite(str(path)), load_suite(str(path), variant="long")
+    assert (base.variant, base.variants, base.stored_name) == (None, ("long", "one-method"), "tiny")
+    assert (long.variant, long.stored_name, long.description) == ("long", "tiny:long", "longer")
+    assert long.dense.epochs == 5 and long.dense.lr == 0.05  # mappings merge, other values replace
+    assert [(m.label, m.sparsities) for m in long.methods] == [("magnitude", (0.7,)), ("random-control", (0.9,))]
+    quick = load_suite(str(path), variant="long", quick=True)  # the suite's quick, then the variant's over it
+    assert (quick.dense.epochs, quick.methods[0].sparsities, quick.seeds) == (1, (0.7,), (0,))
+    assert [m.label for m in load_suite(str(path), variant="one-method").methods] == ["random"]
+    assert long.argument == f"{path} --variant long"
+
+
+def test_an_unknown_variant_is_one_line_naming_the_suites_variants(tmp_path):
+    message = error_of(write(tmp_path, GOOD + VARIANTS), variant="short")
+    assert message.endswith("has no variant 'short'; its variants: long, one-method") and "\n" not in message
+    assert error_of(write(tmp_path, GOOD), variant="short").endswith("it declares none (`variants:`)")
+
+
+def test_every_variant_is_checked_whichever_is_loaded(tmp_path):
+    broken = VARIANTS.replace("    dense: {epochs: 5}\n", "    dense: {epochs: five}\n")
+    assert ", line 23: dense training epochs must be an integer" in error_of(write(tmp_path, GOOD + broken))
+
+
+SEARCH = """\
+holdout: 100
+methods:
+  - method: knob-test
+    hparams: {knob: 2.0}
+    search: {knob: [1.0, 3.0], flip: [false, true]}
+"""
+
+
+def test_a_search_is_the_grid_of_its_values_over_the_entrys_hyperparameters(tmp_path, knob_method):
+    text = GOOD.split("methods:\n")[0] + SEARCH
+    entry = load_suite(str(write(tmp_path, text))).methods[0]
+    assert entry.hparams == {"knob": 2.0, "flip": False} and entry.search == {"knob": (1.0, 3.0), "flip": (False, True)}
+    assert entry.candidates == [{"knob": 1.0, "flip": False}, {"knob": 1.0, "flip": True},
+                                {"knob": 3.0, "flip": False}, {"knob": 3.0, "flip": True}]
+    assert load_suite(str(write(tmp_path, GOOD))).methods[0].candidates == [{}]  # no search: one run as it is
+    message = error_of(write(tmp_path, text.replace("holdout: 100\n", "")))
+    assert ", line 1: entry 'knob-test' has `search:` but the suite holds out no training data" in message
+    assert "add `holdout: N`" in message
+    invalid = error_of(write(tmp_path, text.replace("[1.0, 3.0]", "[1.0, 30.0]")))
+    assert ", line 14: the candidate {'knob': 30.0, 'flip': False} is invalid: knob must be in (0, 10)" in invalid
+
+
 @pytest.mark.parametrize("change, line, words", [
     (("sparsities: [0.5, 0.9]", "sparsity: [0.5, 0.9]"), 8, "a suite has no key 'sparsity'"),
     (("  - method: magnitude", "  - method: magnitud"), 11, "unknown method 'magnitud'"),
@@ -101,11 +161,22 @@ def test_quick_merges_mappings_and_keeps_one_seed(tmp_path):
     (("model: lenet300", "model: lenet300\nmodel_options: {num_classes: 3}"), 4, "follows from the dataset"),
     (("seeds: 2", "seeds: 2\ndevice: gpu"), 10, "unknown device 'gpu'; use one of cpu, cuda"),
     (("seeds: 2", "seeds: 2\naugment: true"), 10, "synthetic has no training augmentation"),
-    (("seeds: 2", "seeds: 2\naugment: often"), 10, "`augment` is true or false"),
-    (("seeds: 2", "seeds: 2\ntraining: {seed: 3}"), 10, "`seed` is not for methods to set"),
+    (("seeds: 2", "seeds: 2\naugment: often"), 10, "`augment` must be true or false, got 'often'"),
+    (("seeds: 2", "seeds: 2\ntraining: {seed: 3}"), 10, "runs are seeded by prune()'s `seed`"),
+    (("  lr: 0.05", "  batch_size: 64"), 7, "`batch_size:` in a suite"),
+    (("seeds: 2", "seeds: 2\ntrain_size: 0"), 10, "`train_size` must be None or an integer >= 1, got 0"),
+    (("seeds: 2", "seeds: 2\nholdout: 1.5"), 10, "`holdout` must be None or an integer >= 1"),
+    (("seeds: 2", "seeds: 2\nisolate: yes please"), 10, "`isolate` must be true or false"),
     (("seeds: 2", "seeds: 2\ntraining:\n  epochs: 3\n  lr: fast"), 12, "training lr must be a number"),
-    (("    label: random-control", "    from_scratch: maybe"), 13, "`from_scratch` is true or false"),
+    (("    label: random-control", "    from_scratch: maybe"), 13, "`from_scratch` must be true or false"),
     (("quick:\n", "quick:\n  device: cpu\n"), 18, "`quick` cannot change 'device'"),
+    (("quick:\n", "quick:\n  variants: {}\n"), 18, "`quick` cannot change 'variants'"),
+    (("quick:\n", "variants:\n  long:\n    name: other\nquick:\n"), 19, "a variant cannot change 'name'"),
+    (("quick:\n", "variants:\n  long run:\n    seeds: 1\nquick:\n"), 18, "variant name 'long run' must be"),
+    (("quick:\n", "variants:\n  long:\n    seeds: 0\nquick:\n"), 19, "`seeds` must be a number of seeds"),
+    (("    label: random-control", "    search: {seed: [1, 2]}"), 13, "has no hyperparameter 'seed' to search"),
+    (("    label: random-control", "    search: {knob: 2}"), 13, "method 'random' has no hyperparameter 'knob'"),
+    (("    label: random-control", "    search: {}\n    measure_recorded: true"), 13, "cannot also have"),
 ])
 def test_errors_name_the_line_and_the_fix(tmp_path, change, line, words):
     path = write(tmp_path, GOOD.replace(*change))
@@ -119,9 +190,9 @@ def test_method_hyperparameters_are_checked_one_by_one(tmp_path, knob_method):
         entry = f"  - method: knob-test\n    hparams:\n{hparams}"
         return write(tmp_path, GOOD.replace("  - method: magnitude\n", entry))
 
-    assert load_suite(str(suite_with("      knob: 3\n"))).methods[0].hparams == {"knob": 3.0, "seed": 0}
+    assert load_suite(str(suite_with("      knob: 3\n"))).methods[0].hparams == {"knob": 3.0, "flip": False}
     message = error_of(suite_with("      knob: 3\n      nob: 2\n"))
-    assert ", line 14: method 'knob-test' has no hyperparameter 'nob'; its hyperparameters are: knob, seed" in message
+    assert ", line 14: method 'knob-test' has no hyperparameter 'nob'; its hyperparameters are: knob, flip" in message
     assert ", line 13: method 'knob-test' knob must be a number" in error_of(suite_with("      knob: high\n"))
     assert "knob must be in (0, 10), got 30" in error_of(suite_with("      knob: 30\n"))  # the method's validate()
     assert ", line 13: `seed` is an argument of prune() that the bench sets" in error_of(suite_with("      seed: 4\n"))
@@ -133,7 +204,7 @@ def test_budgets_are_validated_with_their_sparsities(tmp_path):
     fixed = bad.replace("m: 4}\n", "m: 4}\n    sparsities: [0.5]\n")
     assert load_suite(str(write(tmp_path, fixed))).methods[0].budget.structure == "nm"
     unknown = GOOD.replace("  - method: magnitude\n", "  - method: magnitude\n    budget: {allocation: best}\n")
-    assert "budget allocation 'best' is unknown" in error_of(write(tmp_path, unknown))
+    assert "allocation='best' is invalid: set it to one of global, uniform, erk" in error_of(write(tmp_path, unknown))
 
 
 def test_optional_entries_of_missing_methods_are_skipped_with_a_note(tmp_path):
@@ -202,34 +273,32 @@ def test_unknown_suites_and_the_shipped_ones(tmp_path):
         load_suite("nope")
     with pytest.raises(PrunekitError, match="does not exist"):
         load_suite(str(tmp_path / "missing.yaml"))
-    assert "demo" in dict(list_suites())
+    assert "demo" in [name for name, _, _ in list_suites()]
     for quick in (False, True):
         assert load_suite("demo", quick=quick).methods  # offline, valid everywhere
 
 
-def test_every_shipped_suite_is_valid_where_the_data_is(data_dir):
-    for name, _ in list_suites():
-        for quick in (False, True):
-            assert load_suite(name, quick=quick).methods
+def test_every_shipped_suite_and_each_of_its_variants_is_valid_where_the_data_is(data_dir):
+    for name, _, variants in list_suites():
+        for variant in (None, *variants):
+            for quick in (False, True):
+                suite = load_suite(name, variant=variant, quick=quick)
+                assert suite.methods and suite.variant == variant and suite.variants == variants
 
 
-def test_the_benchmarks_own_suites_are_valid_where_the_data_is(data_dir):
-    suites = sorted((Path(__file__).parents[1] / "benchmarks" / "suites").glob("*.yaml"))
-    assert suites
-    for path in suites:
-        assert load_suite(str(path)).methods
-
-
-REPRODUCTIONS = ("bip_lenet300", "bip_resnet20", "bip_resnet20_full", "bip_filters", "dpf_lenet300", "dpf_lenet5",
-                 "dpf_resnet20", "dpf_resnet20_full", "chita_resnet20")
+REPRODUCTIONS = ("bip_lenet300", "bip_resnet20", "bip_filters", "dpf_lenet300", "dpf_lenet5", "dpf_resnet20",
+                 "chita_mlpnet", "chita_resnet20")
 
 
 def test_every_reproduction_suite_says_how_to_run_it_and_has_a_smoke_run():
-    descriptions = dict(list_suites())
+    descriptions = {name: description for name, description, _ in list_suites()}
+    variants = {name: names for name, _, names in list_suites()}
     for name in REPRODUCTIONS:
         text, description = find_suite(name).read_text(), descriptions[name]
         assert text.startswith("#") and f"prunekit bench --suite {name}" in text, name  # the header comment
         assert "\nquick:" in text and description, name
+        for variant in variants[name]:  # each variant's command is in the header too
+            assert f"prunekit bench --suite {name} --variant {variant}" in text, (name, variant)
 
 
 TRAINING = """\

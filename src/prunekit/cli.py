@@ -184,7 +184,9 @@ def _bench_command(commands) -> None:
         "Run every run of a suite that the database does not hold yet: same model, data and budget for every "
         "method. Interrupt it at any time; the same command resumes. Several bench processes may share a database."))
     parser.add_argument("--suite", help="a shipped suite's name (see --list) or the path of a suite .yaml file")
-    parser.add_argument("--list", action="store_true", help="list the shipped suites and exit")
+    parser.add_argument("--list", action="store_true", help="list the shipped suites and their variants, and exit")
+    parser.add_argument("--variant", help="one of the suite's named `variants:` (see --list); its runs are stored "
+                                          "as suite NAME:VARIANT")
     parser.add_argument("--seeds", type=int, help="run seeds 0..N-1 instead of the suite's seeds")
     parser.add_argument("--quick", action="store_true", help="one seed, and the suite's `quick:` settings")
     parser.add_argument("--db", default=DEFAULT_DB, help=f"runs database (default: {DEFAULT_DB}); masks and cached "
@@ -192,6 +194,8 @@ def _bench_command(commands) -> None:
     parser.add_argument("--data-dir", help="folder holding the datasets (default: $PRUNEKIT_DATA)")
     parser.add_argument("--device", choices=DEVICES, default="cpu", help="where models train and run (default: cpu); "
                         "a suite marked `device: cuda` needs --device cuda, unless --quick")
+    parser.add_argument("--isolate", action="store_true", help="run every run in a fresh process, so that its peak "
+                        "memory is its own (slower: each loads the data again)")
     parser.set_defaults(run=_run_bench)
 
 
@@ -199,22 +203,23 @@ def _run_bench(args) -> None:
     from .bench import list_suites, load_suite
 
     if args.list:
-        print(render_table(["suite", "what it compares"], list_suites()))
+        rows = [[name, ", ".join(variants) or "—", description] for name, description, variants in list_suites()]
+        print(render_table(["suite", "variants (--variant)", "what it compares"], rows))
         return
     if not args.suite:
         raise PrunekitError("name a suite: prunekit bench --suite NAME (see `prunekit bench --list`)")
-    suite = load_suite(args.suite, quick=args.quick, seeds=args.seeds, data_dir=args.data_dir)
-    _fail_on_failed_runs(_bench(suite, args.db, args.data_dir, args.device), args.db)
+    suite = load_suite(args.suite, variant=args.variant, quick=args.quick, seeds=args.seeds, data_dir=args.data_dir)
+    _fail_on_failed_runs(_bench(suite, args.db, args.data_dir, args.device, args.isolate), args.db)
 
 
-def _bench(suite, db: str, data_dir: str | None, device: str = "cpu"):
+def _bench(suite, db: str, data_dir: str | None, device: str = "cpu", isolate: bool = False):
     """Run the suite on `device` and print its table; returns the run summary."""
     from .bench import Store, run_suite
     from .bench.report import terminal_summary
 
-    summary = run_suite(suite, db, device=device, data_dir=data_dir)
+    summary = run_suite(suite, db, device=device, data_dir=data_dir, isolate=isolate)
     with Store(db) as store:
-        print(terminal_summary(store, suite.name, summary.plan.setting))
+        print(terminal_summary(store, suite.stored_name, summary.plan.setting))
     print(summary)
     return summary
 

@@ -1,9 +1,13 @@
 """Run a suite: plan its runs, prepare the dense model once, prune, measure, store each result.
 
 Every run gets the same start (the suite's checkpoint, its cached dense model, or fresh weights
-from the run's seed), the same calibration data for the seed, and the same measurements (top-1
-and loss on the test split, sparsity per layer, MACs dense and masked), on the device the bench
-was given. Only `prunekit.prune`'s cost is the method's cost; measuring is not counted.
+from the run's seed), the same calibration data for the seed (the training split less the seed's
+held-out examples, when the suite holds some out), and the same measurements (top-1 and loss on
+the test split, sparsity per layer, MACs dense and masked), on the device the bench was given.
+Only `prunekit.prune`'s cost is the method's cost; measuring is not counted, nor is a search:
+an entry with `search:` prunes once per candidate, scores each on the held-out examples, and its
+run is the best candidate's prune. Isolated runs each run in a fresh Python process (nothing of this
+one is inherited), whose peak memory is then the run's own.
 """
 from __future__ import annotations
 
@@ -15,9 +19,13 @@ import functools
 import hashlib
 import json
 import os
+import pickle
 import platform
+import resource
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -30,9 +38,10 @@ from tqdm import tqdm
 
 from .. import workflow
 from ..version import __version__
-from ..api import prune
+from ..api import PruneResult, prune
 from ..checkpoints import load_state_dict_into, read_state_dict
 from ..errors import PrunekitError
+from ..io import atomic_path
 from ..masks import save_masks, sparsity_report
 from ..metrics import count_macs
 from ..training import reestimate_batch_norm
@@ -42,6 +51,7 @@ from .suite import MethodEntry, Suite
 # Files that only present results: editing them must not invalidate stored runs.
 PRESENTATION_ONLY = ("cli.py", "tables.py", "bench/report.py")
 REESTIMATE_BATCH = 500  # images per batch of the batch-norm re-estimation pass
+DENSE_SEED = 0  # the suite's dense model is initialised and shuffled by this seed, and serves every run's seed
 
 
 # ---------------------------------------------------------------- identity
@@ -98,25 +108,28 @@ class Plan:
     entries: dict[str, MethodEntry]  # by label
 
 
-def plan(suite: Suite, device: str = "cpu") -> Plan:
+def plan(suite: Suite, device: str = "cpu", isolate: bool = False) -> Plan:
+    """The suite's runs; `isolate` (or the suite's `isolate: true`) runs each in its own process."""
     data = {"model": suite.model, "model_options": dict(suite.model_options), "dataset": suite.dataset,
             "train_size": suite.train_size, "test_size": suite.test_size, "reestimate_bn": suite.reestimate_bn}
     start = _start(suite, device)
     dense_key = content_hash({**data, "start": start})
-    # Runs on another device or with other batches are not compared in one table: another setting.
-    shared = {"batch_size": suite.batch_size, "augment": suite.augment, "device": device}
-    setting = content_hash({"suite": suite.name, "dense": dense_key, **shared})
+    # Runs on another device, with other batches or other held-out data, or measured in their own process
+    # (another peak memory) are not compared in one table: another setting.
+    shared = {"batch_size": suite.batch_size, "augment": suite.augment, "device": device, "variant": suite.variant,
+              "holdout": suite.holdout, "isolated": isolate or suite.isolate}
+    setting = content_hash({"suite": suite.stored_name, "dense": dense_key, **shared})
     version = code_version()
     runs = []
     for entry in suite.methods:
         for sparsity in entry.sparsities:
             for seed in suite.seeds:
-                config = {"suite": suite.name, **data, "start": start, "dense_key": dense_key, **shared,
+                config = {"suite": suite.stored_name, **data, "start": start, "dense_key": dense_key, **shared,
                           "from_scratch": suite.from_scratch or entry.from_scratch, "method": entry.method,
-                          "hparams": entry.hparams, "budget": dataclasses.asdict(entry.budget),
-                          "measure_recorded": entry.measure_recorded, "sparsity": sparsity, "seed": seed,
-                          "code_version": version}
-                runs.append(PlannedRun(content_hash(config), suite.name, setting, entry.label, entry.method,
+                          "hparams": entry.hparams, "search": {key: list(values) for key, values in entry.search.items()},
+                          "budget": dataclasses.asdict(entry.budget), "measure_recorded": entry.measure_recorded,
+                          "sparsity": sparsity, "seed": seed, "code_version": version}
+                runs.append(PlannedRun(content_hash(config), suite.stored_name, setting, entry.label, entry.method,
                                        sparsity, seed, config, version))
     return Plan(suite, dense_key, setting, runs, {entry.label: entry for entry in suite.methods})
 
@@ -126,7 +139,8 @@ def _start(suite: Suite, device: str) -> dict[str, Any]:
         return {"checkpoint": str(suite.checkpoint), "sha256": _file_hash(suite.checkpoint)}
     # Keyed by the recipe, not the source hash: retraining on every code edit would cost the most
     # expensive step for a change that rarely touches training. A GPU does not train the CPU's model.
-    trained = None if suite.dense is None else {"dense": dataclasses.asdict(suite.dense), "prunekit": __version__,
+    trained = None if suite.dense is None else {"dense": dataclasses.asdict(suite.dense), "seed": DENSE_SEED,
+                                                "batch_size": suite.batch_size, "prunekit": __version__,
                                                 "torch": torch.__version__, "device": device}
     if suite.from_scratch:  # a recipe beside from_scratch is only the dense reference, not the runs' start
         return {"from_scratch": True, **({"reference": trained} if trained else {})}
@@ -154,7 +168,7 @@ class Summary:
     failures: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        text = (f"suite {self.plan.suite.name}: {len(self.plan.runs)} runs, {self.done_before} already done, "
+        text = (f"suite {self.plan.suite.stored_name}: {len(self.plan.runs)} runs, {self.done_before} already done, "
                 f"{self.ran} run now")
         if self.elsewhere:
             text += f", {self.elsewhere} running in another bench process"
@@ -164,13 +178,16 @@ class Summary:
 
 
 def run_suite(suite: Suite, db: str | os.PathLike, *, device: str = "cpu", data_dir: str | os.PathLike | None = None,
-              progress: bool | None = None, echo: Callable[[str], None] = print) -> Summary:
-    """Run every run of `suite` not already done in `db` on `device`; results are committed one run at a time."""
+              isolate: bool = False, progress: bool | None = None, echo: Callable[[str], None] = print) -> Summary:
+    """Run every run of `suite` not already done in `db` on `device`; results are committed one run at a time.
+
+    `isolate` (or the suite's `isolate: true`) runs each run in a fresh process.
+    """
     check_device(suite, device)
-    bench_plan = plan(suite, device)
+    bench_plan = plan(suite, device, isolate)
     show_bar = sys.stderr.isatty() if progress is None else progress
     with Store(db) as store:
-        store.save_suite(suite.name, suite.description, str(suite.path),
+        store.save_suite(suite.stored_name, suite.description, str(suite.path),
                          [dataclasses.asdict(p) for p in suite.published])
         store.register(bench_plan.runs)
         statuses = store.statuses(run.hash for run in bench_plan.runs)
@@ -180,14 +197,32 @@ def run_suite(suite: Suite, db: str | os.PathLike, *, device: str = "cpu", data_
             echo(f"note: {note}")
         if todo:
             base = _prepare(suite, bench_plan, store, Path(db), data_dir, device, show_bar, echo)
-            _run_all(todo, bench_plan, base, store, Path(db), summary, show_bar, echo)
+            with _executor(bench_plan, base, data_dir) as execute:
+                _run_all(todo, store, Path(db), summary, execute, show_bar, echo)
     return summary
 
 
-def _run_all(todo: list[PlannedRun], bench_plan: Plan, base: workflow.Setup, store: Store, db: Path,
-             summary: Summary, show_bar: bool, echo: Callable[[str], None]) -> None:
+# How a run is executed: (run, masks folder, environment, progress bar) -> its outcome.
+Execute = Callable[[PlannedRun, Path, dict[str, Any], tqdm], Outcome]
+
+
+@contextlib.contextmanager
+def _executor(bench_plan: Plan, base: workflow.Setup, data_dir) -> Iterator[Execute]:
+    """In this process, or (isolated) each run in a fresh one that loads the prepared dense model from a file."""
+    if not bench_plan.runs[0].config["isolated"]:
+        yield functools.partial(_execute, bench_plan=bench_plan, base=base)
+        return
+    with tempfile.TemporaryDirectory(prefix="prunekit-isolated-") as folder:
+        weights = Path(folder) / "start.safetensors"
+        workflow.save_weights(base, weights, {"bench": "the prepared start of every isolated run"})
+        yield functools.partial(_execute_isolated, bench_plan=bench_plan, weights=weights, data_dir=data_dir,
+                                device=base.device.type)
+
+
+def _run_all(todo: list[PlannedRun], store: Store, db: Path, summary: Summary, execute: Execute, show_bar: bool,
+             echo: Callable[[str], None]) -> None:
     owner = Owner.current()
-    env = environment(base.device.type)
+    env = environment(summary.plan.runs[0].config["device"])
     masks_dir = db.parent / f"{db.name}.masks"
     with tqdm(total=len(todo), unit="run", disable=not show_bar, dynamic_ncols=True) as bar:
         for run in todo:
@@ -199,7 +234,7 @@ def _run_all(todo: list[PlannedRun], bench_plan: Plan, base: workflow.Setup, sto
                 continue
             started = time.perf_counter()
             try:
-                outcome = _execute(run, bench_plan, base, masks_dir, env, bar)
+                outcome = execute(run, masks_dir, env, bar)
                 stored = store.finish(run.hash, owner, outcome)
             except Exception as exc:  # a broken run is recorded and reported; the others still run
                 store.fail(run.hash, owner, traceback.format_exc(), env)
@@ -212,20 +247,26 @@ def _run_all(todo: list[PlannedRun], bench_plan: Plan, base: workflow.Setup, sto
             else:
                 summary.ran += stored
                 if not show_bar:
-                    final = outcome.points[-1]
-                    echo(f"{run.label} s={run.sparsity:g} seed {run.seed}: top-1 {final.accuracy:.4f}, "
-                         f"achieved sparsity {final.sparsity:.4f}, pruning {outcome.cost['seconds']:.2f} s "
-                         f"(run {time.perf_counter() - started:.1f} s)")
+                    echo(_one_line(run, outcome, time.perf_counter() - started))
             bar.update()
 
 
-def _execute(run: PlannedRun, bench_plan: Plan, base: workflow.Setup, masks_dir: Path, env: dict[str, Any],
-             bar: tqdm) -> Outcome:
+def _one_line(run: PlannedRun, outcome: Outcome, seconds: float) -> str:
+    final = outcome.points[-1]
+    chosen = f", chose {_settings(outcome.search['chosen'])} on the held-out data" if outcome.search else ""
+    return (f"{run.label} s={run.sparsity:g} seed {run.seed}: top-1 {final.accuracy:.4f}, achieved sparsity "
+            f"{final.sparsity:.4f}, pruning {outcome.cost['seconds']:.2f} s{chosen} (run {seconds:.1f} s)")
+
+
+def _settings(values: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in values.items())
+
+
+def _execute(run: PlannedRun, masks_dir: Path, env: dict[str, Any], bar: tqdm, *, bench_plan: Plan,
+             base: workflow.Setup) -> Outcome:
     suite, entry = bench_plan.suite, bench_plan.entries[run.label]
     model = base.fresh_model(run.seed) if run.config["from_scratch"] else copy.deepcopy(base.model)
-    setup = dataclasses.replace(base, model=model)
-    # Every method gets the data: a data-free one that trains afterwards (SynFlow) needs it too.
-    data = workflow.calibration_loader(setup, suite.batch_size, run.seed, augment=suite.augment)
+    setup, held_out = _held_out(dataclasses.replace(base, model=model), suite.holdout, run.seed)
     points: list[Point] = []
 
     def observe(_model, event: dict[str, Any]) -> None:
@@ -236,12 +277,91 @@ def _execute(run: PlannedRun, bench_plan: Plan, base: workflow.Setup, masks_dir:
         if entry.measure_recorded and "sparsity" in event:
             points.append(_measure(setup, final=False, cost=event["cost"], event=details))
 
-    result = prune(setup.model, run.method, run.sparsity, data, budget=entry.budget, seed=run.seed,
-                   observer=observe, **entry.method_hparams)
+    def prune_with(model: torch.nn.Module, candidate: dict[str, Any]) -> PruneResult:
+        """Prune `model` with the entry's hyperparameters, and `candidate`'s over them."""
+        # Every method gets the data: a data-free one that trains afterwards (SynFlow) needs it too. A new
+        # loader each time, so that every candidate sees the same batches.
+        data = workflow.calibration_loader(setup, suite.batch_size, run.seed, augment=suite.augment)
+        return prune(model, run.method, run.sparsity, data, budget=entry.budget, seed=run.seed, observer=observe,
+                     **{**entry.method_hparams, **candidate})
+
+    search = None
+    if entry.search:
+        model, result, search = _search(entry, setup, prune_with, held_out, suite.holdout)
+        setup = dataclasses.replace(setup, model=model)
+    else:
+        result = prune_with(setup.model, {})
     points.append(_measure(setup, final=True, cost=result.cost.to_dict()))
     mask_path = masks_dir / f"{run.hash}.safetensors"
-    save_masks(setup.model, mask_path, {**result.metadata(), "suite": suite.name, "run": run.hash, "seed": run.seed})
-    return Outcome(points, result.cost.to_dict(), result.history, env, str(mask_path.resolve()))
+    save_masks(setup.model, mask_path, {**result.metadata(), "suite": run.suite, "run": run.hash, "seed": run.seed})
+    return Outcome(points, result.cost.to_dict(), result.history, env, str(mask_path.resolve()), search)
+
+
+def _held_out(setup: workflow.Setup, holdout: int | None, seed: int) -> tuple[workflow.Setup, workflow.Setup | None]:
+    """The set-up whose training split lacks the seed's held-out examples, and one whose test split is them."""
+    if holdout is None:
+        return setup, None
+    rest, held_out = setup.dataset.train.split(holdout, seed)
+    return (dataclasses.replace(setup, dataset=dataclasses.replace(setup.dataset, train=rest)),
+            dataclasses.replace(setup, dataset=dataclasses.replace(setup.dataset, test=held_out)))
+
+
+def _search(entry: MethodEntry, setup: workflow.Setup, prune_with: Callable, held_out: workflow.Setup,
+            holdout: int) -> tuple[torch.nn.Module, PruneResult, dict[str, Any]]:
+    """Every candidate prunes a copy of the start and is scored by top-1 on the held-out examples; the best (the
+    first of equals) wins. Returns its model, its prune's result and the record of the search."""
+    best, scores = None, []
+    for candidate in entry.candidates:
+        model = copy.deepcopy(setup.model)
+        result = prune_with(model, candidate)
+        metrics = workflow.evaluate(dataclasses.replace(held_out, model=model))
+        scores.append({"hparams": candidate, "accuracy": metrics["accuracy"], "loss": metrics["loss"],
+                       "seconds": result.cost.seconds})
+        if best is None or metrics["accuracy"] > best[2]["accuracy"]:
+            best = (model, result, scores[-1])
+    model, result, chosen = best
+    record = {"holdout": holdout, "metric": "top-1 on the held-out training examples", "chosen": chosen["hparams"],
+              "candidates": scores}
+    return model, result, record
+
+
+# ---------------------------------------------------------------- a run in its own process
+
+def _execute_isolated(run: PlannedRun, masks_dir: Path, env: dict[str, Any], bar: tqdm, *, bench_plan: Plan,
+                      weights: Path, data_dir, device: str) -> Outcome:
+    """The run in a fresh Python process: its peak memory is this run's alone. Its errors come back as ours."""
+    with tempfile.TemporaryDirectory(prefix="prunekit-run-") as folder:
+        request, reply = Path(folder) / "request.pickle", Path(folder) / "reply.pickle"
+        request.write_bytes(pickle.dumps((bench_plan.suite, run, weights, data_dir, device, masks_dir, env,
+                                          torch.get_num_threads())))
+        code = "import sys; from prunekit.bench.runner import isolated_run; isolated_run(sys.argv[1], sys.argv[2])"
+        exit_code = subprocess.run([sys.executable, "-c", code, str(request), str(reply)]).returncode
+        if not reply.exists():
+            raise RuntimeError(f"the run's own process ended with exit code {exit_code} before reporting (killed "
+                               "for memory?)")
+        status, value = pickle.loads(reply.read_bytes())
+    if status == "error":
+        raise RuntimeError(f"in the run's own process: {value}")
+    return value
+
+
+def isolated_run(request: str, reply: str) -> None:
+    """In the run's own process: the suite's model from the prepared start, the run, its outcome written back."""
+    suite, run, weights, data_dir, device, masks_dir, env, threads = pickle.loads(Path(request).read_bytes())
+    torch.set_num_threads(threads)
+    try:
+        base = workflow.setup(suite.model, suite.dataset, data_dir, weights, train_size=suite.train_size,
+                              test_size=suite.test_size, model_options=suite.model_options, device=device)
+        bench_plan = Plan(suite, run.config["dense_key"], run.setting, [run], {e.label: e for e in suite.methods})
+        with tqdm(disable=True) as bar:
+            outcome = _execute(run, masks_dir, env, bar, bench_plan=bench_plan, base=base)
+        # The process's own peak: the data and model it loaded, and the prune.
+        outcome.cost["process_peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        answer = ("done", outcome)
+    except Exception as exc:  # sent back whole: the bench records it as the run's failure
+        answer = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    with atomic_path(reply) as partial:  # whole or absent: absent means the process died
+        partial.write_bytes(pickle.dumps(answer))
 
 
 def _measure(setup: workflow.Setup, *, final: bool, cost: dict[str, Any], event: dict[str, Any] | None = None) -> Point:
@@ -259,13 +379,16 @@ def _prepare(suite: Suite, bench_plan: Plan, store: Store, db: Path, data_dir, d
     """Data and the dense model (the runs' start or reference; trained once per recipe, then cached)."""
     try:
         setup = workflow.setup(suite.model, suite.dataset, data_dir, suite.checkpoint,
-                               seed=suite.dense.seed if suite.dense else 0,
+                               seed=DENSE_SEED,
                                train_size=suite.train_size, test_size=suite.test_size,
                                model_options=suite.model_options, device=device)
     except PrunekitError as exc:
         lines = ", ".join(f"{key}: line {suite.lines[key]}" for key in ("model", "dataset", "checkpoint")
                           if key in suite.lines)
         raise PrunekitError(f"suite {suite.path} ({lines}): {exc}") from None
+    if suite.holdout is not None and suite.holdout >= len(setup.dataset.train):
+        raise PrunekitError(f"suite {suite.path}, line {suite.lines.get('holdout', 1)}: `holdout: {suite.holdout}` "
+                            f"leaves nothing of the {len(setup.dataset.train)} training examples; hold out fewer")
     if suite.from_scratch and suite.dense is None:
         return setup
     key = bench_plan.dense_key
@@ -303,7 +426,7 @@ def _train_or_load(setup: workflow.Setup, suite: Suite, cached: Path, show_bar: 
             return None
         echo(f"training the dense {suite.model} on {suite.dataset} ({suite.dense.epochs} epochs), cached as {cached}")
         started = time.perf_counter()
-        workflow.train(setup, suite.dense, progress=show_bar)
+        workflow.train(setup, suite.dense, batch_size=suite.batch_size, seed=DENSE_SEED, progress=show_bar)
         seconds = time.perf_counter() - started
         workflow.save_weights(setup, cached, {"training": dataclasses.asdict(suite.dense)})
         return seconds

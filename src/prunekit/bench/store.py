@@ -8,8 +8,9 @@ Ctrl-C puts the run back to `pending`. Each finished run and its results are one
 committed before the next run starts, so an interrupted suite loses at most the run in progress.
 
 A run has one or more result rows: one per sparsity the method recorded on its way (IMP rounds,
-multi-stage schedules), then the final result. WAL mode lets readers (reports) work while a
-bench writes.
+multi-stage schedules), then the final result. A run of an entry with `search:` also keeps its
+search: the values chosen and every candidate's held-out score. WAL mode lets readers (reports)
+work while a bench writes.
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ from typing import Any
 from ..errors import PrunekitError
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Each schema version's changes to the one before, applied in order to an older database.
+MIGRATIONS = {2: "ALTER TABLE runs ADD COLUMN search TEXT"}
 BUSY_TIMEOUT_SECONDS = 60
 
 SCHEMA = """
@@ -49,7 +52,8 @@ CREATE TABLE IF NOT EXISTS runs (
     history TEXT,                 -- JSON: PruneResult.history
     environment TEXT,             -- JSON
     error TEXT,
-    mask_path TEXT
+    mask_path TEXT,
+    search TEXT                   -- JSON: the values chosen on the held-out data and every candidate's score
 );
 CREATE INDEX IF NOT EXISTS runs_by_suite ON runs (suite, setting);
 CREATE TABLE IF NOT EXISTS results (
@@ -157,6 +161,7 @@ class Outcome:
     history: list[dict[str, Any]]
     environment: dict[str, Any]
     mask_path: str
+    search: dict[str, Any] | None = None  # the values chosen on the held-out data and every candidate's score
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,7 @@ class StoredRun(PlannedRun):
     environment: dict[str, Any] | None
     error: str | None
     mask_path: str | None
+    search: dict[str, Any] | None = None
     points: list[Point] = field(default_factory=list)
 
     @property
@@ -195,10 +201,12 @@ class Store:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.DatabaseError as exc:
             raise PrunekitError(f"{self.path} is not a prunekit runs database ({exc}); pass another --db") from None
-        if version not in (0, SCHEMA_VERSION):
+        if version > SCHEMA_VERSION:
             raise PrunekitError(f"{self.path} has runs schema {version}, this prunekit writes {SCHEMA_VERSION}; "
                                 "use another --db or the prunekit version that wrote it")
         with self._transaction():
+            for newer in range(version + 1, SCHEMA_VERSION + 1) if version else ():  # 0: a new database
+                self._db.execute(MIGRATIONS[newer])
             for statement in SCHEMA.split(";"):  # (no semicolons in the comments)
                 if statement.strip():
                     self._db.execute(statement)
@@ -265,9 +273,9 @@ class Store:
             if not self._owned(run_hash, owner):
                 return False
             db.execute("UPDATE runs SET status = ?, finished = ?, cost = ?, history = ?, environment = ?, "
-                       "mask_path = ? WHERE hash = ?",
+                       "mask_path = ?, search = ? WHERE hash = ?",
                        (DONE, time.time(), _json(outcome.cost), _json(outcome.history), _json(outcome.environment),
-                        outcome.mask_path, run_hash))
+                        outcome.mask_path, None if outcome.search is None else _json(outcome.search), run_hash))
             db.execute("DELETE FROM results WHERE run_hash = ?", (run_hash,))
             db.executemany("INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
                 (run_hash, index, int(p.final), None if p.event is None else _json(p.event), p.sparsity, p.accuracy,
@@ -321,7 +329,7 @@ class Store:
         where, args = ("WHERE suite = ?", (suite,)) if suite else ("", ())
         columns = ("hash, suite, setting, label, method, sparsity, seed, config, code_version, status, attempts, "
                    "owner_host, owner_pid, owner_start, created, started, finished, cost, history, environment, "
-                   "error, mask_path")
+                   "error, mask_path, search")
         runs = [_stored_run(row) for row in
                 self._db.execute(f"SELECT {columns} FROM runs {where} ORDER BY rowid", args).fetchall()]
         by_hash = {run.hash: run for run in runs}
@@ -335,10 +343,10 @@ class Store:
 
 def _stored_run(row: tuple) -> StoredRun:
     (run_hash, suite, setting, label, method, sparsity, seed, config, code_version, status, attempts,
-     host, pid, start, created, started, finished, cost, history, environment, error, mask_path) = row
+     host, pid, start, created, started, finished, cost, history, environment, error, mask_path, search) = row
     return StoredRun(run_hash, suite, setting, label, method, sparsity, seed, json.loads(config), code_version,
                      status, attempts, Owner(host, pid, start) if host else None, created, started, finished,
-                     _load(cost), _load(history) or [], _load(environment), error, mask_path)
+                     _load(cost), _load(history) or [], _load(environment), error, mask_path, _load(search))
 
 
 def _json(value: Any) -> str:

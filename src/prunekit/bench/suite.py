@@ -16,6 +16,9 @@ loader below builds dicts and lists that remember the line of each key and item.
                                # before any method runs (the CHITA code's step before one-shot pruning)
     batch_size: 128            # batches given to methods that need data
     augment: false             # true: those batches get the dataset's training augmentation (CIFAR: crop + flip)
+    holdout: 5000              # training examples held out (a fixed draw per seed; never the test set): methods
+                               # never see them; entries with `search:` score their candidates on them
+    isolate: false             # true: every run in a fresh process, so its peak memory is its own (--isolate)
     training:                  # TrainConfig fields for every method that trains; its own hparams override them
       epochs: 5
       lr: 0.05
@@ -26,6 +29,8 @@ loader below builds dicts and lists that remember the line of each key and item.
       - method: chita          # an explicit entry replaces the method's `all` entry
         label: chita-backsolve
         hparams: {solver: backsolve}
+        search: {ridge: [1.0e-4, 1.0e-2]}   # every combination is pruned and scored on the `holdout` slice;
+                               # the best one is the run (test accuracy), the scores are stored with it
         budget: {allocation: uniform}
         sparsities: [0.9]      # this entry only
         optional: true         # skip (with a note) while the method is not registered
@@ -38,11 +43,16 @@ loader below builds dicts and lists that remember the line of each key and item.
       - {method: magnitude, sparsity: 0.9, accuracy: 0.52, source: "Paper et al. 2023, Table 1"}
     quick:                     # what `--quick` changes (mappings merge, other values replace)
       sparsities: [0.9]
+    variants:                  # `--variant NAME`: named changes merged like `quick:` (the variant's own
+      long:                    # `quick:` merges into the suite's); runs are stored as suite `demo:long`
+        description: the same with 30 epochs per training
+        training: {epochs: 30}
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import os
 import re
 from collections.abc import Mapping
@@ -58,7 +68,7 @@ from ..api import prune
 from ..budgets import Budget, check_sparsity
 from ..data import DATA_DIR_ENV, DATASETS, resolve_data_dir
 from ..errors import PrunekitError
-from ..methods import PRUNE_OWNED_FIELDS, Method, all_methods
+from ..methods import Method, all_methods
 from ..models import create_model, list_models
 from ..training import TrainConfig
 from ..workflow import DEVICES
@@ -69,14 +79,23 @@ DEFAULT_BATCH_SIZE = 128
 
 TOP_LEVEL_KEYS = ("name", "description", "model", "model_options", "dataset", "train_size", "test_size",
                   "checkpoint", "dense", "from_scratch", "device", "reestimate_bn", "batch_size", "augment",
-                  "training", "sparsities", "seeds", "methods", "published", "quick")
+                  "holdout", "isolate", "training", "sparsities", "seeds", "methods", "published", "quick",
+                  "variants")
 STARTS = ("checkpoint", "dense", "from_scratch")
-ENTRY_KEYS = ("method", "label", "hparams", "budget", "sparsities", "optional", "measure_recorded", "from_scratch")
+ENTRY_KEYS = ("method", "label", "hparams", "search", "budget", "sparsities", "optional", "measure_recorded",
+              "from_scratch")
 PUBLISHED_KEYS = ("method", "sparsity", "accuracy", "std", "source")
-NOT_QUICK = ("name", "description", "quick", "published", "device")
+NOT_QUICK = ("name", "description", "quick", "published", "device", "variants")
+NOT_IN_VARIANTS = ("name", "variants")
 DATA_OWNED_OPTIONS = ("num_classes", "in_channels", "input_size")  # model options that the dataset sets
-# Hyperparameters named like prune()'s own arguments take prune's value (training methods' `seed` is the run's seed).
-PRUNE_ARGUMENTS = frozenset(inspect.signature(prune).parameters) - {"method_hparams"} | set(PRUNE_OWNED_FIELDS)
+# Hyperparameters named like prune()'s own arguments take prune's value; so do the names that moved out of the
+# hyperparameters (a training method's seed is the run's seed, its batch size the suite's).
+PRUNE_ARGUMENTS = frozenset(inspect.signature(prune).parameters) - {"method_hparams"} | set(hparams_lib.RELOCATED)
+# The ranges of the suite's own numbers, declared once with the checks of prunekit.hparams.
+COUNT = hparams_lib.integer(1)
+SEED = hparams_lib.integer(0)
+FLAG = hparams_lib.Check("true or false", lambda value: isinstance(value, bool))
+FRACTION = hparams_lib.optional(hparams_lib.number(0, 1))
 
 
 @dataclass(frozen=True)
@@ -90,11 +109,17 @@ class MethodEntry:
     sparsities: tuple[float, ...]
     measure_recorded: bool = False  # a result row at every sparsity the method records (rounds, stages)
     from_scratch: bool = False  # runs start from fresh weights of their seed, not the suite's dense model
+    search: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # hyperparameter -> values tried
 
     @property
     def method_hparams(self) -> dict[str, Any]:
         """What goes to prune() as keyword arguments: the fields prune() does not set itself."""
         return {key: value for key, value in self.hparams.items() if key not in PRUNE_ARGUMENTS}
+
+    @property
+    def candidates(self) -> list[dict[str, Any]]:
+        """The searched values of each candidate: every combination of `search` (one empty candidate without it)."""
+        return [dict(zip(self.search, values)) for values in itertools.product(*self.search.values())]
 
 
 @dataclass(frozen=True)
@@ -129,26 +154,42 @@ class Suite:
     device: str = "cpu"  # what the suite's budget is meant for; "cuda" is refused elsewhere unless quick
     reestimate_bn: bool = False  # re-estimate the dense model's batch-norm statistics before the methods run
     quick: bool = False  # loaded with its `quick:` block, as a smoke run
+    holdout: int | None = None  # training examples held out of every run; searches score candidates on them
+    isolate: bool = False  # every run in a fresh process (its own peak memory)
+    variant: str | None = None  # the `variants:` entry loaded, if any
+    variants: tuple[str, ...] = ()  # every variant the file declares
 
     @property
     def sparsities(self) -> tuple[float, ...]:
         return tuple(sorted({s for entry in self.methods for s in entry.sparsities}))
 
     @property
+    def stored_name(self) -> str:
+        """The suite's name in the runs database and the report: a variant is a suite of its own there."""
+        return self.name if self.variant is None else f"{self.name}:{self.variant}"
+
+    @property
     def argument(self) -> str:
-        """What `prunekit bench --suite` takes to run this suite: a shipped suite's name, else its path."""
-        return self.path.stem if self.path.parent == Path(str(SHIPPED)) else str(self.path)
+        """What `prunekit bench` takes to run this suite: `--suite` (a shipped suite's name, else its path), `--variant`."""
+        suite = self.path.stem if self.path.parent == Path(str(SHIPPED)) else str(self.path)
+        return suite if self.variant is None else f"{suite} --variant {self.variant}"
 
 
 # ---------------------------------------------------------------- finding suites
 
-def list_suites() -> list[tuple[str, str]]:
-    """(name, description) of every shipped suite."""
+def list_suites() -> list[tuple[str, str, tuple[str, ...]]]:
+    """(name, description, variant names) of every shipped suite."""
     suites = []
-    for path in sorted(_shipped_files()):
-        document = _read_yaml(Path(str(path)))
-        suites.append((path.name.rsplit(".", 1)[0], str(document.get("description", "")) if document else ""))
+    for path in sorted(_shipped_files(), key=lambda entry: entry.name):
+        document = _read_yaml(Path(str(path))) or {}
+        variants = document.get("variants")
+        suites.append((path.name.rsplit(".", 1)[0], str(document.get("description", "")),
+                       tuple(variants) if isinstance(variants, dict) else ()))
     return suites
+
+
+def _shipped_names() -> str:
+    return ", ".join(name for name, _, _ in list_suites())
 
 
 def find_suite(name_or_path: str) -> Path:
@@ -157,12 +198,12 @@ def find_suite(name_or_path: str) -> Path:
     if path.suffix in (".yaml", ".yml") or os.sep in name_or_path:
         if not path.is_file():
             raise PrunekitError(f"suite file {path} does not exist; check the path (or give a shipped suite's name: "
-                                f"{', '.join(name for name, _ in list_suites())})")
+                                f"{_shipped_names()})")
         return path
     for shipped in _shipped_files():
         if shipped.name.rsplit(".", 1)[0] == name_or_path:
             return Path(str(shipped))
-    raise PrunekitError(f"no suite named {name_or_path!r}; shipped suites: {', '.join(n for n, _ in list_suites())} "
+    raise PrunekitError(f"no suite named {name_or_path!r}; shipped suites: {_shipped_names()} "
                         "(`prunekit bench --list`), or pass the path of a .yaml file")
 
 
@@ -172,18 +213,15 @@ def _shipped_files():
 
 # ---------------------------------------------------------------- loading
 
-def load_suite(name_or_path: str, *, quick: bool = False, seeds: int | None = None,
+def load_suite(name_or_path: str, *, variant: str | None = None, quick: bool = False, seeds: int | None = None,
                data_dir: str | os.PathLike | None = None) -> Suite:
-    """Read and check a suite. `quick` applies its `quick:` block and keeps one seed; `seeds=N` runs seeds 0..N-1.
+    """Read and check a suite. `variant` applies one of its `variants:`; `quick` applies its `quick:` block and
+    keeps one seed; `seeds=N` runs seeds 0..N-1.
 
     `${PRUNEKIT_DATA}` in paths is `data_dir` when given; relative paths are relative to the suite file.
     """
     path = find_suite(name_or_path)
-    document = _read_yaml(path)
-    checker = _Checker(path, data_dir)
-    if not quick and isinstance(document, dict) and "quick" in document:
-        checker.suite(document, True, seeds)  # a mistake in the quick block shows now, not on the first --quick
-    return checker.suite(document, quick, seeds)
+    return _Checker(path, data_dir).load(_read_yaml(path), variant, quick, seeds)
 
 
 class _LineDict(dict):
@@ -248,11 +286,28 @@ class _Checker:
         line = node.lines.get(key, node.line) if isinstance(node, _LineDict) else _item_line(node, key)
         return PrunekitError(f"suite {self.path}, line {line}: {problem}")
 
-    def suite(self, document: Any, quick: bool, seeds: int | None) -> Suite:
+    def load(self, document: Any, variant: str | None, quick: bool, seeds: int | None) -> Suite:
+        """The suite as asked; every variant, with and without `quick`, is checked too, so that a mistake in one
+        shows now, not on the first run that uses it."""
         if not isinstance(document, _LineDict):
             raise PrunekitError(f"suite {self.path}, line 1: a suite is a YAML mapping with keys "
                                 f"{', '.join(TOP_LEVEL_KEYS)}; see `prunekit bench --list` for examples")
         self.known_keys(document, TOP_LEVEL_KEYS, "a suite")
+        variants = self.variants(document)
+        if variant is not None and variant not in variants:
+            known = f"its variants: {', '.join(variants)}" if variants else "it declares none (`variants:`)"
+            raise PrunekitError(f"suite {self.path} has no variant {variant!r}; {known}")
+        chosen = None
+        for name in (None, *variants):
+            merged = document if name is None else _merged(document, variants[name])
+            for smoke in (False, True):
+                suite = self.suite(merged, smoke, seeds, name, tuple(variants))
+                if (name, smoke) == (variant, quick):
+                    chosen = suite
+        return chosen
+
+    def suite(self, document: _LineDict, quick: bool, seeds: int | None, variant: str | None,
+              variants: tuple[str, ...]) -> Suite:
         if quick and "quick" in document:
             document = self.with_quick(document)
         for key in ("name", "model", "dataset", "sparsities", "methods"):
@@ -268,8 +323,8 @@ class _Checker:
         if quick:
             run_seeds = run_seeds[:1]
         if seeds is not None:
-            if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-                raise PrunekitError(f"--seeds must be a positive number of seeds, got {seeds!r}")
+            if not COUNT(seeds):
+                raise PrunekitError(f"--seeds must be {COUNT.requirement} (a number of seeds), got {seeds!r}")
             run_seeds = tuple(range(seeds))
         return Suite(
             name=self.text(document, "name"),
@@ -277,12 +332,12 @@ class _Checker:
             path=self.path,
             model=model,
             dataset=dataset,
-            train_size=self.count(document, "train_size", optional=True),
-            test_size=self.count(document, "test_size", optional=True),
+            train_size=self.checked(document, "train_size", hparams_lib.optional(COUNT)),
+            test_size=self.checked(document, "test_size", hparams_lib.optional(COUNT)),
             checkpoint=self.checkpoint(document),
             dense=self.dense(document),
             from_scratch=bool(document.get("from_scratch", False)),
-            batch_size=self.count(document, "batch_size", optional=True) or DEFAULT_BATCH_SIZE,
+            batch_size=self.checked(document, "batch_size", COUNT, DEFAULT_BATCH_SIZE),
             seeds=run_seeds,
             methods=methods,
             published=self.published(document),
@@ -293,6 +348,10 @@ class _Checker:
             device=self.choice(document, "device", list(DEVICES)) if "device" in document else "cpu",
             reestimate_bn=self.flag(document, "reestimate_bn"),
             quick=quick,
+            holdout=self.holdout(document, methods),
+            isolate=self.flag(document, "isolate"),
+            variant=variant,
+            variants=variants,
         )
 
     # ---- general shapes
@@ -319,24 +378,20 @@ class _Checker:
             raise self.fail(mapping, key, f"`{key}` must be a non-empty text, got {value!r}")
         return value
 
-    def flag(self, mapping: _LineDict, key: str) -> bool:
-        value = mapping.get(key, False)
-        if not isinstance(value, bool):
-            raise self.fail(mapping, key, f"`{key}` is true or false, got {value!r}")
+    def checked(self, mapping: _LineDict, key: str, check: hparams_lib.Check, default: Any = None) -> Any:
+        """mapping[key] (or `default` when absent), which `check` must accept."""
+        value = mapping.get(key, default)
+        if not check(value):
+            raise self.fail(mapping, key, f"`{key}` must be {check.requirement}, got {value!r}")
         return value
+
+    def flag(self, mapping: _LineDict, key: str) -> bool:
+        return self.checked(mapping, key, FLAG, False)
 
     def choice(self, mapping: _LineDict, key: str, known: list[str]) -> str:
         value = self.text(mapping, key)
         if value not in known:
             raise self.fail(mapping, key, f"unknown {key} {value!r}; use one of {', '.join(known)}")
-        return value
-
-    def count(self, mapping: _LineDict, key: str, optional: bool = False) -> int | None:
-        if key not in mapping and optional:
-            return None
-        value = mapping[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise self.fail(mapping, key, f"`{key}` must be a whole number >= 1, got {value!r}")
         return value
 
     def sparsities(self, mapping: _LineDict, key: str) -> tuple[float, ...]:
@@ -355,18 +410,21 @@ class _Checker:
 
     def seeds(self, mapping: _LineDict) -> tuple[int, ...]:
         value = mapping.get("seeds", 1)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        if COUNT(value):
             return tuple(range(value))
         listed = isinstance(value, list) and value and len(set(value)) == len(value)
-        if listed and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value):
+        if listed and all(SEED(seed) for seed in value):
             return tuple(value)
-        raise self.fail(mapping, "seeds", f"`seeds` must be a number of seeds (3 runs seeds 0, 1, 2) or a list of "
-                                          f"distinct seeds >= 0, got {value!r}")
+        raise self.fail(mapping, "seeds", f"`seeds` must be a number of seeds ({COUNT.requirement}; 3 runs seeds "
+                                          f"0, 1, 2) or a list of distinct seeds, each {SEED.requirement}, "
+                                          f"got {value!r}")
 
     def dataclass_values(self, cls: type, mapping: _LineDict, owner: str) -> Any:
         """hparams.build, with each value checked on its own first so that an error names its line."""
         fields = {info.name: info for info in hparams_lib.describe(cls)}
         for key, value in mapping.items():
+            if key in hparams_lib.RELOCATED:
+                raise self.fail(mapping, key, f"{hparams_lib.RELOCATED[key]}; remove `{key}` here")
             if key not in fields:
                 raise self.fail(mapping, key, f"{owner} has no hyperparameter {key!r}; its hyperparameters are: "
                                               f"{', '.join(fields) or 'none'}")
@@ -460,10 +518,6 @@ class _Checker:
         if document.get("training") is None:
             return None
         values = self.mapping(document, "training", "`training`")
-        for key in values:
-            if key in PRUNE_OWNED_FIELDS:
-                raise self.fail(values, key, f"`{key}` is not for methods to set (runs are seeded by `seeds:`, "
-                                             "batches come in `batch_size:`); remove it from `training`")
         self.dataclass_values(TrainConfig, values, "training")
         return values
 
@@ -485,6 +539,9 @@ class _Checker:
             name = self.text(item, "method")
             for flag in ("optional", "measure_recorded", "from_scratch"):
                 self.flag(item, flag)
+            if "search" in item and item.get("measure_recorded"):
+                raise self.fail(item, "search", "an entry with `search:` cannot also have `measure_recorded: true` "
+                                                "(the recorded points would be every candidate's); drop one of them")
             sparsities = self.sparsities(item, "sparsities") if "sparsities" in item else default_sparsities
             line = item.lines.get("label", item.line)
             if name == ALL:
@@ -518,13 +575,32 @@ class _Checker:
                                              "from `seeds:`, the budget from `budget:`, the batch size from "
                                              "`batch_size:`); remove it here")
         budget = self.budget(item, sparsities)
-        return MethodEntry(label, method.name, self.hparams(method, values, training), budget, sparsities,
-                           item.get("measure_recorded", False), item.get("from_scratch", False))
+        hparams = self.hparams(method, values, training)
+        return MethodEntry(label, method.name, hparams, budget, sparsities, item.get("measure_recorded", False),
+                           item.get("from_scratch", False), self.search(item, method, hparams))
+
+    def search(self, item: _LineDict, method: Method, hparams: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
+        """The grid {hyperparameter: values}; every combination over the entry's hyperparameters is checked now."""
+        grid = self.mapping(item, "search", "`search`")
+        for key, values in grid.items():
+            if key in PRUNE_ARGUMENTS or key not in hparams:
+                raise self.fail(grid, key, f"method {method.name!r} has no hyperparameter {key!r} to search; its "
+                                           f"hyperparameters are: {', '.join(hparams) or 'none'}")
+            if not isinstance(values, _LineList) or not values:
+                raise self.fail(grid, key, f"`search: {{{key}: ...}}` takes a non-empty list of the values to try, "
+                                           f"e.g. [{hparams[key]!r}], got {values!r}")
+        entry = MethodEntry("", method.name, hparams, Budget(), (), search={k: tuple(v) for k, v in grid.items()})
+        for candidate in entry.candidates:
+            try:
+                hparams_lib.build(method.hparams, {**entry.method_hparams, **candidate}, f"method {method.name!r}")
+            except PrunekitError as exc:
+                raise self.fail(item, "search", f"the candidate {candidate} is invalid: {exc}") from None
+        return entry.search
 
     def all_entries(self, item: _LineDict, registered: dict[str, Method], explicit: set,
                     sparsities: tuple[float, ...], training: _LineDict | None) -> list[MethodEntry]:
         """Every registered method not listed on its own, with its defaults (and the suite's `training`)."""
-        for key in ("label", "hparams", "measure_recorded", "from_scratch"):
+        for key in ("label", "hparams", "search", "measure_recorded", "from_scratch"):
             if key in item:
                 raise self.fail(item, key, f"`method: all` takes no {key}; give a method its own entry "
                                            "(`- method: NAME` with `hparams:`) to change it")
@@ -535,7 +611,7 @@ class _Checker:
 
     def hparams(self, method: Method, values: _LineDict, training: _LineDict | None) -> dict[str, Any]:
         """Every field of the method's hyperparameters: its entry's values over the suite's `training`, if it trains."""
-        if training is not None and issubclass(method.hparams, TrainConfig):
+        if training is not None and method.trains:
             merged = _merged(training, values)
             merged.line = values.line  # a method's own check that fails names its entry, not `training`
             values = merged
@@ -575,9 +651,8 @@ class _Checker:
                     raise self.fail(item, None, f"this published number has no `{key}`; add it")
             accuracy, std = item["accuracy"], item.get("std")
             for key, number in (("accuracy", accuracy), ("std", std)):
-                if number is not None and (isinstance(number, bool) or not isinstance(number, (int, float))
-                                           or not 0 <= number <= 1):
-                    raise self.fail(item, key, f"`{key}` is a fraction in [0, 1] like our accuracies "
+                if not FRACTION(number):
+                    raise self.fail(item, key, f"`{key}` is a fraction like our accuracies, {FRACTION.requirement} "
                                                f"(write 93.97% as 0.9397), got {number!r}")
             try:
                 sparsity = check_sparsity(item["sparsity"])
@@ -587,7 +662,28 @@ class _Checker:
                                      None if std is None else float(std), self.text(item, "source")))
         return tuple(numbers)
 
-    # ---- quick
+    # ---- held-out data, variants and quick
+
+    def holdout(self, document: _LineDict, methods: tuple[MethodEntry, ...]) -> int | None:
+        holdout = self.checked(document, "holdout", hparams_lib.optional(COUNT))
+        searching = next((entry.label for entry in methods if entry.search), None)
+        if searching is not None and holdout is None:
+            raise self.fail(document, None, f"entry {searching!r} has `search:` but the suite holds out no training "
+                                            "data to score its candidates on; add `holdout: N` (e.g. 5000 examples)")
+        return holdout
+
+    def variants(self, document: _LineDict) -> dict[str, _LineDict]:
+        variants = self.mapping(document, "variants", "`variants`")
+        allowed = [key for key in TOP_LEVEL_KEYS if key not in NOT_IN_VARIANTS]
+        for name in variants:
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+                raise self.fail(variants, name, f"variant name {name!r} must be letters, digits, '_', '.' or '-' "
+                                                "(it is typed after --variant); rename it")
+            changes = self.mapping(variants, name, f"variant {name!r}")
+            for key in changes:
+                if key not in allowed:
+                    raise self.fail(changes, key, f"a variant cannot change {key!r}; it may set: {', '.join(allowed)}")
+        return {name: self.mapping(variants, name, "") for name in variants}
 
     def with_quick(self, document: _LineDict) -> _LineDict:
         quick = self.mapping(document, "quick", "`quick`")
