@@ -9,7 +9,8 @@ from typing import Any, Sequence
 import torch
 
 from . import hparams as hparams_lib
-from .budgets import Budget
+from .api import DEFAULT_SPARSITY
+from .budgets import Budget, check_sparsity
 from .errors import PrunekitError
 from .methods import all_methods, get_method, method_fields
 from .tables import render_table
@@ -18,7 +19,8 @@ from .version import __version__
 from .workflow import DEVICES
 
 BUDGET_FLAGS = {"allocation": "budget"}  # Budget field -> flag name where they differ
-# `prune` flags that also stand for the method's hyperparameter of the same name (training methods have both).
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -37,9 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunekit", description=__doc__.splitlines()[0])
+    parser = Parser(prog="prunekit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_version())
-    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")  # each command's parser is a Parser too
     _methods_command(commands)
     _train_command(commands)
     _prune_command(commands)
@@ -48,6 +50,31 @@ def build_parser() -> argparse.ArgumentParser:
     _report_command(commands)
     _demo_command(commands)
     return parser
+
+
+class StatedDefaultsFormatter(argparse.HelpFormatter):
+    """Every optional flag's help states its default as `(default: X)`.
+
+    A help text that says it itself (where the value needs words, e.g. "(default: every prunable tensor)")
+    is left as written; otherwise the flag's default value is appended, `off` for a switch.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default: " in text or action.default is argparse.SUPPRESS or action.required or not action.option_strings:
+            return text
+        shown = "none" if action.default is None else "off" if action.default is False else action.default
+        return f"{text} (default: {shown})"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with prunekit's conventions: every flag's default stated, and a usage error on one line."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, formatter_class=StatedDefaultsFormatter, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
 def _version() -> str:
@@ -77,7 +104,7 @@ def _train_command(commands) -> None:
     parser = commands.add_parser("train", help="train a dense model from the zoo", description=(
         "Train a zoo model on a dataset and save its weights (safetensors)."))
     _add_model_and_data_flags(parser, checkpoint_help="start from these weights instead of a fresh model")
-    _add_dataclass_flags(parser.add_argument_group("training"), TrainConfig, use_defaults=True)
+    _add_dataclass_flags(parser.add_argument_group("training"), TrainConfig)
     parser.add_argument("--seed", type=int, default=0, metavar="INT",
                         help="seed of the model's initialisation, the shuffling and training's randomness")
     parser.add_argument("--batch-size", type=int, default=128, metavar="INT",
@@ -113,15 +140,18 @@ def _prune_command(commands) -> None:
         "are flags; `prunekit methods NAME` lists one method's."))
     _add_model_and_data_flags(parser, checkpoint_help="dense weights to prune")
     parser.add_argument("--method", default="magnitude", help="pruning method (see `prunekit methods`)")
-    parser.add_argument("--sparsity", type=float, help="fraction of zeros over the prunable weights (default 0.9)")
-    parser.add_argument("--include", action="append", help="prune only tensors whose name matches this regex")
-    parser.add_argument("--exclude", action="append", help="do not prune tensors whose name matches this regex")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    parser.add_argument("--sparsity", type=float, help="fraction of zeros over the prunable weights "
+                        f"(default: {DEFAULT_SPARSITY}; with --structure nm, 1 - N/M)")
+    parser.add_argument("--include", action="append", help="prune only tensors whose name matches this regex; "
+                        "repeatable (default: every prunable tensor)")
+    parser.add_argument("--exclude", action="append", help="do not prune tensors whose name matches this regex; "
+                        "repeatable")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     parser.add_argument("--batch-size", type=int, default=128, help="batch size of the data given to the method")
-    _add_dataclass_flags(parser.add_argument_group("budget"), Budget, rename=BUDGET_FLAGS, use_defaults=False)
+    _add_dataclass_flags(parser.add_argument_group("budget"), Budget, rename=BUDGET_FLAGS)
     _add_method_flags(parser.add_argument_group("method hyperparameters (each applies to the methods named)"))
-    parser.add_argument("--out", help="write the pruned weights here (.safetensors)")
-    parser.add_argument("--masks-out", help="write the masks here (.safetensors with metadata)")
+    parser.add_argument("--out", help="write the pruned weights here, .safetensors (default: not written)")
+    parser.add_argument("--masks-out", help="write the masks here, .safetensors with metadata (default: not written)")
     parser.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation")
     parser.set_defaults(run=_run_prune)
 
@@ -136,6 +166,8 @@ def _run_prune(args) -> None:
     _reject_foreign_method_flags(args, method)
     budget = hparams_lib.build(Budget, _dataclass_values(args, Budget), "budget")
     hparams_lib.build(method.hparams, method_values, f"method {method.name!r}")  # validate before loading
+    if args.sparsity is not None:
+        check_sparsity(args.sparsity)
     for path in (args.out, args.masks_out):
         _check_output_path(path)
     setup = workflow.setup(args.model, args.dataset, args.data_dir, args.checkpoint, seed=args.seed,
@@ -159,7 +191,8 @@ def _eval_command(commands) -> None:
     parser = commands.add_parser("eval", help="evaluate a model (optionally with masks) on a test set")
     _add_model_and_data_flags(parser, checkpoint_help="weights to evaluate")
     parser.add_argument("--masks", help="attach these masks before evaluating")
-    parser.add_argument("--test-size", type=int, help="evaluate on the first N test examples only")
+    parser.add_argument("--test-size", type=int, help="evaluate on a fixed random subset of N test examples "
+                        "(default: the whole test set)")
     parser.set_defaults(run=_run_eval)
 
 
@@ -234,9 +267,9 @@ def _report_command(commands) -> None:
     from .bench.report import FORMATS
 
     parser = commands.add_parser("report", help="write a report of the bench runs (markdown + plots, or CSV)")
-    parser.add_argument("--db", default=DEFAULT_DB, help=f"runs database (default: {DEFAULT_DB})")
+    parser.add_argument("--db", default=DEFAULT_DB, help="runs database")
     parser.add_argument("--suite", help="only this suite (default: every suite in the database)")
-    parser.add_argument("--out", default="report", help="folder to write into (default: report)")
+    parser.add_argument("--out", default="report", help="folder to write into")
     parser.add_argument("--format", choices=FORMATS, default="markdown",
                         help="markdown (report.md with PNG plots) or csv (results.csv, one row per result)")
     parser.set_defaults(run=_run_report)
@@ -256,8 +289,8 @@ def _report(db: str, out: str, suite: str | None, fmt: str) -> None:
 def _demo_command(commands) -> None:
     parser = commands.add_parser("demo", help="bench every method on digits (offline), then write the report",
                                  description="`prunekit bench --suite demo`, then `prunekit report --suite demo`.")
-    parser.add_argument("--db", default=DEFAULT_DB, help=f"runs database (default: {DEFAULT_DB})")
-    parser.add_argument("--out", default="report", help="report folder (default: report)")
+    parser.add_argument("--db", default=DEFAULT_DB, help="runs database")
+    parser.add_argument("--out", default="report", help="report folder")
     parser.set_defaults(run=_run_demo)
 
 
@@ -276,14 +309,14 @@ def _add_model_and_data_flags(parser, checkpoint_help: str) -> None:
     parser.add_argument("--dataset", required=True, help="mnist, fashion-mnist, cifar10, cifar100, digits, synthetic")
     parser.add_argument("--data-dir", help="folder holding the datasets (default: $PRUNEKIT_DATA)")
     parser.add_argument("--checkpoint", help=checkpoint_help)
-    parser.add_argument("--device", choices=DEVICES, default="cpu", help="where the model trains and runs (default: cpu)")
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="where the model trains and runs")
 
 
 def _flag(name: str, rename: dict[str, str]) -> str:
     return "--" + rename.get(name, name).replace("_", "-")
 
 
-def _add_dataclass_flags(group, cls: type, rename: dict[str, str] | None = None, use_defaults: bool = True) -> None:
+def _add_dataclass_flags(group, cls: type, rename: dict[str, str] | None = None) -> None:
     """One flag per field; values stay strings here and are parsed by hparams.build like YAML."""
     for info in hparams_lib.describe(cls):
         group.add_argument(_flag(info.name, rename or {}), dest=info.name, metavar=_type_name(info.type).upper(),
