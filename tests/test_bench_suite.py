@@ -37,7 +37,7 @@ class KnobHparams:
     knob: float = field(default=1.0, metadata={"help": "a number in (0, 10)"})
     flip: bool = field(default=False, metadata={"help": "a second knob"})
 
-    def validate(self) -> None:
+    def check_relations(self) -> None:
         if not 0 < self.knob < 10:
             raise PrunekitError(f"knob must be in (0, 10), got {self.knob}")
 

@@ -190,7 +190,7 @@ def validate(instance: Any, owner: str = "", checks: Mapping[str, Check] | None 
         check = (checks or {}).get(f.name, f.metadata.get("check"))
         if check is not None:
             require(value, check, f"{prefix}{f.name}", f" ({flag_of(f)})")
-    relations = getattr(instance, "check_relations", None) or getattr(instance, "validate", None)  # TRANSITION
+    relations = getattr(instance, "check_relations", None)
     if relations is not None:
         relations()
     return instance
