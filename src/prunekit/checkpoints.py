@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from prunekit.errors import PrunekitError
 from prunekit.io import atomic_path
+from prunekit.masks import is_parametrization_state, masked_by, parametrized_key, plain_key
 from prunekit.models import create_model, list_models
 
 Normalization = tuple[tuple[float, ...], tuple[float, ...]]
@@ -33,16 +34,11 @@ _KEY_REWRITES: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 # Mask buffers and the tensor each one gates: (mask key pattern, gated key template), for WoodFisher's
-# masked layers and for torch.nn.utils.parametrize masks.
+# masked layers (prunekit's own masks: `masks.masked_by`).
 # A mask the model does not hold itself is multiplied into the tensor it gates (a mask of ones changes nothing).
 _MASK_TARGETS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^(.+)\._weight_mask$"), r"\1.weight"),  # WoodFisher
-    (re.compile(r"^((?:.+\.)?)parametrizations\.([^.]+)\.\d+\.mask$"), r"\1parametrizations.\2.original"),
 )
-
-# torch.nn.utils.parametrize naming: X.W is stored as X.parametrizations.W.original, plus per-parametrization state.
-_PARAMETRIZED_ORIGINAL = re.compile(r"^((?:.+\.)?)parametrizations\.([^.]+)\.original$")
-_PARAMETRIZATION_STATE = re.compile(r"(^|\.)parametrizations\.[^.]+\.\d+\.")
 
 # Published checkpoints recognised by their `arch` metadata, and the input normalisation they were trained with.
 _KNOWN_NORMALIZATIONS: dict[str, Normalization] = {
@@ -189,18 +185,17 @@ def _mask_target(key: str) -> str | None:
     for pattern, template in _MASK_TARGETS:
         if pattern.match(key):
             return pattern.sub(template, key)
-    return None
+    return masked_by(key)
 
 
 def _model_key(key: str, model_keys: Collection[str]) -> str:
     """Name a weight as the model does: plain unless the model parametrizes it."""
     if key in model_keys:
         return key
-    parametrized = _PARAMETRIZED_ORIGINAL.match(key)
-    if parametrized:
-        return parametrized[1] + parametrized[2]
-    owner, dot, name = key.rpartition(".")
-    candidate = f"{owner}{dot}parametrizations.{name}.original"
+    plain = plain_key(key)
+    if plain is not None:
+        return plain
+    candidate = parametrized_key(key)
     return candidate if candidate in model_keys else key
 
 
@@ -216,7 +211,7 @@ def load_state_dict_into(model: nn.Module, state: Mapping[str, Tensor], strict: 
 def _check_layout(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], strict: bool) -> None:
     """Refuse shape mismatches always, and missing or unexpected keys when strict."""
     # The model's own parametrization state (e.g. its masks) keeps its values when the checkpoint has none.
-    missing = [key for key in expected if key not in state and not _PARAMETRIZATION_STATE.search(key)]
+    missing = [key for key in expected if key not in state and not is_parametrization_state(key)]
     unexpected = [key for key in state if key not in expected]
     mismatched = [
         f"{key} (checkpoint {tuple(state[key].shape)}, model {tuple(expected[key].shape)})"
@@ -315,11 +310,11 @@ def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The model's state dict with each parametrized tensor evaluated and stored under its plain name."""
     state = {}
     for key, tensor in model.state_dict().items():
-        parametrized = _PARAMETRIZED_ORIGINAL.match(key)
-        if parametrized:
-            owner, name = parametrized[1].rstrip("."), parametrized[2]
-            state[parametrized[1] + name] = getattr(model.get_submodule(owner), name)
-        elif not _PARAMETRIZATION_STATE.search(key):
+        plain = plain_key(key)
+        if plain is not None:
+            owner, _, name = plain.rpartition(".")
+            state[plain] = getattr(model.get_submodule(owner), name)
+        elif not is_parametrization_state(key):
             state[key] = tensor
     return state
 

@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 from .cost import CostMeter
 from .errors import PrunekitError
 from .hparams import integer, number, setting
-from .masks import Mask
+from .masks import Mask, mask_buffer_key, parametrizations_of, parametrized_key
 from .modes import model_mode
 from .targets import Target
 
@@ -183,13 +183,12 @@ def _effective_weights(targets: Sequence[Target]) -> tuple[dict, dict, list[str]
     for target in targets:
         key = target.name
         if parametrize.is_parametrized(target.module, "weight"):
-            prefix = f"{target.module_name}.parametrizations.weight" if target.module_name else "parametrizations.weight"
-            key = f"{prefix}.original"
-            for index, parametrization in enumerate(target.module.parametrizations.weight):
+            key = parametrized_key(target.name)
+            for index, parametrization in enumerate(parametrizations_of(target.module)):
                 if not isinstance(parametrization, Mask):
                     raise PrunekitError(f"{target.name} carries a {type(parametrization).__name__} parametrization; "
                                         "the Fisher only sees through prunekit masks: remove it first")
-                fixed[f"{prefix}.{index}.mask"] = torch.ones_like(parametrization.mask)
+                fixed[mask_buffer_key(target.name, index)] = torch.ones_like(parametrization.mask)
         weights[key] = target.weight.detach()
         keys.append(key)
     return weights, fixed, keys

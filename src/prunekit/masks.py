@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 from safetensors import safe_open
@@ -14,13 +15,62 @@ from torch.nn.utils import parametrize
 
 from .errors import PrunekitError
 from .io import atomic_path
-from .targets import Target, find_targets
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .targets import Target
 
 MASKED = "masked"
 STRAIGHT_THROUGH = "straight_through"
 GRADIENT_MODES = (MASKED, STRAIGHT_THROUGH)
 MASK_FILE_FORMAT = "prunekit-masks/1"
+
+
+# torch.nn.utils.parametrize's names, known in this module only: a parametrized tensor `owner.W` is
+# stored as `owner.parametrizations.W.original`, and the i-th parametrization's buffers as
+# `owner.parametrizations.W.<i>.<buffer>` (a prunekit mask: `...W.<i>.mask`).
+_PARAMETRIZED = re.compile(r"^((?:.+\.)?)parametrizations\.([^.]+)\.original$")
+_MASK_BUFFER = re.compile(r"^((?:.+\.)?)parametrizations\.([^.]+)\.\d+\.mask$")
+_PARAMETRIZATION_BUFFER = re.compile(r"(^|\.)parametrizations\.[^.]+\.\d+\.")
+
+
+def _parametrized(plain: str, part: str) -> str:
+    owner, dot, name = plain.rpartition(".")
+    return f"{owner}{dot}parametrizations.{name}.{part}"
+
+
+def parametrized_key(plain: str) -> str:
+    """The state-dict key of tensor `plain` (e.g. `fc.weight`) once it is parametrized."""
+    return _parametrized(plain, "original")
+
+
+def mask_buffer_key(plain: str, index: int) -> str:
+    """The key of the mask of the `index`-th parametrization of tensor `plain`."""
+    return _parametrized(plain, f"{index}.mask")
+
+
+def plain_key(key: str) -> str | None:
+    """`fc.weight` for `fc.parametrizations.weight.original`; None for a key that is not a parametrized tensor."""
+    match = _PARAMETRIZED.match(key)
+    return match[1] + match[2] if match else None
+
+
+def masked_by(key: str) -> str | None:
+    """For a parametrization's mask buffer, the key of the tensor it gates; else None."""
+    match = _MASK_BUFFER.match(key)
+    return parametrized_key(match[1] + match[2]) if match else None
+
+
+def is_parametrization_state(key: str) -> bool:
+    """Whether `key` is a buffer of a parametrization (a mask), not a tensor of the model itself."""
+    return _PARAMETRIZATION_BUFFER.search(key) is not None
+
+
+def unmasked(module: nn.Module, name: str = "weight") -> nn.Parameter:
+    """The trainable tensor behind `module.<name>`: the original when a parametrization (a mask) is attached."""
+    if parametrize.is_parametrized(module, name):
+        return getattr(module.parametrizations, name).original
+    return getattr(module, name)
 
 
 class _StraightThroughMask(torch.autograd.Function):
@@ -64,11 +114,16 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
+def parametrizations_of(module: nn.Module, name: str = "weight") -> list[nn.Module]:
+    """The parametrizations on `module.<name>`, in the order they apply (none if it is plain)."""
+    if not parametrize.is_parametrized(module, name):
+        return []
+    return list(getattr(module.parametrizations, name))
+
+
 def mask_of(module: nn.Module) -> Mask | None:
     """The prunekit mask on `module.weight`, if one is attached."""
-    if not parametrize.is_parametrized(module, "weight"):
-        return None
-    return next((p for p in module.parametrizations.weight if isinstance(p, Mask)), None)
+    return next((p for p in parametrizations_of(module) if isinstance(p, Mask)), None)
 
 
 def attach_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], mode: str = MASKED) -> None:
@@ -125,6 +180,8 @@ def make_permanent(model: nn.Module) -> nn.Module:
 
 
 def _targets_by_name(model: nn.Module, names) -> dict[str, Target]:
+    from .targets import find_targets  # targets.py reads the parametrization names from here
+
     targets = {t.name: t for t in find_targets(model)[0]}
     unknown = [n for n in names if n not in targets]
     if unknown:
@@ -193,6 +250,8 @@ def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
 
 def sparsity_report(model: nn.Module) -> SparsityReport:
     """Zeros / total of every prunable weight as the model computes with it."""
+    from .targets import find_targets  # targets.py reads the parametrization names from here
+
     targets, skipped = find_targets(model)
     layers = []
     with torch.no_grad():

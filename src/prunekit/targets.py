@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import PrunekitError
+from .masks import unmasked
 
 PRUNABLE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -30,9 +31,7 @@ class Target:
     @property
     def dense(self) -> nn.Parameter:
         """The trainable tensor behind the weight (the unmasked original when masked)."""
-        if parametrize.is_parametrized(self.module, "weight"):
-            return self.module.parametrizations.weight.original
-        return self.module.weight
+        return unmasked(self.module)
 
     @property
     def shape(self) -> torch.Size:
@@ -95,9 +94,7 @@ def find_targets(
 def _own_parameters(module: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
     """Direct parameters of a module, seen through a mask parametrization if there is one."""
     if parametrize.is_parametrized(module, "weight"):
-        yield "weight", module.parametrizations.weight.original
-        yield from ((n, p) for n, p in module.named_parameters(recurse=False))
-        return
+        yield "weight", unmasked(module)
     yield from module.named_parameters(recurse=False)
 
 
