@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from prunekit import workflow
-from prunekit.bench import Store, load_suite, run_suite
+from prunekit.bench import Store, load_suite, run_suite, write_report
 from prunekit.bench.runner import check_device, plan
 from prunekit.bench.store import DONE, PENDING, RUNNING, Owner
 from prunekit.cli import main
@@ -379,6 +379,9 @@ def test_a_search_keeps_the_candidate_the_held_out_examples_prefer(tmp_path, sui
         assert searched.final.accuracy == magnitude.final.accuracy  # the chosen one is the run, tested on the test set
         assert torch.equal(read_masks(searched.mask_path)[0]["fc1.weight"], read_masks(magnitude.mask_path)[0]["fc1.weight"])
         assert magnitude.search is None
+    report = (write_report(db, tmp_path / "report")[0]).read_text()
+    assert "### Hyperparameters searched on held-out data" in report and "scored by top-1 on 100 training" in report
+    assert "| order-test | 0.9 | 0 | largest=True | largest=False: " in report
 
 
 def test_isolated_runs_give_the_in_process_results_and_their_own_peak_memory(tmp_path, suite_file):

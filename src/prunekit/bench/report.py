@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import PrunekitError
 from ..tables import render_table
-from .store import DONE, FAILED, PENDING, RUNNING, Store, StoredRun
+from .store import DONE, FAILED, PENDING, RUNNING, Store, StoredRun, settings_text
 
 FORMATS = ("markdown", "csv")
 MIB = 2 ** 20
@@ -212,6 +212,7 @@ def _suite_section(results: SettingResults, plots: list[Path | None]) -> list[st
     if plots[0] is not None:
         lines += [f"![accuracy vs sparsity]({plots[0].name})", ""]
     lines += _published_section(results)
+    lines += _search_section(results)
     lines += _cost_section(results)
     if plots[1] is not None:
         lines += [f"![cost vs sparsity]({plots[1].name})", ""]
@@ -237,6 +238,20 @@ def _published_section(results: SettingResults) -> list[str]:
     return ["### Published numbers beside ours", "",
             *_markdown_table(["method", "sparsity", "published top-1 (%)", "ours (%)", "ours − published",
                               "source"], rows), ""]
+
+
+def _search_section(results: SettingResults) -> list[str]:
+    """The values each searching entry chose on the held-out examples, and every candidate's score."""
+    searched = [run for run in results.finals if run.search]
+    if not searched:
+        return []
+    rows = [[run.label, f"{run.sparsity:g}", str(run.seed), settings_text(run.search["chosen"]),
+             "; ".join(f"{settings_text(c['hparams'])}: {100 * c['accuracy']:.2f}" for c in run.search["candidates"])]
+            for run in searched]
+    explained = (f"Each candidate was pruned and scored by top-1 on {searched[0].search['holdout']:,} training "
+                 "examples held out of every run (never the test set); the chosen one is the run in the tables.")
+    return ["### Hyperparameters searched on held-out data", "", explained, "",
+            *_markdown_table(["method", "sparsity", "seed", "chosen", "held-out top-1 (%) of each candidate"], rows), ""]
 
 
 def _cost_section(results: SettingResults) -> list[str]:

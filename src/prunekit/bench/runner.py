@@ -45,7 +45,7 @@ from ..io import atomic_path
 from ..masks import save_masks, sparsity_report
 from ..metrics import count_macs
 from ..training import reestimate_batch_norm
-from .store import DONE, Outcome, Owner, PlannedRun, Point, Store
+from .store import DONE, Outcome, Owner, PlannedRun, Point, Store, settings_text
 from .suite import MethodEntry, Suite
 
 # Files that only present results: editing them must not invalidate stored runs.
@@ -253,13 +253,9 @@ def _run_all(todo: list[PlannedRun], store: Store, db: Path, summary: Summary, e
 
 def _one_line(run: PlannedRun, outcome: Outcome, seconds: float) -> str:
     final = outcome.points[-1]
-    chosen = f", chose {_settings(outcome.search['chosen'])} on the held-out data" if outcome.search else ""
+    chosen = f", chose {settings_text(outcome.search['chosen'])} on the held-out data" if outcome.search else ""
     return (f"{run.label} s={run.sparsity:g} seed {run.seed}: top-1 {final.accuracy:.4f}, achieved sparsity "
             f"{final.sparsity:.4f}, pruning {outcome.cost['seconds']:.2f} s{chosen} (run {seconds:.1f} s)")
-
-
-def _settings(values: dict[str, Any]) -> str:
-    return ", ".join(f"{key}={value}" for key, value in values.items())
 
 
 def _execute(run: PlannedRun, masks_dir: Path, env: dict[str, Any], bar: tqdm, *, bench_plan: Plan,

@@ -349,6 +349,11 @@ def _stored_run(row: tuple) -> StoredRun:
                      _load(cost), _load(history) or [], _load(environment), error, mask_path, _load(search))
 
 
+def settings_text(values: dict[str, Any]) -> str:
+    """Hyperparameter values as people read them in reports and logs: `ridge=0.001, first_order=False`."""
+    return ", ".join(f"{key}={value}" for key, value in values.items()) or "—"
+
+
 def _json(value: Any) -> str:
     # default=str: a method's history may hold values JSON has no type for (e.g. a torch.Size)
     return json.dumps(value, sort_keys=True, default=str)
