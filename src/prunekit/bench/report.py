@@ -250,8 +250,8 @@ def _search_section(results: SettingResults) -> list[str]:
             for run in searched]
     explained = (f"Each candidate was pruned and scored by top-1 on {searched[0].search['holdout']:,} training "
                  "examples held out of every run (never the test set); the chosen one is the run in the tables.")
-    return ["### Hyperparameters searched on held-out data", "", explained, "",
-            *_markdown_table(["method", "sparsity", "seed", "chosen", "held-out top-1 (%) of each candidate"], rows), ""]
+    headers = ["method", "sparsity", "seed", "chosen", "held-out top-1 (%) of each candidate"]
+    return ["### Hyperparameters searched on held-out data", "", explained, "", *_markdown_table(headers, rows), ""]
 
 
 def _cost_section(results: SettingResults) -> list[str]:

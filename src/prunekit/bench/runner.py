@@ -126,7 +126,7 @@ def plan(suite: Suite, device: str = "cpu", isolate: bool = False) -> Plan:
             for seed in suite.seeds:
                 config = {"suite": suite.stored_name, **data, "start": start, "dense_key": dense_key, **shared,
                           "from_scratch": suite.from_scratch or entry.from_scratch, "method": entry.method,
-                          "hparams": entry.hparams, "search": {key: list(values) for key, values in entry.search.items()},
+                          "hparams": entry.hparams, "search": {key: list(grid) for key, grid in entry.search.items()},
                           "budget": dataclasses.asdict(entry.budget), "measure_recorded": entry.measure_recorded,
                           "sparsity": sparsity, "seed": seed, "code_version": version}
                 runs.append(PlannedRun(content_hash(config), suite.stored_name, setting, entry.label, entry.method,

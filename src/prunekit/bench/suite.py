@@ -9,8 +9,9 @@ loader below builds dicts and lists that remember the line of each key and item.
     model: lenet300
     model_options: {}          # keyword options of the zoo model, e.g. {shortcut: identity} for a ResNet
     dataset: digits            # train_size / test_size keep a fixed random subset
-    dense: {epochs: 30, lr: 0.05}   # or checkpoint: PATH, or from_scratch: true
-                               # (from_scratch with dense: the recipe is trained only as the dense reference)
+    dense: {epochs: 30, lr: 0.05}   # trained once (seed 0, in batches of `batch_size`) and cached; or
+                               # checkpoint: PATH, or from_scratch: true (with dense: the recipe is
+                               # trained only as the dense reference)
     device: cpu                # what the budget is meant for; cuda: refused without --device cuda, unless --quick
     reestimate_bn: false       # true: one train-mode pass re-estimates the dense model's batch-norm statistics
                                # before any method runs (the CHITA code's step before one-shot pruning)
@@ -31,6 +32,7 @@ loader below builds dicts and lists that remember the line of each key and item.
         hparams: {solver: backsolve}
         search: {ridge: [1.0e-4, 1.0e-2]}   # every combination is pruned and scored on the `holdout` slice;
                                # the best one is the run (test accuracy), the scores are stored with it
+                               # (not with measure_recorded: the recorded points would be every candidate's)
         budget: {allocation: uniform}
         sparsities: [0.9]      # this entry only
         optional: true         # skip (with a note) while the method is not registered
@@ -170,7 +172,7 @@ class Suite:
 
     @property
     def argument(self) -> str:
-        """What `prunekit bench` takes to run this suite: `--suite` (a shipped suite's name, else its path), `--variant`."""
+        """What `prunekit bench --suite` takes to run this suite: a shipped one's name (else its path), its variant."""
         suite = self.path.stem if self.path.parent == Path(str(SHIPPED)) else str(self.path)
         return suite if self.variant is None else f"{suite} --variant {self.variant}"
 
