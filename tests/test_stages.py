@@ -1,4 +1,6 @@
 """The stage engine and the budget plan: written once, used by every method."""
+import copy
+
 import pytest
 import torch
 
@@ -109,3 +111,17 @@ def test_a_budget_object_does_not_take_parts_beside_it(tiny_net):
         prunekit.prune(tiny_net, "magnitude", 0.5, budget=Budget("uniform"), structure="filters")
     result = prunekit.prune(tiny_net, "magnitude", 0.5, budget=Budget("uniform", structure="filters"))
     assert result.budget.structure == "filters"
+
+
+def test_gmp_ranks_by_any_scoring_methods_score_on_the_same_schedule(tiny_net, tiny_batches):
+    twin = copy.deepcopy(tiny_net)
+    by_magnitude = prunekit.prune(tiny_net, "gmp", 0.75, tiny_batches, epochs=2, p=2, lr=0.01)
+    by_snip = prunekit.prune(twin, "gmp", 0.75, tiny_batches, epochs=2, p=2, lr=0.01, score="snip")
+    for result in (by_magnitude, by_snip):
+        total = sum(m.numel() for m in result.masks.values())
+        assert sum(int((~m).sum()) for m in result.masks.values()) == round(0.75 * total)
+        assert [event["scheduled"] for event in result.history] == [e["scheduled"] for e in by_magnitude.history]
+        assert all(event["reactivated"] == 0 for event in result.history)  # GMP's masks only shrink
+    assert any(not torch.equal(by_magnitude.masks[n], by_snip.masks[n]) for n in by_snip.masks)
+    with pytest.raises(PrunekitError, match=r"score='nope' is invalid: set it to one of magnitude, random, snip"):
+        prunekit.prune(twin, "gmp", 0.75, tiny_batches, score="nope")

@@ -28,6 +28,8 @@ from ..targets import Target
 from . import PruneContext
 
 Masks = dict[str, torch.Tensor]
+# A method's scores of every target at the network as it is, given the current masks (non-negative).
+Criterion = Callable[[Masks], Mapping[str, torch.Tensor]]
 PRUNED = -1.0  # the rank of a weight an earlier stage pruned: below every non-negative score
 
 
@@ -77,7 +79,7 @@ class Stages:
         self.ctx.record(**event, sparsity=mask_sparsity(self.masks), **self.churn)
 
 
-def run_stages(ctx: PruneContext, sparsities: Sequence[float], score: Callable[[Masks], Mapping[str, torch.Tensor]],
+def run_stages(ctx: PruneContext, sparsities: Sequence[float], score: Criterion,
                after: Callable[[Masks], Mapping[str, Any] | None] | None = None, label: str = "stage",
                first: int = 0) -> Masks:
     """The common loop: at each sparsity score the model under the current masks, select, run `after`, record.

@@ -19,10 +19,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import PrunekitError
-from ..hparams import group, number, setting, validate
+from ..hparams import group, number, one_of, setting, validate
 from ..masks import MASKED, attach_masks
 from ..training import TrainConfig
 from . import PruneContext, register
+from ._criteria import CRITERIA
 from ._gradual import GradualHparams, check_gradual_budget, dense_square_magnitude, train_with_gradual_masks
 from ._stages import Stages
 from ._training import train
@@ -30,16 +31,20 @@ from ._training import train
 
 @dataclass
 class GMPHparams(GradualHparams):
-    """Training settings and the schedule (p, start, end); after the end the mask no longer changes."""
+    """Training settings, the schedule (p, start, end) and the score; after the end the mask no longer changes."""
+
+    score: str = setting("magnitude", "what ranks the weights at each mask update: magnitude (w², Zhu & Gupta) or "
+                         "another scoring method's score at the network as it is then (its default settings)",
+                         one_of(*CRITERIA))
 
 
 @register("gmp", GMPHparams, "gradual magnitude pruning: DPF's schedule without feedback, pruned weights "
-          "stay zero (Zhu & Gupta 2017)", needs_data=True, family="training")
+          "stay zero (Zhu & Gupta 2017); any scoring method's score with --score", needs_data=True, family="training")
 def gmp(ctx: PruneContext, hp: GMPHparams) -> dict[str, torch.Tensor]:
     check_gradual_budget(ctx.budget, "gmp")
     # Masked gradients: a pruned weight is zero, gets no gradient, and its momentum is cleared. The
     # ranking is monotone (the pruned rank last), so once the target is reached the mask stops changing.
-    return train_with_gradual_masks(ctx, hp, mode=MASKED, score=dense_square_magnitude(ctx.targets), monotone=True,
+    return train_with_gradual_masks(ctx, hp, mode=MASKED, score=CRITERIA[hp.score](ctx), monotone=True,
                                     keep_updating=False)
 
 

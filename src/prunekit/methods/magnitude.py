@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from . import PruneContext, register
+from ._stages import Criterion
 
 
 @dataclass(frozen=True)
@@ -29,5 +30,13 @@ class RandomHparams:
 
 @register("random", RandomHparams, "remove weights uniformly at random (a control: any method should beat it)")
 def random(ctx: PruneContext, hp: RandomHparams) -> dict[str, torch.Tensor]:
-    generator = ctx.generator()
-    return ctx.select({t.name: torch.rand(t.shape, generator=generator).to(t.dense.device) for t in ctx.targets})
+    return ctx.select(random_criterion(ctx)(None))
+
+
+def random_criterion(ctx: PruneContext) -> Criterion:
+    """Uniform noise drawn from prune()'s seed: the same ranking at every call."""
+    def score(masks) -> dict[str, torch.Tensor]:
+        generator = ctx.generator()
+        return {t.name: torch.rand(t.shape, generator=generator).to(t.dense.device) for t in ctx.targets}
+
+    return score

@@ -31,7 +31,7 @@ from ..fisher import (
 from ..hparams import group, integer, number, setting
 from ..schedules import stage_sparsities
 from . import PruneContext, register
-from ._stages import StageSettings, Stages, run_stages
+from ._stages import Criterion, StageSettings, Stages, run_stages
 
 
 @dataclass
@@ -105,14 +105,23 @@ def obd(ctx: PruneContext, hp: ObdHparams) -> dict[str, torch.Tensor]:
     layout = WeightLayout.of(ctx.targets)
     require_memory("obd", {"gradient calls": gradient_call_bytes(hp, layout.p)}, hp, "--fisher-chunk")
 
+    return run_stages(ctx, hp.staging.sparsities(ctx.sparsity), obd_criterion(ctx, hp))
+
+
+def obd_criterion(ctx: PruneContext, hp: FisherHparams) -> Criterion:
+    """½ F_qq w_q² with the diagonal empirical Fisher at the network each call finds (the data's next n examples)."""
+    layout = WeightLayout.of(ctx.targets)
+    count = hp.fisher_samples * hp.fisher_batch
+    drawn = [fisher_examples(ctx.data, count)]  # drawn now, so that too little data fails before any work
+
     def saliency(masks) -> dict[str, torch.Tensor]:
-        inputs, labels = fisher_examples(ctx.data, hp.fisher_samples * hp.fisher_batch)
+        inputs, labels = drawn.pop() if drawn else fisher_examples(ctx.data, count)
         fisher = diagonal_fisher(ctx.model, ctx.targets, inputs.to(ctx.device), labels.to(ctx.device),
                                  batch=hp.fisher_batch, chunk=hp.fisher_chunk, meter=ctx.meter)
         w = layout.flatten({t.name: t.weight for t in ctx.targets}).to(torch.float64)
         return layout.unflatten(0.5 * fisher * w.square())
 
-    return run_stages(ctx, hp.staging.sparsities(ctx.sparsity), saliency)
+    return saliency
 
 
 def _fisher_rows(ctx: PruneContext, hp: FisherHparams):

@@ -36,7 +36,7 @@ from ..hparams import group, integer, number, setting
 from ..modes import model_mode
 from ..training import TrainConfig
 from . import PruneContext, register
-from ._stages import StageSettings, run_stages
+from ._stages import Criterion, StageSettings, run_stages
 from ._training import require_training_data, train_under_masks
 
 Batch = tuple[Tensor, Tensor]
@@ -79,35 +79,48 @@ class SynflowHparams(PruneThenTrainHparams):
           needs_data=True, family="at-init")
 def snip(ctx: PruneContext, hp: SnipHparams) -> dict[str, Tensor]:
     _check_can_train(ctx, hp)
-    batches = _first_batches(ctx, hp.batches)
-    masks = run_stages(ctx, hp.staging.sparsities(ctx.sparsity),
-                       lambda masks: snip_scores(ctx.model, ctx.targets, batches))
-    return _then_train(ctx, masks, hp)
+    return _then_train(ctx, run_stages(ctx, hp.staging.sparsities(ctx.sparsity), snip_criterion(ctx, hp)), hp)
 
 
 @register("grasp", GraspHparams, "GraSP at initialisation: remove the largest -w * Hg (gradient flow kept), "
           "then train", needs_data=True, family="at-init")
 def grasp(ctx: PruneContext, hp: GraspHparams) -> dict[str, Tensor]:
     _check_can_train(ctx, hp)
-    batches = _first_batches(ctx, hp.batches)
-
-    def score(masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        # GraSP prunes the highest S: rank by the distance below the highest, non-negative as stages need.
-        scores = grasp_scores(ctx.model, ctx.targets, batches, hp.temperature)
-        highest = max(float(score.max()) for score in scores.values())
-        return {name: highest - score for name, score in scores.items()}
-
-    return _then_train(ctx, run_stages(ctx, hp.staging.sparsities(ctx.sparsity), score), hp)
+    return _then_train(ctx, run_stages(ctx, hp.staging.sparsities(ctx.sparsity), grasp_criterion(ctx, hp)), hp)
 
 
 @register("synflow", SynflowHparams, "SynFlow at initialisation, data-free: iteratively keep the largest "
           "|w * dR/dw| of the all-ones flow, then train (data only for training)", family="at-init")
 def synflow(ctx: PruneContext, hp: SynflowHparams) -> dict[str, Tensor]:
     _check_can_train(ctx, hp)
-    input_shape = _input_shape(ctx)
     schedule = StageSettings(hp.iterations, "geometric").sparsities(ctx.sparsity)
-    masks = run_stages(ctx, schedule, lambda masks: synflow_scores(ctx.model, ctx.targets, input_shape, masks))
-    return _then_train(ctx, masks, hp)
+    return _then_train(ctx, run_stages(ctx, schedule, synflow_criterion(ctx)), hp)
+
+
+# ---------------------------------------------------------------- criteria: scores at the network as it is
+
+def snip_criterion(ctx: PruneContext, hp: SnipHparams) -> Criterion:
+    """|θ ⊙ ∇_θ L| on the data's first `batches` mini-batches, at the network each call finds."""
+    batches = _first_batches(ctx, hp.batches)
+    return lambda masks: snip_scores(ctx.model, ctx.targets, batches)
+
+
+def grasp_criterion(ctx: PruneContext, hp: GraspHparams) -> Criterion:
+    """GraSP prunes the highest S: the ranking is the distance below the highest (non-negative, as stages need)."""
+    batches = _first_batches(ctx, hp.batches)
+
+    def score(masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        scores = grasp_scores(ctx.model, ctx.targets, batches, hp.temperature)
+        highest = max(float(score.max()) for score in scores.values())
+        return {name: highest - score for name, score in scores.items()}
+
+    return score
+
+
+def synflow_criterion(ctx: PruneContext) -> Criterion:
+    """|θ ⊙ ∂R/∂θ| of the all-ones flow through the network with the current masks' zeros."""
+    input_shape = _input_shape(ctx)
+    return lambda masks: synflow_scores(ctx.model, ctx.targets, input_shape, masks)
 
 
 # ---------------------------------------------------------------- scores
