@@ -303,17 +303,35 @@ def test_cifar10_from_the_tarball(cifar10: Dataset) -> None:
     assert mean == pytest.approx(cifar10.mean, abs=1e-3) and std == pytest.approx(cifar10.std, abs=1e-3)
 
 
-def test_cifar10_second_load_is_cached_and_private(
-    cifar10: Dataset, real_data: RealData, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def no_reading(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the tarball was read again")
+def same_memory(tensor: torch.Tensor, other: torch.Tensor) -> bool:
+    return tensor.untyped_storage().data_ptr() == other.untyped_storage().data_ptr()
 
-    monkeypatch.setattr(tarfile, "open", no_reading)
-    first = load_dataset("cifar10", real_data.root)
-    first.test.images[0].zero_()
-    again = load_dataset("cifar10", real_data.root)
-    assert torch.equal(again.test.images, cifar10.test.images)
+
+@pytest.mark.parametrize(("name", "reader"), [
+    ("mnist", "prunekit.data.idx.read_maybe_gzipped"),
+    ("cifar10", "tarfile.open"),
+])
+def test_a_second_load_is_cached_and_private(
+    name: str, reader: str, real_data: RealData, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    request.getfixturevalue(name)  # the files have been read once
+
+    def no_reading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the files were read again")
+
+    monkeypatch.setattr(reader, no_reading)
+    first, second = load_dataset(name, real_data.root), load_dataset(name, real_data.root)
+    originals = {split: (getattr(second, split).images.clone(), getattr(second, split).labels.clone())
+                 for split in ("train", "test")}
+    for split in ("train", "test"):
+        mine, theirs = getattr(first, split), getattr(second, split)
+        for tensor, other in ((mine.images, theirs.images), (mine.labels, theirs.labels)):
+            assert not same_memory(tensor, other)
+            tensor.zero_()
+    third = load_dataset(name, real_data.root)
+    for split, (images, labels) in originals.items():
+        assert torch.equal(getattr(third, split).images, images) and torch.equal(getattr(third, split).labels, labels)
+        assert torch.equal(getattr(second, split).images, images) and images.any()
 
 
 def test_cifar10_folder_matches_tarball(cifar10: Dataset, tmp_path: Path) -> None:
