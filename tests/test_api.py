@@ -1,5 +1,6 @@
 import copy
 import math
+import time
 
 import pytest
 import torch
@@ -34,11 +35,51 @@ def test_same_seed_same_masks_bit_for_bit(tiny_net):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_different_seeds_give_different_random_masks(tiny_net):
+    twin = copy.deepcopy(tiny_net)
+    a = prunekit.prune(tiny_net, "random", 0.6, seed=7).masks
+    b = prunekit.prune(twin, "random", 0.6, seed=8).masks
+    assert not all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_structured_channels_skip_grouped_convs_with_reason(tiny_net):
     result = prunekit.prune(tiny_net, sparsity=0.5, structure="channels", budget="uniform")
     reasons = {s.name: s.reason for s in result.skipped}
     assert "grouped convolution" in reasons["depthwise.weight"]
     assert "depthwise.weight" not in result.masks
+    for name, channels in (("conv.weight", 3), ("fc.weight", 32)):
+        per_channel = result.masks[name].transpose(0, 1).reshape(channels, -1)
+        assert (per_channel.all(1) | ~per_channel.any(1)).all()  # whole input channels
+        assert int((~per_channel.any(1)).sum()) == round(0.5 * channels)
+
+
+def test_erk_through_prune_keeps_the_formulas_count_per_layer(tiny_net):
+    weights = {name: tiny_net.get_parameter(name).detach().abs().clone()
+               for name in ("conv.weight", "depthwise.weight", "fc.weight")}
+    result = prunekit.prune(tiny_net, "magnitude", 0.8, budget="erk")
+    total = sum(w.numel() for w in weights.values())
+    keep = total - round(0.8 * total)
+    dims = {name: sum(w.shape) for name, w in weights.items()}
+    for name, mask in result.masks.items():  # ε·Σdims kept weights per layer, ε making the total exact
+        assert abs(int(mask.sum()) - keep * dims[name] / sum(dims.values())) < 1
+        assert weights[name][mask].min() >= weights[name][~mask].max()
+    assert sum(int(m.sum()) for m in result.masks.values()) == keep
+
+
+def test_n_of_m_through_prune_keeps_the_largest_two_of_every_four(tiny_net):
+    weight = tiny_net.fc.weight.detach().abs().clone()
+    result = prunekit.prune(tiny_net, structure="nm", include=r"^fc\.")
+    groups, kept = weight.reshape(-1, 4), result.masks["fc.weight"].reshape(-1, 4)
+    assert (kept.sum(1) == 2).all()
+    assert (groups.masked_fill(~kept, float("inf")).min(1).values
+            >= groups.masked_fill(kept, float("-inf")).max(1).values).all()
+
+
+def test_layer_sparsity_through_prune_overrides_and_the_rest_share_the_budget(tiny_net):
+    result = prunekit.prune(tiny_net, sparsity=0.5, layer_sparsity={r"^fc\.": 0.9})
+    pruned = {name: int((~mask).sum()) for name, mask in result.masks.items()}
+    assert pruned["fc.weight"] == round(0.9 * 128)
+    assert pruned["conv.weight"] + pruned["depthwise.weight"] == round(0.5 * (216 + 72))
 
 
 def test_nm_sparsity_is_fixed(tiny_net):
@@ -95,7 +136,17 @@ def test_cost_meter_counts_passes(tiny_net, tiny_batches):
             tiny_net(tiny_batches[0][0])
     assert meter.cost.forward_passes == 5 and meter.cost.forward_examples == 80
     assert meter.cost.backward_passes == 4 and meter.cost.backward_examples == 64
-    assert meter.cost.peak_memory_bytes >= 0
+
+
+def test_cost_meter_sees_memory_allocated_inside_it(tiny_net):
+    from prunekit.cost import CostMeter
+
+    size = 64 * 2**20
+    with CostMeter(tiny_net) as meter:
+        block = torch.ones(size, dtype=torch.uint8)  # written, so resident
+        time.sleep(0.1)  # many sampling periods
+        del block
+    assert size <= meter.cost.peak_memory_bytes < 4 * size
 
 
 def test_repruning_updates_masks_in_place(tiny_net):
