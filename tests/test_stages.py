@@ -71,8 +71,8 @@ def test_run_stages_records_each_stage_with_its_schedule_achieved_sparsity_and_n
 def test_the_plan_is_made_once_per_prune_and_once_per_stage_sparsity(tiny_net, tiny_batches, monkeypatch):
     made = []
     original = Budget.plan
-    monkeypatch.setattr(Budget, "plan", lambda self, shapes, sparsity: made.append(sparsity) or
-                        original(self, shapes, sparsity))
+    monkeypatch.setattr(Budget, "plan", lambda self, shapes, sparsity, *layouts: made.append(sparsity) or
+                        original(self, shapes, sparsity, *layouts))
     prunekit.prune(tiny_net, "bip", 0.5, tiny_batches, epochs=2)  # a selection after every one of 8 steps
     assert made == [0.5]
     plan = prunekit.prune(tiny_net, "magnitude", 0.5).masks  # noqa: F841 (one more prune, one more plan)

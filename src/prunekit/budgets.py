@@ -16,7 +16,7 @@ import torch
 
 from .errors import PrunekitError
 from .hparams import integer, one_of, setting, validate
-from .targets import Target
+from .targets import OUT_IN, Layout, Target
 
 ALLOCATIONS = ("global", "uniform", "erk")
 STRUCTURES = ("unstructured", "nm", "filters", "channels")
@@ -54,16 +54,21 @@ class Budget:
 
     def skip_reason(self, target: Target) -> str | None:
         """Why this structure cannot apply to a tensor (it is then left dense), or None."""
-        if self.structure == "nm" and _input_dim(target.shape) % self.m:
-            return f"input dimension {_input_dim(target.shape)} is not a multiple of M={self.m}"
+        inputs = _input_dim(target.shape, target.layout)
+        if self.structure == "nm" and inputs % self.m:
+            return f"input dimension {inputs} is not a multiple of M={self.m}"
         if self.structure == "channels" and target.groups > 1:
             return "grouped convolution: an input channel is not a whole slice of its weight"
         return None
 
-    def plan(self, shapes: Mapping[str, torch.Size], sparsity: float) -> Plan:
-        """The per-tensor counts of a prune of these tensors at `sparsity`: checked and matched once."""
+    def plan(self, shapes: Mapping[str, torch.Size], sparsity: float,
+             layouts: Mapping[str, Layout] | None = None) -> Plan:
+        """The per-tensor counts of a prune of these tensors at `sparsity`: checked and matched once.
+
+        `layouts` says where a tensor keeps its outputs and inputs (`Target.layout`); out × in when not given.
+        """
         check_sparsity(sparsity)
-        return Plan(self, dict(shapes), sparsity, self._overrides(shapes))
+        return Plan(self, dict(shapes), sparsity, self._overrides(shapes), dict(layouts or {}))
 
     def select(self, scores: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
         """Masks of one selection (a plan made for it); repeated selections should keep the plan."""
@@ -93,6 +98,7 @@ class Plan:
     shapes: dict[str, torch.Size]
     sparsity: float
     overrides: dict[str, float]
+    layouts: dict[str, Layout] = field(default_factory=dict)  # out × in where a tensor has none
     counts: dict[str | None, int] = field(init=False)
     _stages: dict[float, Plan] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -102,7 +108,8 @@ class Plan:
     @property
     def group_sizes(self) -> dict[str, int]:
         """Groups per tensor: weights (unstructured), output filters or input channels."""
-        return {name: _group_count(shape, self.budget.structure) for name, shape in self.shapes.items()}
+        structure = self.budget.structure
+        return {name: _group_count(shape, structure, self.layout(name)) for name, shape in self.shapes.items()}
 
     @property
     def shared(self) -> list[str]:
@@ -114,7 +121,8 @@ class Plan:
         if sparsity == self.sparsity:
             return self
         if sparsity not in self._stages:
-            self._stages[sparsity] = Plan(self.budget, self.shapes, check_sparsity(sparsity), self.overrides)
+            self._stages[sparsity] = Plan(self.budget, self.shapes, check_sparsity(sparsity), self.overrides,
+                                          self.layouts)
         return self._stages[sparsity]
 
     def select(self, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -122,10 +130,14 @@ class Plan:
         _check_scores(scores)
         structure = self.budget.structure
         if structure == "nm":
-            return {name: _n_of_m(score, self.budget.n, self.budget.m) for name, score in scores.items()}
-        group_scores = {name: _group_scores(score, structure) for name, score in scores.items()}
+            return {name: _n_of_m(score, self.budget.n, self.budget.m, self.layout(name))
+                    for name, score in scores.items()}
+        group_scores = {name: _group_scores(score, structure, self.layout(name)) for name, score in scores.items()}
         keep = _keep_groups(group_scores, self.counts, keep_one_per_tensor=structure != "unstructured")
-        return {name: _expand(keep[name], scores[name].shape, structure) for name in scores}
+        return {name: _expand(keep[name], scores[name].shape, structure, self.layout(name)) for name in scores}
+
+    def layout(self, name: str) -> Layout:
+        return self.layouts.get(name, OUT_IN)
 
     def requested(self) -> dict[str, float | None]:
         """Requested sparsity per tensor (None where a global ranking decides)."""
@@ -166,33 +178,36 @@ def _check_scores(scores: Mapping[str, torch.Tensor]) -> None:
                                 "(prunekit.sparsity_report) and the method's inputs")
 
 
-def _input_dim(shape: torch.Size) -> int:
-    return shape[1] if len(shape) > 1 else shape[0]
+def _input_dim(shape: torch.Size, layout: Layout) -> int:
+    return shape[layout.input_dim] if len(shape) > 1 else shape[0]
 
 
-def _group_count(shape: torch.Size, structure: str) -> int:
-    if structure == "filters":
-        return shape[0]
-    if structure == "channels":
-        return shape[1]
-    return math.prod(shape)
+def _group_dim(structure: str, layout: Layout) -> int | None:
+    """The dimension whose slices are the groups: output filters or input channels (None: single weights)."""
+    return {"filters": layout.output_dim, "channels": layout.input_dim}.get(structure)
 
 
-def _group_scores(score: torch.Tensor, structure: str) -> torch.Tensor:
+def _group_count(shape: torch.Size, structure: str, layout: Layout) -> int:
+    dim = _group_dim(structure, layout)
+    return math.prod(shape) if dim is None else shape[dim]
+
+
+def _group_scores(score: torch.Tensor, structure: str, layout: Layout) -> torch.Tensor:
     """Per-group score: the mean over the group, so groups of different sizes compare fairly."""
-    if structure == "filters":
-        return score.reshape(score.shape[0], -1).mean(dim=1)
-    if structure == "channels":
-        return score.transpose(0, 1).reshape(score.shape[1], -1).mean(dim=1)
-    return score.reshape(-1)
+    dim = _group_dim(structure, layout)
+    if dim is None:
+        return score.reshape(-1)
+    return score.movedim(dim, 0).reshape(score.shape[dim], -1).mean(dim=1)
 
 
-def _expand(keep: torch.Tensor, shape: torch.Size, structure: str) -> torch.Tensor:
-    if structure == "filters":
-        return keep.view(-1, *[1] * (len(shape) - 1)).expand(shape).clone()
-    if structure == "channels":
-        return keep.view(1, -1, *[1] * (len(shape) - 2)).expand(shape).clone()
-    return keep.view(shape)
+def _expand(keep: torch.Tensor, shape: torch.Size, structure: str, layout: Layout) -> torch.Tensor:
+    """Group decisions back to the stored shape: each group's verdict over its whole slice."""
+    dim = _group_dim(structure, layout)
+    if dim is None:
+        return keep.view(shape)
+    view = [1] * len(shape)
+    view[dim] = -1
+    return keep.view(view).expand(shape).clone()
 
 
 def _lowest(values: torch.Tensor, count: int) -> torch.Tensor:
@@ -244,14 +259,14 @@ def _keep_globally(group_scores: Mapping[str, torch.Tensor], count: int,
     return {name: part.to(group_scores[name].device) for name, part in zip(names, kept.split(sizes))}
 
 
-def _n_of_m(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+def _n_of_m(score: torch.Tensor, n: int, m: int, layout: Layout) -> torch.Tensor:
     """Keep the N highest of every M consecutive weights along the input dimension."""
-    moved = score.movedim(1, -1) if score.dim() > 1 else score
+    inputs = layout.input_dim if score.dim() > 1 else 0
+    moved = score.movedim(inputs, -1)
     rows = moved.reshape(-1, m)
     order = torch.sort(rows, dim=1, descending=True, stable=True).indices
     keep = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, order[:, :n], True)
-    keep = keep.reshape(moved.shape)
-    return keep.movedim(-1, 1) if score.dim() > 1 else keep
+    return keep.reshape(moved.shape).movedim(-1, inputs)
 
 
 def _erk_counts(shapes: Mapping[str, torch.Size], sparsity: float) -> dict[str, int]:
