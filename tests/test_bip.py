@@ -10,6 +10,7 @@ from prunekit.budgets import Budget
 from prunekit.cost import CostMeter
 from prunekit.data import Loader, TensorSplit
 from prunekit.errors import PrunekitError
+from prunekit.masks import get_masks
 from prunekit.methods import PruneContext
 from prunekit.methods._scores import Scores, grad_at_masked_weight, straight_through
 from prunekit.hparams import build
@@ -149,11 +150,29 @@ def test_same_seed_same_masks_and_weights_and_each_epoch_recorded(tiny_net):
 
 
 def test_finetune_trains_kept_weights_under_the_final_mask(tiny_net):
-    result = prunekit.prune(tiny_net, "bip", 0.7, synthetic_loader(), epochs=1, finetune_epochs=2)
+    after_bilevel = {}
+
+    def snapshot(model, event):
+        if event["phase"] == "bilevel":
+            after_bilevel.update({t.name: t.dense.detach().clone() for t in find_targets(model)[0]})
+
+    result = prunekit.prune(tiny_net, "bip", 0.7, synthetic_loader(), epochs=1, finetune_epochs=2, observer=snapshot)
     assert [e["phase"] for e in result.history] == ["bilevel", "finetune", "finetune"]
     for target in find_targets(tiny_net)[0]:
         mask = result.masks[target.name]
         assert torch.equal(target.dense != 0, mask)  # pruned weights are exactly zero, kept ones are not
+        assert (target.dense[mask] != after_bilevel[target.name][mask]).all()  # fine-tuning moved every kept one
+
+
+def test_mask_flips_count_the_entries_each_epoch_changed(tiny_net):
+    previous = prunekit.prune(copy.deepcopy(tiny_net), "magnitude", 0.8).masks  # the scores start as the weights
+    seen = []
+    result = prunekit.prune(tiny_net, "bip", 0.8, synthetic_loader(), epochs=3, score_lr=1.0,
+                            observer=lambda model, event: seen.append(get_masks(model)))
+    for event, masks in zip(result.history, seen, strict=True):
+        assert event["mask_flips"] == sum(int((masks[n] != previous[n]).sum()) for n in masks)
+        previous = masks
+    assert sum(event["mask_flips"] for event in result.history) > 0
 
 
 def test_structured_scores_rank_groups_by_their_l2_norm():

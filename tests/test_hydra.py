@@ -26,6 +26,8 @@ def test_score_phase_leaves_every_parameter_alone_and_learns_the_mask(tiny_net):
         assert torch.equal(value, expected), name  # prune() zeroes pruned weights; nothing else moved
     assert sum(e["mask_flips"] for e in result.history) > 0
     assert any(not torch.equal(result.masks[n], magnitude[n]) for n in magnitude)
+    total = sum(mask.numel() for mask in result.masks.values())  # a learned mask, an exact count all the same
+    assert sum(int((~mask).sum()) for mask in result.masks.values()) == round(0.7 * total)
 
 
 def test_fine_tuning_trains_the_kept_weights_under_the_learned_mask(tiny_net):

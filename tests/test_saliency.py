@@ -89,6 +89,8 @@ def test_synflow_masks_do_not_depend_on_data(tiny_net, tiny_batches):
     for result in results[1:]:
         assert all(torch.equal(result.masks[name], results[0].masks[name]) for name in results[0].masks)
     assert results[0].cost.forward_passes == 20  # one all-ones input per iteration
+    one_shot = prunekit.prune(copy.deepcopy(tiny_net), "synflow", 0.8, iterations=1).masks
+    assert any(not torch.equal(one_shot[name], results[0].masks[name]) for name in one_shot)  # iterating matters
     model = copy.deepcopy(tiny_net)
     masks = prunekit.prune(model, "synflow", 0.8, iterations=20).masks
     assert model.training
