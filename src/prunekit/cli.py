@@ -138,7 +138,7 @@ def _prune_command(commands) -> None:
     parser = commands.add_parser("prune", help="prune a model with any registered method", description=(
         "Prune a model and write the pruned weights (and optionally the masks). Method hyperparameters "
         "are flags; `prunekit methods NAME` lists one method's."))
-    _add_model_and_data_flags(parser, checkpoint_help="dense weights to prune")
+    _add_model_and_data_flags(parser, checkpoint_help="dense weights to prune", dataset_required=False)
     parser.add_argument("--method", default="magnitude", help="pruning method (see `prunekit methods`)")
     parser.add_argument("--sparsity", type=float, help="fraction of zeros over the prunable weights "
                         f"(default: {DEFAULT_SPARSITY}; with --structure nm, 1 - N/M)")
@@ -150,7 +150,9 @@ def _prune_command(commands) -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="batch size of the data given to the method")
     _add_dataclass_flags(parser.add_argument_group("budget"), Budget, rename=BUDGET_FLAGS)
     _add_method_flags(parser.add_argument_group("method hyperparameters (each applies to the methods named)"))
-    parser.add_argument("--out", help="write the pruned weights here, .safetensors (default: not written)")
+    parser.add_argument("--out", help="write the pruned weights here, .safetensors; a Hugging Face model is "
+                        "written as a model folder (save_pretrained) unless the name ends in .safetensors "
+                        "(default: not written)")
     parser.add_argument("--masks-out", help="write the masks here, .safetensors with metadata (default: not written)")
     parser.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation")
     parser.set_defaults(run=_run_prune)
@@ -162,6 +164,9 @@ def _run_prune(args) -> None:
     from .masks import save_masks
 
     method = get_method(args.method)
+    if method.needs_data and args.dataset is None:
+        raise PrunekitError(f"method {method.name!r} needs data: pass --dataset (or a method that needs none, "
+                            "e.g. --method magnitude)")
     method_values = {f.name: getattr(args, f.name) for f in method_fields(method) if hasattr(args, f.name)}
     _reject_foreign_method_flags(args, method)
     budget = hparams_lib.build(Budget, _dataclass_values(args, Budget), "budget")
@@ -176,7 +181,7 @@ def _run_prune(args) -> None:
     result = prune(setup.model, args.method, args.sparsity, data, budget=budget, include=args.include,
                    exclude=args.exclude, seed=args.seed, **method_values)
     print(result)
-    if not args.no_eval:
+    if not args.no_eval and setup.dataset is not None:
         metrics = workflow.evaluate(setup)
         print(f"test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
     if args.masks_out:
@@ -304,9 +309,12 @@ def _run_demo(args) -> None:
 
 # ---------------------------------------------------------------- flag generation
 
-def _add_model_and_data_flags(parser, checkpoint_help: str) -> None:
-    parser.add_argument("--model", required=True, help="zoo model name (mlpnet, lenet300, lenet5, resnet20, ...)")
-    parser.add_argument("--dataset", required=True, help="mnist, fashion-mnist, cifar10, cifar100, digits, synthetic")
+def _add_model_and_data_flags(parser, checkpoint_help: str, dataset_required: bool = True) -> None:
+    parser.add_argument("--model", required=True, help="zoo model name (mlpnet, lenet300, lenet5, resnet20, ...) "
+                        "or a Hugging Face model folder (config.json + model.safetensors, as save_pretrained writes)")
+    parser.add_argument("--dataset", required=dataset_required, help="mnist, fashion-mnist, cifar10, cifar100, digits, "
+                        "synthetic" + ("" if dataset_required else " (default: none; zoo models and methods that "
+                                       "need data need one)"))
     parser.add_argument("--data-dir", help="folder holding the datasets (default: $PRUNEKIT_DATA)")
     parser.add_argument("--checkpoint", help=checkpoint_help)
     parser.add_argument("--device", choices=DEVICES, default="cpu", help="where the model trains and runs")

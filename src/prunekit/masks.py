@@ -180,9 +180,9 @@ def make_permanent(model: nn.Module) -> nn.Module:
 
 
 def _targets_by_name(model: nn.Module, names) -> dict[str, Target]:
-    from .targets import find_targets  # targets.py reads the parametrization names from here
+    from .targets import maskable_weights  # targets.py reads the parametrization names from here
 
-    targets = {t.name: t for t in find_targets(model)[0]}
+    targets = maskable_weights(model)
     unknown = [n for n in names if n not in targets]
     if unknown:
         raise PrunekitError(

@@ -147,6 +147,13 @@ def find_targets(
     return targets, skipped
 
 
+def maskable_weights(model: nn.Module) -> dict[str, Target]:
+    """Every weight prunekit can mask, under each name it has, whatever the default choice (embeddings and tied
+    weights included): what a prune's masks or a mask file may name."""
+    return {alias.name: Target(alias.name, alias.module_name, alias.module, alias.layout)
+            for tensor in _distinct_parameters(model) for alias in tensor.aliases if alias.layout is not None}
+
+
 def _distinct_parameters(model: nn.Module) -> list[_Tensor]:
     """Every Parameter once, by identity, with all its names (a tied weight has several)."""
     by_identity: dict[int, _Tensor] = {}

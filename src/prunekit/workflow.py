@@ -1,7 +1,9 @@
 """Model + data + checkpoint set-up shared by the CLI, the demo and the bench."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ from .data import Dataset, Loader, load_dataset
 from .errors import PrunekitError
 from .masks import get_masks, make_permanent
 from .models import create_model_for
+from .models.hf import check_model_folder, is_model_folder, load_model_folder, save_model_folder
 from .training import TrainConfig, Trainer
 from .training import evaluate as evaluate_model
 
@@ -26,16 +29,20 @@ DEVICES = ("cpu", "cuda")
 
 @dataclass
 class Setup:
-    """A model ready for a dataset, with the input normalisation its weights expect."""
+    """A model ready for a dataset, with the input normalisation its weights expect.
+
+    A Hugging Face model folder may come without a dataset (then `dataset` is None and mean/std empty).
+    """
 
     model_name: str
     model: nn.Module
-    dataset: Dataset
+    dataset: Dataset | None
     mean: tuple[float, ...]
     std: tuple[float, ...]
     checkpoint_metadata: dict[str, Any]
     model_options: dict[str, Any] = field(default_factory=dict)  # keyword options of the zoo model
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # of the model and every loader
+    folder: Path | None = None  # the Hugging Face model folder the model came from; None for a zoo model
 
     def loader(self, split: str, batch_size: int, **kwargs) -> Loader:
         return Loader.for_dataset(self.dataset, split, batch_size, mean=self.mean, std=self.std,
@@ -58,12 +65,20 @@ def require_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def setup(model_name: str, dataset_name: str, data_dir=None, checkpoint=None, *, seed: int = 0,
+def setup(model_name: str, dataset_name: str | None, data_dir=None, checkpoint=None, *, seed: int = 0,
           train_size: int | None = None, test_size: int | None = None,
           model_options: dict[str, Any] | None = None, device: str = "cpu") -> Setup:
-    """Load the data (first: a wrong data directory fails fast), then build or load the model on `device`."""
+    """Load the data (first: a wrong data directory fails fast), then build or load the model on `device`.
+
+    `model_name` is a zoo model or a Hugging Face model folder (config.json + safetensors); only the folder
+    may come without a dataset, since a zoo model's input shape and classes are the data's.
+    """
     target = require_device(device)
-    dataset = load_dataset(dataset_name, data_dir, train_size=train_size, test_size=test_size)
+    folder = _checked_folder(model_name, dataset_name, checkpoint, model_options)
+    dataset = load_dataset(dataset_name, data_dir, train_size=train_size, test_size=test_size) if dataset_name else None
+    if folder is not None:
+        return Setup(model_name, load_model_folder(folder).to(target), dataset, *_normalization(dataset), {},
+                     device=target, folder=folder)
     options = dict(model_options or {})
     model = _new_model(model_name, dataset, options, seed)
     metadata: dict[str, Any] = {}
@@ -72,6 +87,22 @@ def setup(model_name: str, dataset_name: str, data_dir=None, checkpoint=None, *,
         load_state_dict_into(model, state)
     mean, std = checkpoint_normalization(metadata) or (dataset.mean, dataset.std)
     return Setup(model_name, model.to(target), dataset, tuple(mean), tuple(std), metadata, options, target)
+
+
+def _checked_folder(model_name: str, dataset_name: str | None, checkpoint, model_options) -> Path | None:
+    """The Hugging Face folder `model_name` names, checked before any work; None for a zoo model."""
+    if not is_model_folder(model_name):
+        if dataset_name is None:
+            raise PrunekitError(f"zoo model {model_name!r} needs --dataset: its input shape and classes are the data's")
+        return None
+    if checkpoint or model_options:
+        raise PrunekitError(f"{model_name} is a Hugging Face folder, which holds its own weights and config; drop "
+                            "--checkpoint and model options (they are for zoo models)")
+    return check_model_folder(model_name)
+
+
+def _normalization(dataset: Dataset | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    return ((), ()) if dataset is None else (tuple(dataset.mean), tuple(dataset.std))
 
 
 def _new_model(model_name: str, dataset: Dataset, options: dict[str, Any], seed: int) -> nn.Module:
@@ -100,11 +131,18 @@ def calibration_loader(setup: Setup, batch_size: int, seed: int, augment: bool =
 
 
 def save_weights(setup: Setup, path, metadata: dict[str, Any]) -> None:
-    """Plain weights (masks folded in) that load anywhere, with how they were made."""
+    """Plain weights (masks folded in) that load anywhere, with how they were made.
+
+    A Hugging Face model is written as a model folder (save_pretrained, safetensors) unless `path` names a
+    .safetensors file.
+    """
     model = setup.model
     if get_masks(model):
-        import copy
-
         model = make_permanent(copy.deepcopy(model))
-    save_model(model, path, {"model": setup.model_name, "dataset": setup.dataset.name,
-                             "normalization": [list(setup.mean), list(setup.std)], **metadata})
+    about = {"model": setup.model_name, **metadata}
+    if setup.dataset is not None:
+        about.update(dataset=setup.dataset.name, normalization=[list(setup.mean), list(setup.std)])
+    if setup.folder is not None and Path(path).suffix != ".safetensors":
+        save_model_folder(model, path, about, source=setup.folder)
+    else:
+        save_model(model, path, about)
