@@ -102,6 +102,8 @@ def test_gpt2_conv1d_matrices_are_pruned_and_the_tied_head_is_not():
     assert [tuple(layer.shape) for layer in result.layers[:4]] == [(32, 96), (32, 32), (32, 128), (128, 32)]
     assert model.lm_head.weight is model.transformer.wte.weight  # still one tensor, still dense
     assert int((model.lm_head.weight == 0).sum()) == 0
+    report = prunekit.sparsity_report(model)  # a masked Conv1D (class ParametrizedConv1D) is still one
+    assert [layer.name for layer in report.layers] == list(result.masks) and report.sparsity == 0.5
 
 
 def test_include_prunes_a_tied_embedding_once_under_one_name():

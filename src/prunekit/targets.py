@@ -225,7 +225,7 @@ def _weight_layout(module: nn.Module) -> Layout | None:
 
 def _is_transformers_conv1d(module: nn.Module) -> bool:
     """transformers.pytorch_utils.Conv1D, known by its name and its in × out weight of `nf` outputs."""
-    if type(module).__name__ != "Conv1D" or not isinstance(getattr(module, "nf", None), int):
+    if _class_name(module) != "Conv1D" or not isinstance(getattr(module, "nf", None), int):
         return False
     weight = unmasked(module) if hasattr(module, "weight") else None
     return isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[1] == module.nf
@@ -238,13 +238,18 @@ def _structural_reason(alias: _Alias) -> str:
         return "bias vectors are not pruned"
     if _is_normalisation(module):
         return "normalisation parameters are not pruned"
-    return f"{type(module).__name__} parameters are not supported for pruning"
+    return f"{_class_name(module)} parameters are not supported for pruning"
 
 
 def _is_normalisation(module: nn.Module) -> bool:
     """torch's norms, and by name the ones models define themselves (LlamaRMSNorm, T5LayerNorm, ...)."""
     torch_norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
-    return isinstance(module, torch_norms) or type(module).__name__.endswith("Norm")
+    return isinstance(module, torch_norms) or _class_name(module).endswith("Norm")
+
+
+def _class_name(module: nn.Module) -> str:
+    """The module's own class name; a mask makes its class a generated `Parametrized<Name>` subclass."""
+    return parametrize.type_before_parametrizations(module).__name__
 
 
 def _compile(patterns: Sequence[str] | str | None, flag: str) -> list[re.Pattern]:
