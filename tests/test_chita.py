@@ -3,6 +3,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import prunekit
 from prunekit.budgets import Budget
@@ -189,16 +190,40 @@ def test_exact_sparsity_and_solved_weights(tiny_net, tiny_batches, solver, budge
     assert all((t.weight[~result.masks[t.name]] == 0).all() for t in targets)
     moved = [not torch.allclose(t.weight[result.masks[t.name]], original[t.name][result.masks[t.name]])
              for t in targets]
-    assert any(moved)  # the kept weights are the solver's, not the originals
+    assert all(moved)  # every layer's kept weights are the solver's, not the originals
     objective = result.history[-1]["objective"]
-    assert objective[-1] < objective[0]  # below magnitude pruning without an update
+    assert len(objective) >= 2 and objective[-1] < objective[0]  # below magnitude pruning without an update
     assert result.cost.backward_examples == 32
 
 
 def test_iht_objective_never_increases_through_prune(tiny_net, tiny_batches):
     result = prunekit.prune(tiny_net, "chita", 0.8, tiny_batches, fisher_samples=16, first_order=True)
     objective = result.history[-1]["objective"]
-    assert all(b <= a for a, b in itertools.pairwise(objective))
+    assert len(objective) > 2 and all(b <= a for a, b in itertools.pairwise(objective))
+
+
+@pytest.mark.parametrize("solver", ["iht", "backsolve"])
+def test_the_objective_trace_is_the_quadratic_at_magnitude_and_at_the_result(tiny_net, tiny_batches, solver):
+    dense = copy.deepcopy(tiny_net)
+    result = prunekit.prune(tiny_net, "chita", 0.7, tiny_batches, fisher_samples=32, fisher_batch=1, solver=solver)
+    targets = find_targets(dense)[0]
+    dense.eval()  # the Fisher's per-example gradients are the eval-mode network's (batch-norm statistics fixed)
+    examples = zip(torch.cat([x for x, _ in tiny_batches[:2]]), torch.cat([y for _, y in tiny_batches[:2]]))
+    g = torch.stack([torch.cat([grad.flatten() for grad in torch.autograd.grad(
+        F.cross_entropy(dense(x[None]), y[None]), [t.weight for t in targets])]) for x, y in examples]).double()
+    anchor = torch.cat([t.weight.detach().flatten() for t in targets]).double()
+    # f(w) = ½ (w̄ − w)ᵀ (GᵀG + nλ I) (w̄ − w), the Hessian written out as in brute_force_refit
+    hessian = g.T @ g + len(g) * result.hparams["ridge"] * torch.eye(len(anchor), dtype=torch.float64)
+
+    def f(w):
+        return float(0.5 * (anchor - w) @ hessian @ (anchor - w))
+
+    magnitude = prunekit.prune(copy.deepcopy(dense), "magnitude", 0.7).masks
+    start = anchor * torch.cat([magnitude[t.name].flatten() for t in targets])
+    solved = torch.cat([t.weight.detach().flatten() for t in find_targets(tiny_net)[0]]).double()
+    objective = result.history[-1]["objective"]
+    assert objective[0] == pytest.approx(f(start), rel=1e-6)
+    assert objective[-1] == pytest.approx(f(solved), rel=1e-6)
 
 
 def test_same_seed_same_masks(tiny_net, tiny_batches):
@@ -289,12 +314,15 @@ def test_chita_end_to_end_on_a_small_trained_model():
     test = Loader.for_dataset(digits, "test", 500)
     dense = evaluate(model, test)["accuracy"]
     accuracy = {}
-    for method, hparams in (("magnitude", {}), ("chita", {"fisher_samples": 500})):
-        pruned = copy.deepcopy(model)
-        prunekit.prune(pruned, method, 0.85, Loader.for_dataset(digits, "train", 100, augment=False), **hparams)
-        accuracy[method] = evaluate(pruned, test)["accuracy"]
+    for method, hparams, seeds in (("magnitude", {}, [0]), ("chita", {"fisher_samples": 500}, [0, 1, 2])):
+        for seed in seeds:  # CHITA's Fisher examples differ by seed; magnitude takes none
+            pruned = copy.deepcopy(model)
+            data = Loader.for_dataset(digits, "train", 100, augment=False, shuffle=True, seed=seed)
+            prunekit.prune(pruned, method, 0.85, data, seed=seed, **hparams)
+            accuracy.setdefault(method, []).append(evaluate(pruned, test)["accuracy"])
     assert dense > 0.9
-    assert accuracy["chita"] > accuracy["magnitude"] + 0.02
+    # measured: magnitude 0.77, CHITA 0.87-0.89 over the three seeds
+    assert all(chita > accuracy["magnitude"][0] + 0.05 for chita in accuracy["chita"])
 
 
 @pytest.mark.parametrize("linear", [False, True])
