@@ -332,15 +332,19 @@ def _add_dataclass_flags(group, cls: type, rename: dict[str, str] | None = None)
 
 
 def _add_method_flags(group) -> None:
-    """Every method's hyperparameters; a name shared by several methods is one flag."""
-    owners: dict[str, list[tuple[str, Any, str]]] = {}
+    """Every method's hyperparameters; a name shared by several methods is one flag.
+
+    Methods whose setting has the same help and default are named together, so a training setting
+    shared by a dozen methods reads once.
+    """
+    owners: dict[str, dict[tuple[str, str], list[str]]] = {}
     types: dict[str, Any] = {}
     for method in all_methods():
         for info in method_fields(method):
-            owners.setdefault(info.name, []).append((method.name, info.default, info.help))
+            owners.setdefault(info.name, {}).setdefault((info.help, str(info.default)), []).append(method.name)
             types[info.name] = info.type
     for name, uses in owners.items():
-        text = "; ".join(f"{m}: {h} (default: {d})" for m, d, h in uses)
+        text = "; ".join(f"{', '.join(methods)}: {h} (default: {d})" for (h, d), methods in uses.items())
         group.add_argument(_flag(name, {}), dest=name, metavar=_type_name(types[name]).upper(),
                            default=argparse.SUPPRESS, help=text)
 
