@@ -209,17 +209,17 @@ def test_train_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(capsys, 
 # ---------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize(("argv", "message"), [
+@pytest.mark.parametrize(("argv", "names"), [  # what the message must name (a regex)
     (["--method", "nope"], "unknown method 'nope'"),
-    (["--sparsity", "1.2"], "[0, 1)"),
-    (["--out", "{tmp}/missing/x.safetensors"], "does not exist"),
-    (["--method", "magnitude", "--iterations", "3"], "not of magnitude"),
+    (["--sparsity", "1.2"], r"(?=.*1\.2)(?=.*\[0, 1\))"),
+    (["--out", "{tmp}/missing/x.safetensors"], "missing.*does not exist"),
+    (["--method", "magnitude", "--iterations", "3"], "--iterations.*not of magnitude"),
     (["--n", "two"], "'two'"),
-    (["--structure", "nm", "--n", "4", "--m", "4"], "0 < N < M"),
+    (["--structure", "nm", "--n", "4", "--m", "4"], r"N:M|\bn=4\b"),
 ])
-def test_prune_errors_are_one_line_before_any_work(capsys, tmp_path, no_setup, argv, message):
+def test_prune_errors_are_one_line_before_any_work(capsys, tmp_path, no_setup, argv, names):
     line = error_line(capsys, "prune", *MODEL, *(arg.format(tmp=tmp_path) for arg in argv))
-    assert message in line
+    assert re.search(names, line), line
     assert list(tmp_path.iterdir()) == []
 
 
