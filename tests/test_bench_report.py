@@ -1,13 +1,19 @@
-"""Reports from a small synthetic suite: tables, published numbers, plots, CSV, and the CLI."""
+"""Reports from small synthetic suites: tables, published numbers, plots (a panel per method family), CSV, CLI."""
 import csv
+import itertools
 import statistics
+from dataclasses import dataclass
 
 import pytest
 import torch
+from matplotlib.colors import to_hex
+from matplotlib.container import ErrorbarContainer
 
 from prunekit.bench import Store, load_suite, run_suite, write_report
+from prunekit.bench.report import FAMILY_TITLES, accuracy_figure, collect, cost_figure
 from prunekit.cli import main
 from prunekit.errors import PrunekitError
+from prunekit.methods import _REGISTRY, Method
 
 SUITE = """\
 name: tiny
@@ -16,7 +22,7 @@ model: lenet300
 dataset: synthetic
 train_size: 600
 test_size: 200
-dense: {epochs: 2, lr: 0.05, batch_size: 64}
+dense: {epochs: 2, lr: 0.05}
 sparsities: [0.5, 0.9]
 seeds: 2
 methods:
@@ -99,3 +105,122 @@ def test_cli_bench_list_bench_and_report(db, tmp_path, capsys):
     suite.write_text(SUITE.replace("seeds: 2", "seeds: zero"))
     assert main(["bench", "--suite", str(suite), "--db", str(tmp_path / "cli.db")]) == 2
     assert f"suite {suite}, line 9: `seeds` must be" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- one panel per method family
+
+# Stand-in methods with chosen families, so that the panels do not depend on how the real methods are filed.
+# Eleven in one family: more than the ten colours of the palette.
+FAMILY_METHODS = {"one-shot": 2, "training": 11, "at-init": 1}
+FAMILY_SUITE = """\
+name: families
+model: lenet300
+dataset: synthetic
+train_size: 300
+test_size: 100
+dense: {epochs: 1, lr: 0.05}
+sparsities: [0.5, 0.9]
+seeds: 1
+methods:
+""" + "".join(f"  - method: test-{family}-{index}\n" for family, count in FAMILY_METHODS.items()
+              for index in range(count)) + """\
+  - method: test-broken
+published:
+  - {method: test-one-shot-0, sparsity: 0.9, accuracy: 0.5, source: "Made-up et al. 2030"}
+"""
+
+
+@dataclass(frozen=True)
+class NoHparams:
+    pass
+
+
+def magnitude_scores(ctx, hp):
+    return ctx.select({target.name: target.weight.detach().abs() for target in ctx.targets})
+
+
+def broken(ctx, hp):
+    raise ValueError("scores went NaN")
+
+
+@pytest.fixture(scope="module")
+def family_db(tmp_path_factory):
+    """A suite whose methods come from every family, one of them failing; the stand-ins stay registered."""
+    with pytest.MonkeyPatch.context() as patch:
+        for family, count in FAMILY_METHODS.items():
+            for index in range(count):
+                name = f"test-{family}-{index}"
+                patch.setitem(_REGISTRY, name, Method(name, magnitude_scores, NoHparams, "magnitude", family=family))
+        patch.setitem(_REGISTRY, "test-broken", Method("test-broken", broken, NoHparams, "fails", family="training"))
+        folder = tmp_path_factory.mktemp("families")
+        (folder / "families.yaml").write_text(FAMILY_SUITE)
+        path = folder / "runs.db"
+        run_suite(load_suite(str(folder / "families.yaml")), path, progress=False, echo=lambda line: None)
+        yield path
+
+
+def family_results(db):
+    with Store(db) as store:
+        (results,) = collect(store)
+    return results
+
+
+def panels(figure):
+    """The plotting axes, each titled with its family where a column starts."""
+    return [axes for axes in figure.axes if axes.axison]
+
+
+def legends(figure) -> list[list[str]]:
+    """The entries of each family's legend, drawn in a hidden axes under the family's panels."""
+    return [[text.get_text() for text in axes.get_legend().get_texts()] for axes in figure.axes if not axes.axison]
+
+
+def style(handle) -> tuple:
+    line = handle.lines[0] if isinstance(handle, ErrorbarContainer) else handle
+    return to_hex(line.get_color()), line.get_marker(), line.get_linestyle()
+
+
+@pytest.mark.parametrize("make_figure, rows", [(accuracy_figure, 1), (cost_figure, 2)])
+def test_plots_have_a_column_of_panels_per_family_present_sharing_y(family_db, make_figure, rows):
+    figure = make_figure(family_results(family_db))
+    axes = panels(figure)
+    titles = [panel.get_title() for panel in axes if panel.get_title()]
+    assert titles == [FAMILY_TITLES[family] for family in FAMILY_METHODS]
+    assert len(axes) == rows * len(FAMILY_METHODS)
+    for row in range(rows):
+        first, *others = axes[row::rows]
+        assert all(first.get_shared_y_axes().joined(first, other) for other in others)
+
+
+def test_each_family_has_a_legend_of_its_own_methods_with_dense_and_published(family_db):
+    assert legends(accuracy_figure(family_results(family_db))) == [
+        ["dense", "test-one-shot-0", "test-one-shot-0 (published)", "test-one-shot-1"],
+        ["dense"] + sorted(f"test-training-{index}" for index in range(11)),
+        ["dense", "test-at-init-0"]]
+
+
+@pytest.mark.parametrize("make_figure", [accuracy_figure, cost_figure])
+def test_no_two_lines_of_a_panel_look_alike(family_db, make_figure):
+    for panel in panels(make_figure(family_results(family_db))):
+        handles, labels = panel.get_legend_handles_labels()
+        styles = [style(handle) for handle in handles if not hasattr(handle, "get_offsets")]  # scatters are no lines
+        assert len(set(styles)) == len(styles), labels
+        for (colour, *rest), (other_colour, *other_rest) in itertools.combinations(styles, 2):
+            if colour == other_colour:  # a colour comes back only with another marker and another line style
+                assert all(a != b for a, b in zip(rest, other_rest)), labels
+
+
+def test_a_method_no_longer_registered_is_drawn_as_one_shot(family_db, monkeypatch):
+    monkeypatch.delitem(_REGISTRY, "test-at-init-0")
+    figure = accuracy_figure(family_results(family_db))
+    assert [panel.get_title() for panel in panels(figure)] == [FAMILY_TITLES["one-shot"], FAMILY_TITLES["training"]]
+    assert "test-at-init-0" in legends(figure)[0]
+
+
+def test_the_report_still_lists_failures_and_draws_the_rest(family_db, tmp_path):
+    report, *plots = write_report(family_db, tmp_path)
+    assert [path.name for path in plots] == ["families-accuracy.png", "families-cost.png"]
+    text = report.read_text()
+    assert "### Failed runs" in text
+    assert "| test-broken | 0.5 | 0 | 1 | ValueError: scores went NaN |" in text
+    assert not any("test-broken" in legend for legend in legends(accuracy_figure(family_results(family_db))))

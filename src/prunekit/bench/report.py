@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import statistics
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PrunekitError
+from ..methods import FAMILIES, get_method
 from ..tables import render_table
 from .store import DONE, FAILED, PENDING, RUNNING, Store, StoredRun, settings_text
 
@@ -27,6 +29,12 @@ CSV_COLUMNS = ("suite", "setting", "run", "label", "method", "target_sparsity", 
                "sparsity", "accuracy", "loss", "macs_dense", "macs", "seconds", "forward_passes", "forward_examples",
                "backward_passes", "backward_examples", "peak_memory_bytes", "hparams", "budget", "code_version",
                "finished", "mask_path")
+FAMILY_TITLES = {"one-shot": "one-shot methods", "training": "methods that train",
+                 "at-init": "methods for pruning at initialisation"}
+MARKERS = "osD^vPX"  # seven, against ten colours: see _styles
+LINESTYLES = ("-", "--", "-.")  # ":" is left for the points recorded on the way
+PANEL_INCHES = 3.6
+LEGEND_ROW_INCHES = 0.2  # at legend font size 8
 
 
 @dataclass
@@ -65,6 +73,17 @@ class SettingResults:
         finished = {(r.label, r.sparsity, r.seed) for r in self.finals}
         return [r for r in self.runs if r.status == FAILED and (r.label, r.sparsity, r.seed) not in finished]
 
+    @property
+    def families(self) -> dict[str, list[str]]:
+        """The labels to plot (finished or published) by method family, in FAMILIES order: a panel each."""
+        methods = {run.label: run.method for run in self.finals}
+        for number in self.published:
+            methods.setdefault(number["label"], number["label"])  # a published method not run here
+        by_family: dict[str, list[str]] = {family: [] for family in FAMILIES}
+        for label, method in methods.items():
+            by_family[_family(method)].append(label)
+        return {family: labels for family, labels in by_family.items() if labels}
+
     def count(self, status: str) -> int:
         return sum(run.status == status for run in self.runs)
 
@@ -84,6 +103,14 @@ class SettingResults:
         sizes = "".join(f", {name} {config[name]}" for name in ("train_size", "test_size") if config.get(name))
         return (f"{config['model']} on {config['dataset']}{sizes}; start: {origin}; "
                 f"calibration batch {config['batch_size']}; setting {self.setting}")
+
+
+def _family(method: str) -> str:
+    """How the method is meant to be used; one not registered here (an old database's) counts as one-shot."""
+    try:
+        return get_method(method).family
+    except PrunekitError:
+        return "one-shot"
 
 
 def collect(store: Store, suite: str | None = None) -> list[SettingResults]:
@@ -185,8 +212,8 @@ def _write_markdown(all_results: list[SettingResults], out: Path, db: Path) -> l
     lines = ["# prunekit bench report", "", preface, ""]
     for results in all_results:
         stem = _file_stem(results)
-        plots = [_accuracy_plot(results, out / f"{stem}-accuracy.png"),
-                 _cost_plot(results, out / f"{stem}-cost.png")]
+        plots = [_plot(accuracy_figure, results, out / f"{stem}-accuracy.png"),
+                 _plot(cost_figure, results, out / f"{stem}-cost.png")]
         written += [p for p in plots if p is not None]
         lines += _suite_section(results, plots)
     path = out / "report.md"
@@ -349,26 +376,53 @@ def _file_stem(results: SettingResults) -> str:
 
 # ---------------------------------------------------------------- plots
 
-def _accuracy_plot(results: SettingResults, path: Path) -> Path | None:
+def _plot(make_figure: Callable[[SettingResults], Any], results: SettingResults, path: Path) -> Path | None:
     if not results.finals:
         return None
-    figure, axes = _figure(1)
-    styles = _styles(results.labels)
-    if results.dense:
-        axes.axhline(100 * results.dense["accuracy"], color="0.4", linestyle="--", linewidth=1, label="dense")
-    for label in results.labels:
-        _errorbar(axes, results, label, _accuracy, 100, styles[label], label)
-        way = _on_the_way(results, label)
-        if way:
-            axes.plot([p.sparsity for p in way], [100 * p.accuracy for p in way], linestyle=":", marker=".",
-                      color=styles[label]["color"], alpha=0.7, label=f"{label} (recorded on the way)")
-    for number in results.published:
-        colour = styles.get(number["label"], {}).get("color", "black")
-        axes.scatter([number["sparsity"]], [100 * number["accuracy"]], marker="x", s=60, zorder=3, color=colour,
-                     label=f"{number['label']} (published)")
-    axes.set_ylabel("top-1 accuracy (%)")
-    _finish(figure, axes, results, "accuracy vs sparsity", path)
+    make_figure(results).savefig(path, dpi=110)
     return path
+
+
+def accuracy_figure(results: SettingResults):
+    """Top-1 against sparsity, one panel per method family, with the dense model and published numbers."""
+    families = results.families
+    figure, legends, grid = _panels(families, rows=1)
+    for labels, (axes,) in zip(families.values(), grid):
+        styles = _styles(labels)
+        if results.dense:
+            axes.axhline(100 * results.dense["accuracy"], color="0.4", linestyle="--", linewidth=1, label="dense")
+        for label in labels:
+            _errorbar(axes, results, label, _accuracy, 100, styles[label], label)
+            way = _on_the_way(results, label)
+            if way:
+                axes.plot([p.sparsity for p in way], [100 * p.accuracy for p in way], markersize=3, alpha=0.7,
+                          label=f"{label} (recorded on the way)", **{**styles[label], "linestyle": ":"})
+        for number in results.published:
+            if number["label"] in styles:
+                axes.scatter([number["sparsity"]], [100 * number["accuracy"]], marker="x", s=60, zorder=3,
+                             color=styles[number["label"]]["color"], label=f"{number['label']} (published)")
+    grid[0][0].set_ylabel("top-1 accuracy (%)")
+    _finish(figure, legends, grid, results, "accuracy vs sparsity")
+    return figure
+
+
+def cost_figure(results: SettingResults):
+    """Wall seconds and examples through the model against sparsity, one column of panels per method family."""
+    families = results.families
+    figure, legends, grid = _panels(families, rows=2)
+    for labels, (seconds_axes, examples_axes) in zip(families.values(), grid):
+        styles = _styles(labels)
+        for label in labels:
+            _errorbar(seconds_axes, results, label, _cost("seconds"), 1, styles[label], label)
+            _errorbar(examples_axes, results, label,
+                      lambda run: run.cost["forward_examples"] + run.cost["backward_examples"], 1, styles[label],
+                      label)
+        seconds_axes.set_yscale("log")
+        examples_axes.set_yscale("symlog", linthresh=1)  # one-shot scores pass no examples at all
+    grid[0][0].set_ylabel("wall seconds of pruning")
+    grid[0][1].set_ylabel("examples through the model (forward + backward)")
+    _finish(figure, legends, grid, results, "cost vs sparsity")
+    return figure
 
 
 def _on_the_way(results: SettingResults, label: str) -> list:
@@ -381,39 +435,39 @@ def _on_the_way(results: SettingResults, label: str) -> list:
     return sorted((p for p in run.points if low <= p.sparsity), key=lambda p: p.sparsity)
 
 
-def _cost_plot(results: SettingResults, path: Path) -> Path | None:
-    if not results.finals:
-        return None
-    figure, (seconds_axes, examples_axes) = _figure(2)
-    styles = _styles(results.labels)
-    for label in results.labels:
-        _errorbar(seconds_axes, results, label, _cost("seconds"), 1, styles[label], label)
-        _errorbar(examples_axes, results, label,
-                  lambda run: run.cost["forward_examples"] + run.cost["backward_examples"], 1, styles[label], label)
-    seconds_axes.set_yscale("log")
-    seconds_axes.set_ylabel("wall seconds of pruning")
-    examples_axes.set_yscale("symlog", linthresh=1)  # one-shot scores pass no examples at all
-    examples_axes.set_ylabel("examples through the model (forward + backward)")
-    _finish(figure, [seconds_axes, examples_axes], results, "cost vs sparsity", path)
-    return path
+def _panels(families: dict[str, list[str]], rows: int):
+    """A column of `rows` panels per family, titled, over a row for its legend; each row shares its y axis.
 
-
-def _figure(panels: int):
+    The legends get a row of their own, sized in _finish, so that panels of every family line up
+    whatever the length of their legends.
+    """
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(7.5 * panels, 4.8), layout="constrained")
-    axes = figure.subplots(1, panels)
-    return figure, axes
+    figure = Figure(figsize=(5.5 * len(families), PANEL_INCHES * rows), layout="constrained")
+    layout = figure.add_gridspec(rows + 1, len(families))
+    grid = []
+    for index, family in enumerate(families):
+        panels = [figure.add_subplot(layout[row, index], sharey=grid[0][row] if grid else None)
+                  for row in range(rows)]
+        panels[0].set_title(FAMILY_TITLES.get(family, family))
+        grid.append(panels)
+    legends = [figure.add_subplot(layout[rows, index]) for index in range(len(families))]
+    for axes in legends:
+        axes.set_axis_off()
+    return figure, legends, grid
 
 
 def _styles(labels: list[str]) -> dict[str, dict[str, Any]]:
-    """Colour, marker and line style per method: ten colours alone cannot tell twenty methods apart."""
+    """A colour, marker and line style per method of a panel, no two alike.
+
+    Seven markers against ten colours repeat together only after 70 methods; the line style changes
+    every ten, so a colour comes back with another marker and another line style.
+    """
     from matplotlib import colormaps
 
     palette = colormaps["tab10"]
-    markers = "osD^vPX*"
-    return {label: {"color": palette(index % 10), "marker": markers[index % len(markers)],
-                    "linestyle": "-" if index < 10 else "--"} for index, label in enumerate(labels)}
+    return {label: {"color": palette(index % 10), "marker": MARKERS[index % len(MARKERS)],
+                    "linestyle": LINESTYLES[index // 10 % len(LINESTYLES)]} for index, label in enumerate(labels)}
 
 
 def _errorbar(axes, results: SettingResults, label: str, metric: Callable[[StoredRun], float], scale: float,
@@ -427,22 +481,30 @@ def _errorbar(axes, results: SettingResults, label: str, metric: Callable[[Store
     axes.errorbar([s for s, _ in points], means, yerr=stds, markersize=4, capsize=3, label=legend, **style)
 
 
-def _finish(figure, axes, results: SettingResults, what: str, path: Path) -> None:
-    """Shared x axis (a logit scale spreads 0.9, 0.95, 0.98 apart), title, legend outside the plot."""
-    panels = axes if isinstance(axes, list) else [axes]
+def _finish(figure, legends, grid, results: SettingResults, what: str) -> None:
+    """Shared x axis (a logit scale spreads 0.9, 0.95, 0.98 apart), title, a legend under each family's panels."""
     sparsities = results.sparsities
-    for panel in panels:
+    for panel in (panel for panels in grid for panel in panels):
         if all(0 < s < 1 for s in sparsities) and len(sparsities) > 1:
             panel.set_xscale("logit")
         panel.set_xticks(sparsities, [f"{s:g}" for s in sparsities])
         panel.minorticks_off()
         panel.set_xlabel("sparsity (fraction of weights removed)")
         panel.grid(alpha=0.3)
+    entries = 0
+    for legend_axes, panels in zip(legends, grid):
+        handles, labels = panels[0].get_legend_handles_labels()
+        # dense first, then by name: a method's published and recorded points come right after it
+        ordered = sorted(zip(labels, handles), key=lambda entry: (entry[0] != "dense", entry[0]))
+        legend_axes.legend([handle for _, handle in ordered], [label for label, _ in ordered], loc="upper center",
+                           ncols=2, fontsize=8, frameon=False)
+        entries = max(entries, len(labels))
+    legend_inches = LEGEND_ROW_INCHES * (math.ceil(entries / 2) + 1)
+    rows = len(grid[0])
+    legends[0].get_gridspec().set_height_ratios([PANEL_INCHES] * rows + [legend_inches])
+    figure.set_figheight(PANEL_INCHES * rows + legend_inches)
     config = results.config
     figure.suptitle(f"{results.suite}: {what} ({config['model']} on {config['dataset']})")
-    handles, labels = panels[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside right center", fontsize=8)
-    figure.savefig(path, dpi=110)
 
 
 # ---------------------------------------------------------------- csv
