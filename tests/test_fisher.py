@@ -4,6 +4,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from prunekit.cost import CostMeter
 from prunekit.errors import PrunekitError
@@ -18,6 +19,7 @@ from prunekit.fisher import (
 )
 from prunekit.hparams import validate
 from prunekit.masks import attach_masks
+from prunekit.objectives import LossFunction
 from prunekit.targets import find_targets
 
 
@@ -42,7 +44,7 @@ def test_vectorised_gradients_equal_a_plain_autograd_loop(tiny_net, tiny_batches
     inputs, labels = examples(tiny_batches)
     tiny_net.train()  # BN must still use its running statistics, and the mode must come back
     running_mean = tiny_net.bn.running_mean.clone()
-    g = gradient_matrix(tiny_net, find_targets(tiny_net)[0], inputs, labels, batch=batch, chunk=8)
+    g = gradient_matrix(tiny_net, find_targets(tiny_net)[0], (inputs, labels), batch=batch, chunk=8)
     assert tiny_net.training and torch.equal(tiny_net.bn.running_mean, running_mean)
     expected = autograd_rows(copy.deepcopy(tiny_net), inputs, labels, batch)
     assert g.rows.shape == (len(inputs) // batch, g.layout.p)
@@ -51,7 +53,7 @@ def test_vectorised_gradients_equal_a_plain_autograd_loop(tiny_net, tiny_batches
 
 def test_gradient_sum(tiny_net, tiny_batches):
     inputs, labels = examples(tiny_batches)
-    g = gradient_matrix(tiny_net, find_targets(tiny_net)[0], inputs, labels, dtype=torch.float64)
+    g = gradient_matrix(tiny_net, find_targets(tiny_net)[0], (inputs, labels), dtype=torch.float64)
     torch.testing.assert_close(g.gradient_sum(), g.rows.sum(0))
 
 
@@ -64,7 +66,7 @@ def test_masked_model_gives_the_gradient_at_the_pruned_weights_in_every_coordina
         for t in find_targets(plain)[0]:
             t.dense.mul_(masks[t.name])
     attach_masks(tiny_net, masks)
-    g = gradient_matrix(tiny_net, find_targets(tiny_net)[0], inputs, labels)
+    g = gradient_matrix(tiny_net, find_targets(tiny_net)[0], (inputs, labels))
     expected = autograd_rows(plain, inputs, labels)
     torch.testing.assert_close(g.rows, expected, rtol=1e-4, atol=1e-6)
     pruned = ~WeightLayout.of(targets).flatten(masks)
@@ -74,15 +76,15 @@ def test_masked_model_gives_the_gradient_at_the_pruned_weights_in_every_coordina
 def test_diagonal_fisher_is_the_mean_squared_gradient(tiny_net, tiny_batches):
     inputs, labels = examples(tiny_batches)
     targets = find_targets(tiny_net)[0]
-    rows = gradient_matrix(tiny_net, targets, inputs, labels, dtype=torch.float64).rows
-    torch.testing.assert_close(diagonal_fisher(tiny_net, targets, inputs, labels, chunk=5),
+    rows = gradient_matrix(tiny_net, targets, (inputs, labels), dtype=torch.float64).rows
+    torch.testing.assert_close(diagonal_fisher(tiny_net, targets, (inputs, labels), chunk=5),
                                rows.square().mean(0), rtol=1e-5, atol=1e-12)
 
 
 def test_gradient_evaluations_are_counted(tiny_net, tiny_batches):
     inputs, labels = examples(tiny_batches)
     with CostMeter(tiny_net) as meter:
-        gradient_matrix(tiny_net, find_targets(tiny_net)[0], inputs, labels, batch=2, meter=meter)
+        gradient_matrix(tiny_net, find_targets(tiny_net)[0], (inputs, labels), batch=2, meter=meter)
     assert meter.cost.forward_examples == meter.cost.backward_examples == len(inputs)
 
 
@@ -122,3 +124,51 @@ def test_memory_estimate_refuses_naming_the_knobs():
 def test_bad_fisher_settings_are_refused(field, value):
     with pytest.raises(PrunekitError, match=rf"{field}={value} is invalid"):
         validate(FisherHparams(**{field: value}))
+
+
+class DataDependent(nn.Module):
+    """A branch on a value (Python control flow): vmap cannot batch it, one row at a time can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x) * (1.0 if float(x.sum()) > 0 else 2.0)
+
+
+def test_rows_vmap_cannot_batch_fall_back_to_a_loop_with_the_same_values():
+    torch.manual_seed(0)
+    model, inputs, labels = DataDependent(), torch.randn(8, 4), torch.randint(0, 3, (8,))
+    g = gradient_matrix(model, find_targets(model)[0], (inputs, labels), dtype=torch.float64, chunk=4)
+    assert g.route == "loop"
+    expected = autograd_rows(copy.deepcopy(model), inputs, labels, 1)
+    torch.testing.assert_close(g.rows, expected.to(torch.float64), rtol=1e-5, atol=1e-7)
+    batched = gradient_matrix(nn.Sequential(model.fc), find_targets(nn.Sequential(model.fc))[0], (inputs, labels))
+    assert batched.route == "vmap"
+
+
+class Dictionary(nn.Module):
+    """A model called as model(**batch), as Hugging Face models are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, features, scale):
+        return self.fc(features) * scale
+
+
+def test_rows_of_mapping_batches_under_any_objective_equal_a_plain_autograd_loop():
+    torch.manual_seed(0)
+    model = Dictionary()
+    examples = {"features": torch.randn(6, 4), "scale": torch.rand(6, 1) + 0.5, "labels": torch.randint(0, 3, (6,))}
+    objective = LossFunction(lambda m, b: (m(features=b["features"], scale=b["scale"]) ** 2).mean())
+    g = gradient_matrix(model, find_targets(model)[0], examples, objective, batch=2)
+    assert g.route == "vmap" and g.rows.shape == (3, 12)
+    for row in range(3):
+        part = {key: value[2 * row:2 * row + 2] for key, value in examples.items()}
+        model.zero_grad()
+        objective.loss(model, part)[0].backward()
+        torch.testing.assert_close(g.rows[row], model.fc.weight.grad.reshape(-1), rtol=1e-5, atol=1e-7)
+    assert fisher_examples([examples, examples], 8)["features"].shape == (8, 4)

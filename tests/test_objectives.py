@@ -1,10 +1,14 @@
 """Objectives: what the Trainer and evaluate() minimise, for tuple and mapping batches."""
+import copy
+import math
+
 import pytest
 import torch
 from torch import nn
 
+import prunekit
 from prunekit.errors import PrunekitError
-from prunekit.objectives import CrossEntropy, LossFunction, Objective, as_objective, batch_examples, to_device
+from prunekit.objectives import CausalLM, CrossEntropy, LossFunction, Objective, as_objective, batch_examples, to_device
 from prunekit.training import TrainConfig, Trainer, evaluate
 
 from test_training import FEATURES, blobs, config, mlp, toy_loader
@@ -38,7 +42,7 @@ def test_cross_entropy_matches_torch_and_counts_correct_predictions():
     model = mlp()
     loss, logits = CrossEntropy(label_smoothing=0.1).loss(model, (inputs, targets))
     assert torch.equal(loss, nn.functional.cross_entropy(model(inputs), targets, label_smoothing=0.1))
-    assert CrossEntropy().correct(logits, (inputs, targets)) == (logits.argmax(1) == targets).sum()
+    assert CrossEntropy().measures(logits, (inputs, targets)) == {"accuracy": (logits.argmax(1) == targets).sum()}
 
 
 def test_as_objective_accepts_none_an_objective_or_a_callable():
@@ -48,8 +52,8 @@ def test_as_objective_accepts_none_an_objective_or_a_callable():
     wrapped = as_objective(lambda model, batch: model(batch[0]).square().mean())
     assert isinstance(wrapped, LossFunction)
     loss, outputs = wrapped.loss(mlp(), blobs(8))
-    assert loss.dim() == 0 and outputs is None and wrapped.correct(outputs, blobs(8)) is None
-    with pytest.raises(PrunekitError, match="loss='mse' is invalid"):
+    assert loss.dim() == 0 and outputs is None and wrapped.measures(outputs, blobs(8)) == {}
+    with pytest.raises(PrunekitError, match="loss='mse' is invalid: set it to one of cross-entropy, causal-lm"):
         as_objective("mse")
 
 
@@ -60,8 +64,10 @@ def test_a_loss_that_is_not_a_scalar_is_refused():
 
 
 def test_cross_entropy_says_which_batches_it_takes():
-    with pytest.raises(PrunekitError, match=r"\(inputs, targets\) batches, got a dict.*loss="):
+    with pytest.raises(PrunekitError, match=r"the batch has no labels \(keys \['features'\]\).*loss='distill'"):
         CrossEntropy().loss(mlp(), {"features": torch.zeros(2, FEATURES)})
+    with pytest.raises(PrunekitError, match=r"\(inputs, targets\) batches, got a Tensor.*loss="):
+        CrossEntropy().loss(mlp(), torch.zeros(2, FEATURES))
 
 
 def test_batches_move_to_the_device_and_count_their_examples():
@@ -109,4 +115,94 @@ def test_the_default_objective_is_cross_entropy_with_the_configs_smoothing():
 
 def test_label_smoothing_with_a_loss_of_ones_own_is_refused():
     with pytest.raises(PrunekitError, match=r"label_smoothing=0\.1 applies to the default cross-entropy only"):
-        Trainer(mlp(), toy_loader(), config(label_smoothing=0.1), loss=CrossEntropy(), progress=False)
+        Trainer(mlp(), toy_loader(), config(label_smoothing=0.1), loss=lambda m, b: m(b[0]).mean(), progress=False)
+    smoothed = Trainer(mlp(), toy_loader(), config(label_smoothing=0.1), loss=CrossEntropy(), progress=False)
+    assert smoothed.objective == CrossEntropy(label_smoothing=0.1)  # a named cross-entropy takes the smoothing
+
+
+# ---------------------------------------------------------------- prune(..., loss=)
+
+class Output:
+    """What a Hugging Face model returns: fields by name."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+class KeywordClassifier(nn.Module):
+    """Called as model(**batch); returns logits, and the loss when the batch has labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(FEATURES, 16), nn.Linear(16, 3)
+
+    def forward(self, features, labels=None):
+        logits = self.fc2(torch.relu(self.fc1(features)))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return Output(logits=logits, loss=loss)
+
+
+def keyword_batches(labels: bool = True, batches: int = 4):
+    inputs, targets = blobs(16 * batches)
+    return [{"features": inputs[i:i + 16], **({"labels": targets[i:i + 16]} if labels else {})}
+            for i in range(0, len(targets), 16)]
+
+
+# Settings that fit the tiny data: Fisher methods take 16 gradients, training methods one or two epochs.
+SMALL = {"snip": {}, "grasp": {}, "obd": {"fisher_samples": 16}, "woodfisher": {"fisher_samples": 16},
+         "chita": {"fisher_samples": 16}, "bip": {"epochs": 2, "lr": 0.05}, "gmp": {"epochs": 1}}
+
+
+def pruned_fraction(result) -> float:
+    return sum(int((~m).sum()) for m in result.masks.values()) / sum(m.numel() for m in result.masks.values())
+
+
+@pytest.mark.parametrize("method", ["snip", "grasp", "obd", "woodfisher", "chita", "bip", "gmp"])
+def test_mapping_batches_with_labels_prune_with_the_models_own_loss(method):
+    torch.manual_seed(0)
+    result = prunekit.prune(KeywordClassifier(), method, 0.5, keyword_batches(), **SMALL[method])
+    assert pruned_fraction(result) == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("method", ["snip", "chita", "woodfisher", "bip"])
+def test_distill_needs_no_labels_and_training_brings_the_outputs_back(method):
+    torch.manual_seed(0)
+    model = KeywordClassifier()
+    dense = copy.deepcopy(model)
+    data = keyword_batches(labels=False)
+    result = prunekit.prune(model, method, 0.6, data, loss="distill", **SMALL[method])
+    assert pruned_fraction(result) == pytest.approx(0.6, abs=0.01)
+    distill = as_objective("distill", dense)
+    metrics = evaluate(model, data, objective=distill)
+    assert 0.5 < metrics["cosine"] <= 1.0 and metrics["loss"] > 0
+    assert evaluate(dense, data, objective=distill)["cosine"] == pytest.approx(1.0)
+
+
+def test_causal_lm_shifts_and_ignores_padding():
+    vocabulary = 11
+    model = nn.Sequential(nn.Embedding(vocabulary, 8), nn.Linear(8, vocabulary))
+    wrapped = lambda input_ids, attention_mask=None: model(input_ids)  # noqa: E731
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    loss, logits = CausalLM().loss(wrapped, {"input_ids": ids, "attention_mask": mask})
+    pairs = [(0, 0, 2), (0, 1, 3), (0, 2, 4), (1, 0, 6)]  # (row, position, next token) that count
+    expected = torch.stack([nn.functional.cross_entropy(logits[r, t], torch.tensor(token)) for r, t, token in pairs])
+    torch.testing.assert_close(loss, expected.mean())
+    assert CausalLM().summary({"loss": 2.0})["perplexity"] == pytest.approx(math.exp(2.0))
+
+
+@pytest.mark.parametrize("data, loss, message", [
+    (keyword_batches(labels=False), None, r"cannot tell the loss of batches with keys \['features'\].*loss='distill'"),
+    (keyword_batches(labels=False), "model", r"loss='model' .* needs `labels`"),
+    ([{"pixels": torch.zeros(4, FEATURES)}], "distill", r"the model cannot take the data's batches.*TypeError"),
+    (keyword_batches(), lambda m, b: m(**b).logits.sum(1), r"not a scalar tensor"),
+    (keyword_batches(), lambda m, b: m(**b).loss * float("nan"), r"the loss on the first batch is nan"),
+    (keyword_batches(), "hinge", r"loss='hinge' is invalid: set it to one of cross-entropy, causal-lm, model, distill"),
+])
+def test_bad_objectives_fail_in_one_line_before_any_work(data, loss, message):
+    model = KeywordClassifier()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PrunekitError, match=message) as error:
+        prunekit.prune(model, "snip", 0.5, data, loss=loss)
+    assert "\n" not in str(error.value)
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())

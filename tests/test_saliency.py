@@ -57,7 +57,7 @@ def test_grasp_scores_are_minus_weight_times_hessian_gradient_by_hand(batch):
     hessian_g = sum(torch.outer((torch.diag(pn) - torch.outer(pn, pn)) @ (g @ xn), xn) for pn, xn in zip(p, inputs))
     hessian_g = hessian_g / (len(inputs) * temperature ** 2)
     expected = -weight * hessian_g
-    scores = grasp_scores(model, find_targets(model)[0], [(inputs, labels)], temperature)
+    scores = grasp_scores(model, find_targets(model)[0], [(inputs, labels)], temperature=temperature)
     torch.testing.assert_close(scores["0.weight"], expected)
     # GraSP removes the HIGHEST scores.
     masks = prunekit.prune(model, "grasp", 0.5, [(inputs, labels)], temperature=temperature).masks

@@ -13,6 +13,8 @@ from .cost import Cost, CostMeter
 from .errors import PrunekitError
 from .masks import attach_masks, mask_sparsity
 from .methods import PruneContext, get_method
+from .modes import model_mode
+from .objectives import Loss, Objective, as_objective, infer_objective, probe, to_device
 from .tables import render_table
 from .targets import Skipped, Target, find_targets
 
@@ -79,13 +81,19 @@ def prune(
     include: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
     seed: int = 0,
+    loss: Loss = None,
     observer: Callable[[nn.Module, dict[str, Any]], None] | None = None,
     **method_hparams: Any,
 ) -> PruneResult:
     """Prune `model` in place (masks attached) and say what was done and what it cost.
 
     `sparsity` is the fraction of zeros over the prunable tensors (default 0.9; N:M implies 1 - N/M).
-    `data` is an iterable of (inputs, targets) batches for methods that need data. `budget` is an
+    `data` is a re-iterable of batches for methods that need data: `(inputs, targets)` tuples, or
+    mappings passed as `model(**batch)` (Hugging Face style). `loss` is what data-driven methods,
+    their training and their scores minimise: None (inferred from the first batch: a mapping with
+    labels → the model's own loss, integer targets → cross-entropy), a name ("cross-entropy",
+    "causal-lm", "model", "distill": match the dense model's outputs, no labels needed), an
+    `Objective`, or a callable `loss(model, batch) -> scalar tensor`. `budget` is an
     allocation name ("global", "uniform", "erk") or a Budget; `structure` (default "unstructured"),
     `n`, `m` (default 2:4) and `layer_sparsity` complete a name (a Budget already holds them). `include`/`exclude` are regexes on tensor names. `observer(model, event)`
     is called at each point the method records (stages, rounds), with the model as it is then.
@@ -96,17 +104,36 @@ def prune(
     budget = _budget(budget, structure=structure, n=n, m=m, layer_sparsity=layer_sparsity)
     sparsity = _resolve_sparsity(sparsity, budget)
     targets, skipped = _prunable(model, budget, include, exclude)
-    plan = budget.plan({t.name: t.shape for t in targets}, sparsity)
+    plan = budget.plan({t.name: t.shape for t in targets}, sparsity, {t.name: t.layout for t in targets})
     if spec.needs_data and data is None:
         raise PrunekitError(f"method {method!r} needs data: pass data=<iterable of (inputs, targets) batches> "
                             "(from the CLI: --dataset and --data-dir)")
     device = targets[0].dense.device
-    with CostMeter(model, device) as meter:
-        ctx = PruneContext(model, targets, sparsity, budget, data, seed, meter, device, observer=observer, plan=plan)
+    meter = CostMeter(model, device)
+    ctx = PruneContext(model, targets, sparsity, budget, data, seed, meter, device, observer=observer, plan=plan)
+    if spec.check is not None:
+        spec.check(ctx, hp)
+    ctx.objective = _objective(loss, model, data, device)  # reads the first batch: after the checks, before work
+    with meter:
         masks = spec.run(ctx, hp)
         attach_masks(model, masks, spec.mask_mode)
     return PruneResult(method, hparams_lib.to_dict(hp), sparsity, masks, _layer_results(targets, masks, plan),
                        skipped, meter.cost, budget, ctx.history)
+
+
+def _objective(loss: Loss, model: nn.Module, data: Any, device: torch.device) -> Objective | None:
+    """The loss made concrete (inferred from the first batch when None) and tried once on that batch, so a
+    batch the model cannot take or a loss that is not a finite scalar fails here, before any work."""
+    if data is None:
+        return None if loss is None else as_objective(loss, model)
+    try:
+        first = to_device(next(iter(data)), device)
+    except StopIteration:
+        raise PrunekitError("the data yielded no batch; pass at least one batch") from None
+    objective = infer_objective(loss, model, first)
+    with model_mode(model, training=False):
+        probe(objective, model, first)
+    return objective
 
 
 def _budget(budget: str | Budget, **parts: Any) -> Budget:

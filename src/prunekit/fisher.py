@@ -19,9 +19,9 @@ import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, pairwise
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parametrize
@@ -31,6 +31,7 @@ from .errors import PrunekitError
 from .hparams import integer, number, setting
 from .masks import Mask, mask_buffer_key, parametrizations_of, parametrized_key
 from .modes import model_mode
+from .objectives import Batch, CrossEntropy, Objective, batch_examples, concat_batches, map_batch, slice_batch
 from .targets import Target
 
 GIB = 2**30
@@ -114,6 +115,7 @@ class GradientMatrix:
     rows: torch.Tensor
     layout: WeightLayout
     batch: int = 1  # examples averaged into each row
+    route: str = "vmap"  # how the rows were computed: "vmap" (batched) or "loop" (one row at a time)
 
     @property
     def n(self) -> int:
@@ -128,48 +130,81 @@ class GradientMatrix:
         return self.rows.sum(dim=0)
 
 
-def fisher_examples(data: Iterable, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `count` examples `data` yields, as one (inputs, labels) pair."""
-    inputs, labels, have = [], [], 0
-    for x, y in data:
-        take = min(count - have, x.shape[0])
-        inputs.append(x[:take])
-        labels.append(y[:take])
+def fisher_examples(data: Iterable, count: int) -> Batch:
+    """The first `count` examples `data` yields, as one batch of the data's kind (tuple or mapping)."""
+    parts, have = [], 0
+    for batch in data:
+        take = min(count - have, batch_examples(batch))
+        parts.append(slice_batch(batch, 0, take))
         have += take
         if have == count:
-            return torch.cat(inputs), torch.cat(labels)
+            return concat_batches(parts)
     raise PrunekitError(f"the Fisher needs {count} examples (fisher_samples × fisher_batch) but the data gave "
                         f"only {have}; lower --fisher-samples or --fisher-batch, or pass more data")
 
 
-def gradient_chunks(model: nn.Module, targets: Sequence[Target], inputs: torch.Tensor, labels: torch.Tensor, *,
-                    batch: int = 1, chunk: int = 128, meter: CostMeter | None = None) -> Iterator[torch.Tensor]:
+class RowGradients:
     """Rows of G, a few at a time: (rows, p) float32 tensors, one row per `batch` consecutive examples.
 
-    Each row is the gradient of the mean cross-entropy over its examples with respect to the targets'
-    effective weights; every other parameter and buffer keeps its value, and batch norm uses its
-    running statistics (eval mode). Examples are counted in `meter` (the hooks cannot see them).
+    Each row is the gradient of the objective's mean loss over its examples with respect to the targets'
+    effective weights; every other parameter and buffer keeps its value, and batch norm uses its running
+    statistics and dropout is off (eval mode). Rows are computed by torch.func (vmap over grad); where
+    vmap cannot batch an operation of the model, one row at a time (`route` becomes "loop": same
+    values, slower). Examples are counted in `meter` (the hooks cannot see them).
     """
-    if inputs.shape[0] % batch:
-        raise PrunekitError(f"{inputs.shape[0]} examples do not split into gradients of {batch}")
-    weights, fixed, keys = _effective_weights(targets)
 
-    def row_loss(variables: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(functional_call(model, {**variables, **fixed}, (x,), strict=False), y)
+    def __init__(self, model: nn.Module, targets: Sequence[Target], examples: Batch,
+                 objective: Objective | None = None, *, batch: int = 1, chunk: int = 128,
+                 meter: CostMeter | None = None) -> None:
+        count = batch_examples(examples)
+        if count % batch:
+            raise PrunekitError(f"{count} examples do not split into gradients of {batch}")
+        self.model, self.meter, self.batch = model, meter, batch
+        self.objective, examples = (objective or CrossEntropy()).curvature(examples)
+        self.rows = count // batch
+        self.rows_per_call = max(1, chunk // batch)
+        self.grouped = map_batch(examples, lambda t: t.reshape(-1, batch, *t.shape[1:]))
+        self.weights, self.fixed, self.keys = _effective_weights(targets)
+        self.route = "vmap"
 
-    per_row_gradient = vmap(grad(row_loss), in_dims=(None, 0, 0))
-    rows_per_call = max(1, chunk // batch)
-    with model_mode(model, training=False):
-        grouped_x = inputs.reshape(-1, batch, *inputs.shape[1:])
-        grouped_y = labels.reshape(-1, batch)
-        for start in range(0, grouped_x.shape[0], rows_per_call):
-            x, y = grouped_x[start:start + rows_per_call], grouped_y[start:start + rows_per_call]
-            # no_grad outside the transform: the biases and BN parameters must not record a graph
-            with torch.no_grad(), (meter.paused() if meter is not None else contextlib.nullcontext()):
-                gradients = per_row_gradient(weights, x, y)
-            if meter is not None:
-                meter.count(forward_examples=x.shape[0] * batch, backward_examples=x.shape[0] * batch)
-            yield torch.cat([gradients[key].reshape(x.shape[0], -1) for key in keys], dim=1)
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        with model_mode(self.model, training=False):
+            for start in range(0, self.rows, self.rows_per_call):
+                rows = slice_batch(self.grouped, start, start + self.rows_per_call)
+                size = min(self.rows_per_call, self.rows - start)
+                # no_grad outside the transform: the biases and BN parameters must not record a graph
+                with torch.no_grad(), (self.meter.paused() if self.meter is not None else contextlib.nullcontext()):
+                    gradients = self._gradients(rows, size)
+                if self.meter is not None:
+                    self.meter.count(forward_examples=size * self.batch, backward_examples=size * self.batch)
+                yield torch.cat([gradients[key].reshape(size, -1) for key in self.keys], dim=1)
+
+    def _row_loss(self, variables: dict[str, torch.Tensor], row: Batch) -> torch.Tensor:
+        return self.objective.loss(_WithWeights(self.model, {**variables, **self.fixed}), row)[0]
+
+    def _gradients(self, rows: Batch, size: int) -> dict[str, torch.Tensor]:
+        if self.route == "vmap":
+            try:
+                return vmap(grad(self._row_loss), in_dims=(None, 0))(self.weights, rows)
+            except PrunekitError:
+                raise
+            except Exception:  # an operation vmap cannot batch (data-dependent control flow, .item(), ...)
+                self.route = "loop"
+        per_row = [grad(self._row_loss)(self.weights, slice_batch(rows, i, i + 1, squeeze=True)) for i in range(size)]
+        return {key: torch.stack([gradients[key] for gradients in per_row]) for key in self.keys}
+
+
+class _WithWeights:
+    """The model computing with given tensors (torch.func.functional_call); other attributes are the model's."""
+
+    def __init__(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        self._model, self._tensors = model, tensors
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_call(self._model, self._tensors, args, kwargs, strict=False)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
 
 
 def _effective_weights(targets: Sequence[Target]) -> tuple[dict, dict, list[str]]:
@@ -194,26 +229,32 @@ def _effective_weights(targets: Sequence[Target]) -> tuple[dict, dict, list[str]
     return weights, fixed, keys
 
 
-def gradient_matrix(model: nn.Module, targets: Sequence[Target], inputs: torch.Tensor, labels: torch.Tensor, *,
-                    batch: int = 1, chunk: int = 128, dtype: torch.dtype = torch.float32,
+def gradient_matrix(model: nn.Module, targets: Sequence[Target], examples: Batch, objective: Objective | None = None,
+                    *, batch: int = 1, chunk: int = 128, dtype: torch.dtype = torch.float32,
                     meter: CostMeter | None = None) -> GradientMatrix:
-    """G for the given examples, stored in `dtype` (float64 for solvers that need it)."""
+    """G for the given examples (one batch of n × `batch` examples), stored in `dtype` (float64 for solvers)."""
     layout = WeightLayout.of(targets)
-    rows = torch.empty(inputs.shape[0] // batch, layout.p, dtype=dtype, device=inputs.device)
+    gradients = RowGradients(model, targets, examples, objective, batch=batch, chunk=chunk, meter=meter)
+    rows = torch.empty(gradients.rows, layout.p, dtype=dtype, device=layout_device(targets))
     filled = 0
-    for part in gradient_chunks(model, targets, inputs, labels, batch=batch, chunk=chunk, meter=meter):
+    for part in gradients:
         rows[filled:filled + part.shape[0]] = part
         filled += part.shape[0]
-    return GradientMatrix(rows, layout, batch)
+    return GradientMatrix(rows, layout, batch, gradients.route)
 
 
-def diagonal_fisher(model: nn.Module, targets: Sequence[Target], inputs: torch.Tensor, labels: torch.Tensor, *,
-                    batch: int = 1, chunk: int = 128, meter: CostMeter | None = None) -> torch.Tensor:
+def diagonal_fisher(model: nn.Module, targets: Sequence[Target], examples: Batch, objective: Objective | None = None,
+                    *, batch: int = 1, chunk: int = 128, meter: CostMeter | None = None) -> torch.Tensor:
     """diag((1/n) GᵀG) without storing G (p, float64)."""
-    total = torch.zeros(WeightLayout.of(targets).p, dtype=torch.float64, device=inputs.device)
-    for part in gradient_chunks(model, targets, inputs, labels, batch=batch, chunk=chunk, meter=meter):
+    total = torch.zeros(WeightLayout.of(targets).p, dtype=torch.float64, device=layout_device(targets))
+    gradients = RowGradients(model, targets, examples, objective, batch=batch, chunk=chunk, meter=meter)
+    for part in gradients:
         total += part.to(torch.float64).square().sum(dim=0)
-    return total / (inputs.shape[0] // batch)
+    return total / gradients.rows
+
+
+def layout_device(targets: Sequence[Target]) -> torch.device:
+    return targets[0].dense.device
 
 
 # ---------------------------------------------------------------- memory

@@ -17,6 +17,7 @@ import math
 import types
 import typing
 from collections.abc import Callable
+from collections.abc import Mapping as AbstractMapping
 from numbers import Real
 from typing import Any, Mapping
 
@@ -238,7 +239,7 @@ def parse_value(value: Any, annotation: Any, what: str) -> Any:
         items = _as_sequence(value, what)
         item_type = args[0] if args else str
         return origin(parse_value(item, item_type, what) for item in items)
-    if origin in (dict, Mapping) or annotation is dict:
+    if origin in (dict, AbstractMapping) or annotation is dict:  # get_origin(typing.Mapping[...]) is the abc
         return _as_mapping(value, what)
     return _scalar(value, annotation, what)
 

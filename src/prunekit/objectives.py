@@ -1,15 +1,18 @@
 """What training and evaluation minimise: an objective turns a batch into a mean loss.
 
 An `Objective` gives the mean loss of a batch together with the model's outputs (so metrics need no
-second forward pass) and, where accuracy means something, the number of correct predictions.
-`as_objective` accepts what users pass as `loss=`: None (cross-entropy on `(inputs, targets)`), an
-Objective, or a plain callable `loss(model, batch) -> scalar tensor`.
+second forward pass) and its measures (top-1 for classification, the cosine to the dense outputs
+for `distill`). `loss=` is None (inferred from the first batch), a name — "cross-entropy",
+"causal-lm", "model" (the model's own `.loss`), "distill" (match a frozen copy of the dense model,
+no labels needed) — an Objective, or a plain callable `loss(model, batch) -> scalar tensor`.
 
 A batch is an `(inputs, targets)` tuple or a mapping of tensors (Hugging Face style, for objectives
 that call `model(**batch)`); `to_device` and `batch_examples` handle both.
 """
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,35 +26,163 @@ from .errors import PrunekitError
 Batch = Any  # an (inputs, targets) tuple or a mapping of tensors
 
 
+OBJECTIVES = ("cross-entropy", "causal-lm", "model", "distill")
+LABELS = "labels"  # the key of the targets in a Hugging Face style mapping batch
+
+
 class Objective:
-    """How a batch becomes a loss; override `loss`, and `correct` where accuracy means something."""
+    """How a batch becomes a loss; override `loss`, and `measures` for metrics beyond the loss."""
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Any]:
         """The batch's mean loss (a scalar tensor to backpropagate) and the model's outputs."""
         raise NotImplementedError
 
-    def correct(self, outputs: Any, batch: Batch) -> torch.Tensor | None:
-        """Correct predictions in the batch as an integer tensor (left on the device), or None: no accuracy."""
-        return None
+    def measures(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
+        """Metrics summed over the batch's examples (left on the device), e.g. {"accuracy": correct count}."""
+        return {}
+
+    def summary(self, means: dict[str, float]) -> dict[str, float]:
+        """The evaluation's metrics from the means of the loss and the measures (e.g. perplexity from the loss)."""
+        return means
+
+    def curvature(self, examples: Batch) -> tuple[Objective, Batch]:
+        """The loss whose per-example gradients g make E[g gᵀ] the curvature the second-order methods model,
+        and the examples it takes. The empirical Fisher: the objective itself on the examples."""
+        return self, examples
 
 
 @dataclass(frozen=True)
 class CrossEntropy(Objective):
-    """Classification: cross-entropy of `model(inputs)` logits against class indices, top-1 accuracy."""
+    """Classification: cross-entropy of the logits (divided by `temperature`) against class indices; top-1.
+
+    Batches are `(inputs, class indices)` or mappings whose `labels` are the classes (the rest goes to
+    `model(**batch)`); the logits are the model's output tensor or its `.logits`.
+    """
 
     label_smoothing: float = 0.0
+    temperature: float = 1.0
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = _inputs_and_targets(batch)
-        logits = model(inputs)
-        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing), logits
+        targets = targets_of(batch)
+        logits = logits_of(call_model(model, without_labels(batch)))
+        return F.cross_entropy(logits / self.temperature, targets, label_smoothing=self.label_smoothing), logits
 
-    def correct(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return (outputs.argmax(dim=1) == batch[1]).sum()
+    def measures(self, outputs: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        return {"accuracy": (outputs.argmax(dim=-1) == targets_of(batch)).sum()}
+
+
+@dataclass(frozen=True)
+class CausalLM(Objective):
+    """Next-token cross-entropy over a sequence: logits at position t predict the token at t + 1.
+
+    Batches are mappings with `input_ids` (and `attention_mask`, `labels` optional; labels default to the
+    inputs) or `(input_ids, labels)` tuples. Padding (attention mask 0) and `ignore_index` labels do not count.
+    """
+
+    ignore_index: int = -100
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = without_labels(batch)
+        logits = logits_of(call_model(model, inputs))
+        labels = self._labels(batch)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                               ignore_index=self.ignore_index), logits
+
+    def summary(self, means: dict[str, float]) -> dict[str, float]:
+        return {**means, "perplexity": math.exp(min(means["loss"], 700.0))}
+
+    def _labels(self, batch: Batch) -> torch.Tensor:
+        if isinstance(batch, Mapping):
+            labels = batch.get(LABELS, batch.get("input_ids"))
+            if labels is None:
+                raise PrunekitError("causal-lm needs input_ids (or labels) in each batch; pass mappings from a "
+                                    "tokenizer, e.g. {'input_ids': ..., 'attention_mask': ...}")
+            mask = batch.get("attention_mask")
+            if mask is not None:
+                labels = labels.masked_fill(mask == 0, self.ignore_index)
+            return labels
+        return targets_of(batch)
+
+
+@dataclass(frozen=True)
+class ModelLoss(Objective):
+    """The model's own loss: `model(**batch).loss`, for mapping batches that carry `labels`."""
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Any]:
+        if not isinstance(batch, Mapping) or LABELS not in batch:
+            raise PrunekitError("loss='model' takes the model's own loss, which needs `labels` in each (mapping) "
+                                "batch; add labels, or pass loss='distill' (no labels needed) or another loss")
+        outputs = model(**batch)
+        loss = getattr(outputs, "loss", None)
+        if not isinstance(loss, torch.Tensor):
+            raise PrunekitError(f"loss='model' but {type(model).__name__} returned no .loss for a batch with labels; "
+                                "pass loss='cross-entropy', 'causal-lm' or a callable")
+        return loss, outputs
+
+    def measures(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
+        logits = getattr(outputs, "logits", None)
+        labels = batch[LABELS]
+        if logits is None or logits.dim() != 2 or labels.dim() != 1:
+            return {}  # not a classifier's: the loss is the metric
+        return {"accuracy": (logits.argmax(dim=-1) == labels).sum()}
+
+
+class Distill(Objective):
+    """Match a frozen copy of the dense model: MSE between the outputs (or KL between logits' softmaxes).
+
+    Needs inputs only (labels are dropped), so any data can drive any data-driven method. The metric
+    is the cosine similarity to the dense outputs, per example: of the mean over the attended tokens
+    for sequence outputs (a sentence embedding, as sentence-transformers pool), else of the output row.
+    """
+
+    def __init__(self, reference: nn.Module, kind: str = "mse") -> None:
+        if kind not in ("mse", "kl"):
+            raise PrunekitError(f"distill kind {kind!r} is unknown; use mse or kl")
+        self.reference = copy.deepcopy(reference).eval().requires_grad_(False)
+        self.kind = kind
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = without_labels(batch)
+        outputs = output_tensor(call_model(model, inputs))
+        with torch.no_grad():
+            dense = output_tensor(call_model(self.reference, inputs))
+        if self.kind == "kl":
+            loss = F.kl_div(F.log_softmax(outputs, -1).flatten(0, -2), F.log_softmax(dense, -1).flatten(0, -2),
+                            log_target=True, reduction="batchmean")
+        else:
+            loss = F.mse_loss(outputs, dense)
+        return loss, (outputs, dense)
+
+    def measures(self, outputs: tuple[torch.Tensor, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
+        pruned, dense = (pooled(tensor, batch) for tensor in outputs)
+        return {"cosine": F.cosine_similarity(pruned, dense, dim=-1).sum()}
+
+    def curvature(self, examples: Batch) -> tuple[Objective, Batch]:
+        """At the dense model the distillation loss is 0 with a zero gradient for every example, so its
+        empirical Fisher is 0. Its curvature there is the Gauss–Newton matrix JᵀJ / D (J the Jacobian of
+        the D outputs): the second moment of Jᵀu for random directions u ~ N(0, I/D), one per example,
+        drawn from a fixed seed (padding positions get none). The rows are the gradients of ⟨f(x), u⟩."""
+        inputs = without_labels(examples)
+        with torch.no_grad():
+            dense = output_tensor(call_model(self.reference, inputs))
+        generator = torch.Generator().manual_seed(0)
+        direction = torch.randn(dense.shape, generator=generator).to(dense.device) / math.sqrt(dense[0].numel())
+        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        if mask is not None and dense.dim() == 3:
+            direction = direction * mask.unsqueeze(-1).to(direction.dtype)
+        return _Projection(), {"inputs": inputs, "direction": direction}
+
+
+class _Projection(Objective):
+    """⟨f(x), u⟩ averaged over the examples: its gradient is Jᵀu (see Distill.curvature)."""
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = output_tensor(call_model(model, batch["inputs"]))
+        return (outputs * batch["direction"]).sum() / outputs.shape[0], outputs
 
 
 class LossFunction(Objective):
-    """A plain `loss(model, batch) -> scalar tensor`: a loss, no accuracy."""
+    """A plain `loss(model, batch) -> scalar tensor`: a loss, no other metric."""
 
     def __init__(self, function: Callable[[nn.Module, Batch], torch.Tensor]) -> None:
         self.function = function
@@ -65,33 +196,174 @@ class LossFunction(Objective):
         return value, None
 
 
-# What `loss=` accepts: None (cross-entropy), an Objective, or a callable loss(model, batch) -> scalar tensor.
-Loss = Objective | Callable[[nn.Module, Batch], torch.Tensor] | None
+# What `loss=` accepts: None (inferred), a name from OBJECTIVES, an Objective, or a callable loss(model, batch).
+Loss = Objective | str | Callable[[nn.Module, Batch], torch.Tensor] | None
 
 
-def as_objective(loss: Loss) -> Objective:
-    """The objective for `loss=`: None → CrossEntropy(), an Objective as is, a callable wrapped (no accuracy)."""
+def as_objective(loss: Loss, model: nn.Module | None = None) -> Objective:
+    """The objective for `loss=`: None → CrossEntropy(), a name, an Objective as is, a callable wrapped.
+
+    `distill` copies `model` (the dense model, before any pruning) as its frozen reference.
+    """
     if loss is None:
         return CrossEntropy()
     if isinstance(loss, Objective):
         return loss
+    if isinstance(loss, str):
+        return _named(loss, model)
     if callable(loss):
         return LossFunction(loss)
-    raise PrunekitError(f"loss={loss!r} is invalid: pass None (cross-entropy), a prunekit.objectives.Objective, "
+    raise PrunekitError(f"loss={loss!r} is invalid: pass a name ({', '.join(OBJECTIVES)}), a "
+                        "prunekit.objectives.Objective, or a callable loss(model, batch) -> scalar tensor")
+
+
+def _named(name: str, model: nn.Module | None) -> Objective:
+    if name == "cross-entropy":
+        return CrossEntropy()
+    if name == "causal-lm":
+        return CausalLM()
+    if name == "model":
+        return ModelLoss()
+    if name == "distill":
+        if model is None:
+            raise PrunekitError("loss='distill' matches the dense model's outputs and needs that model")
+        return Distill(model)
+    raise PrunekitError(f"loss={name!r} is invalid: set it to one of {', '.join(OBJECTIVES)}, an Objective "
                         "or a callable loss(model, batch) -> scalar tensor")
 
 
-def to_device(batch: Batch, device: torch.device | str) -> Batch:
-    """The batch with every tensor in it (in a tuple, list or mapping) moved to `device`."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+def infer_objective(loss: Loss, model: nn.Module, batch: Batch) -> Objective:
+    """`loss=` made concrete, inferred from a first batch when None.
+
+    A mapping batch with labels → the model's own loss; `(inputs, integer targets)` → cross-entropy;
+    anything else must be named (a mapping without labels: 'causal-lm' or 'distill').
+    """
+    if loss is not None:
+        return as_objective(loss, model)
     if isinstance(batch, Mapping):
-        return {key: to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, list):
-        return [to_device(item, device) for item in batch]
-    if isinstance(batch, tuple):
-        return tuple(to_device(item, device) for item in batch)
+        if LABELS in batch:
+            return ModelLoss()
+        raise PrunekitError(f"cannot tell the loss of batches with keys {sorted(batch)} and no labels: pass "
+                            "loss='causal-lm' (a language model), loss='distill' (match the dense model's outputs) "
+                            "or a callable loss(model, batch)")
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor) \
+            and not batch[1].is_floating_point():
+        return CrossEntropy()
+    raise PrunekitError(f"cannot tell the loss of a {type(batch).__name__} batch: pass (inputs, class indices) "
+                        "for cross-entropy, or loss= one of " + ", ".join(OBJECTIVES) + " or a callable")
+
+
+def probe(objective: Objective, model: nn.Module, batch: Batch) -> None:
+    """Run the objective once on a batch, so that a batch the model cannot take, a loss that is not a scalar,
+    or one that is NaN fails here, in one line, before any work."""
+    try:
+        with torch.no_grad():
+            loss, _ = objective.loss(model, batch)
+    except PrunekitError:
+        raise
+    except (TypeError, ValueError, RuntimeError, KeyError, IndexError, AttributeError) as error:
+        detail = " ".join(str(error).split())[:300]
+        raise PrunekitError(f"the model cannot take the data's batches with this loss ({type(error).__name__}: "
+                            f"{detail}); check the batch's keys or shapes, or pass another loss=") from None
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise PrunekitError("the loss is not a scalar tensor: return the mean loss over the batch")
+    if not torch.isfinite(loss):
+        raise PrunekitError(f"the loss on the first batch is {float(loss)}: check the model, the data and the loss "
+                            "(a dense model should give a finite loss)")
+
+
+# ---------------------------------------------------------------- batches and outputs
+
+def call_model(model: nn.Module, inputs: Batch) -> Any:
+    """`model(**inputs)` for a mapping, `model(inputs)` for a tensor."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def without_labels(batch: Batch) -> Batch:
+    """What the model is called with: the mapping less its labels, or the inputs of an (inputs, targets) pair."""
+    if isinstance(batch, Mapping):
+        return {key: value for key, value in batch.items() if key != LABELS}
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
     return batch
+
+
+def targets_of(batch: Batch) -> torch.Tensor:
+    if isinstance(batch, Mapping):
+        if LABELS not in batch:
+            raise PrunekitError(f"the batch has no labels (keys {sorted(batch)}); pass a loss that needs none, "
+                                "e.g. loss='distill' or 'causal-lm'")
+        return batch[LABELS]
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise PrunekitError(f"cross-entropy takes (inputs, targets) batches, got a {type(batch).__name__}; "
+                            "pass loss=<an Objective or a callable loss(model, batch)> for other batches")
+    return batch[1]
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits of a model output: the tensor itself, or its `.logits`."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise PrunekitError(f"the model returned a {type(output).__name__} without logits; pass loss='distill' "
+                        "(matches any output) or a callable loss(model, batch)")
+
+
+def output_tensor(output: Any) -> torch.Tensor:
+    """The tensor an output stands for: itself, its logits, or its last hidden state (an encoder's)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(output, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise PrunekitError(f"cannot find the output tensor of a {type(output).__name__}; pass a callable loss")
+
+
+def pooled(outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """One vector per example: sequence outputs averaged over their attended tokens, others flattened."""
+    if outputs.dim() == 3:
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        weights = torch.ones(outputs.shape[:2], device=outputs.device) if mask is None else mask.to(outputs.dtype)
+        return (outputs * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+    return outputs.flatten(1)
+
+
+def map_batch(batch: Batch, function: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+    """The batch with `function` applied to every tensor in it (in a tuple, list or mapping), the rest kept."""
+    if isinstance(batch, torch.Tensor):
+        return function(batch)
+    if isinstance(batch, Mapping):
+        return {key: map_batch(value, function) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(map_batch(item, function) for item in batch)
+    return batch
+
+
+def to_device(batch: Batch, device: torch.device | str) -> Batch:
+    """The batch with every tensor in it moved to `device`."""
+    return map_batch(batch, lambda tensor: tensor.to(device, non_blocking=True))
+
+
+def slice_batch(batch: Batch, start: int, stop: int, squeeze: bool = False) -> Batch:
+    """Examples start..stop of a batch (`squeeze`: the one example without its batch dimension)."""
+    return map_batch(batch, lambda tensor: tensor[start] if squeeze else tensor[start:stop])
+
+
+def concat_batches(parts: list[Batch]) -> Batch:
+    """Batches of one kind joined along the batch dimension."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, Mapping):
+        return {key: concat_batches([part[key] for part in parts]) for key in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(concat_batches([part[i] for part in parts]) for i in range(len(first)))
+    return first
 
 
 def batch_examples(batch: Batch) -> int:
@@ -102,10 +374,3 @@ def batch_examples(batch: Batch) -> int:
             return item.shape[0]
     raise PrunekitError(f"a batch of type {type(batch).__name__} holds no tensor with a batch dimension; "
                         "pass (inputs, targets) tuples or mappings of tensors")
-
-
-def _inputs_and_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise PrunekitError(f"cross-entropy takes (inputs, targets) batches, got a {type(batch).__name__}; "
-                            "pass loss=<an Objective or a callable loss(model, batch)> for other batches")
-    return batch[0], batch[1]

@@ -25,7 +25,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
 
@@ -276,6 +276,8 @@ class Trainer:
 def _training_objective(loss: Loss, config: TrainConfig) -> Objective:
     if loss is None:
         return CrossEntropy(config.label_smoothing)
+    if isinstance(loss, CrossEntropy) and config.label_smoothing:  # the objective a prune inferred or was named
+        return replace(loss, label_smoothing=config.label_smoothing)
     if config.label_smoothing:
         raise PrunekitError(f"label_smoothing={config.label_smoothing!r} applies to the default cross-entropy only, "
                             "but a loss was passed: set it to 0, or smooth in your loss "
@@ -302,29 +304,27 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], device: str | torch.devi
 
 
 class _Totals:
-    """Loss and correct counts kept on the device, so the hot loop never waits for it."""
+    """The loss and the objective's measures summed on the device, so the hot loop never waits for them."""
 
     def __init__(self, objective: Objective, device: torch.device) -> None:
         self.objective = objective
         self.loss_sum = torch.zeros((), device=device)
-        self.correct: torch.Tensor | None = None  # stays None for an objective without accuracy
+        self.sums: dict[str, torch.Tensor] = {}  # e.g. correct predictions, for accuracy
         self.examples = 0
 
     def add(self, mean_loss: torch.Tensor, outputs: Any, batch: Batch) -> None:
         count = batch_examples(batch)
         with torch.no_grad():
-            self.loss_sum += mean_loss * count
-            correct = self.objective.correct(outputs, batch)
-        if correct is not None:
-            self.correct = correct if self.correct is None else self.correct + correct
+            self.loss_sum += mean_loss.detach() * count
+            for name, value in self.objective.measures(outputs, batch).items():
+                self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.examples += count
 
     def summary(self) -> dict[str, float]:
         examples = max(1, self.examples)
-        summary = {"loss": self.loss_sum.item() / examples}
-        if self.correct is not None:
-            summary["accuracy"] = self.correct.item() / examples
-        return summary
+        means = {"loss": self.loss_sum.item() / examples}
+        means.update({name: value.item() / examples for name, value in self.sums.items()})
+        return self.objective.summary(means)
 
 
 def _prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:
@@ -342,7 +342,7 @@ class Evaluation(Callback):
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict) -> None:
         result = evaluate(trainer.model, self.loader, trainer.device, self.objective)
-        metrics.update(_prefixed("eval_", {name: result[name] for name in ("accuracy", "loss") if name in result}))
+        metrics.update(_prefixed("eval_", {name: value for name, value in result.items() if name != "examples"}))
 
 
 class ProgressBar(Callback):

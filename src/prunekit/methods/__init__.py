@@ -21,6 +21,7 @@ from ..budgets import Budget, Plan
 from ..cost import CostMeter
 from ..errors import PrunekitError
 from ..masks import MASKED
+from ..objectives import Objective
 from ..targets import Target
 from ..training import TrainConfig
 
@@ -42,10 +43,12 @@ class PruneContext:
     history: list[dict[str, Any]] = field(default_factory=list)
     observer: Callable[[nn.Module, dict[str, Any]], None] | None = None
     plan: Plan | None = None  # the budget's counts for these targets; made from the budget when not given
+    objective: Objective | None = None  # what the data-driven methods minimise (None: no data was given)
 
     def __post_init__(self) -> None:
         if self.plan is None:
-            self.plan = self.budget.plan({t.name: t.shape for t in self.targets}, self.sparsity)
+            self.plan = self.budget.plan({t.name: t.shape for t in self.targets}, self.sparsity,
+                                         {t.name: t.layout for t in self.targets})
 
     def select(self, scores: dict[str, torch.Tensor], sparsity: float | None = None) -> dict[str, torch.Tensor]:
         """Exact masks from scores under this prune's plan (at another sparsity for a stage)."""
@@ -77,6 +80,9 @@ class Method:
     needs_data: bool = False
     mask_mode: str = MASKED
     family: str = "one-shot"  # one of FAMILIES: how the method is meant to be used
+    # Checks of the settings against this prune (budget, memory, data's size) that read no data:
+    # prune() runs them before it reads the first batch, so a bad setting fails before any work.
+    check: Callable[[PruneContext, Any], None] | None = None
 
     @property
     def trains(self) -> bool:
@@ -95,7 +101,7 @@ def method_fields(method: Method) -> list[hparams_lib.FieldInfo]:
 
 
 def register(name: str, hparams: type, summary: str, needs_data: bool = False, mask_mode: str = MASKED,
-             family: str = "one-shot"):
+             family: str = "one-shot", check: Callable[[PruneContext, Any], None] | None = None):
     """Decorator adding a method function to the registry under `name`."""
     def decorate(run):
         if name in _REGISTRY:
@@ -103,7 +109,7 @@ def register(name: str, hparams: type, summary: str, needs_data: bool = False, m
         if family not in FAMILIES:
             raise RuntimeError(f"method {name!r}: family {family!r} is not one of {FAMILIES}")
         hparams_lib.describe(hparams)  # a setting named twice across groups fails here, at import
-        _REGISTRY[name] = Method(name, run, hparams, summary, needs_data, mask_mode, family)
+        _REGISTRY[name] = Method(name, run, hparams, summary, needs_data, mask_mode, family, check)
         return run
     return decorate
 

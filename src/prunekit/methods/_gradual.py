@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..budgets import Budget
 from ..errors import PrunekitError
 from ..hparams import group, integer, number, setting
 from ..masks import MASKED, attach_masks
@@ -56,11 +55,12 @@ class GradualHparams:
                                 f"(start={self.start}) and by the end of training; set end in [{self.start}, 1]")
 
 
-def check_gradual_budget(budget: Budget, method: str) -> None:
+def check_gradual_budget(ctx: PruneContext, hp: GradualHparams) -> None:
     """A sparsity that rises over training needs a budget whose sparsity can vary."""
+    budget = ctx.budget
     if budget.fixed_sparsity is not None:
-        raise PrunekitError(f"{method} raises the sparsity gradually, but {budget.n}:{budget.m} sparsity is fixed "
-                            f"at {budget.fixed_sparsity:g}; use structure unstructured or filters, or prune N:M "
+        raise PrunekitError(f"gradual pruning raises the sparsity over training, but {budget.n}:{budget.m} sparsity "
+                            f"is fixed at {budget.fixed_sparsity:g}; use structure unstructured or filters, or prune N:M "
                             "one-shot with method magnitude")
 
 

@@ -36,8 +36,8 @@ def train(ctx: PruneContext, config: TrainConfig, callbacks: Iterable[Callback] 
     do not replay each other's shuffles.
     """
     data = ctx.data if first_epoch == 0 else _FromEpoch(ctx.data, first_epoch)
-    return Trainer(ctx.model, data, config, seed=ctx.seed + segment, callbacks=callbacks, device=ctx.device,
-                   progress=False, params=params).fit()
+    return Trainer(ctx.model, data, config, seed=ctx.seed + segment, loss=ctx.objective, callbacks=callbacks,
+                   device=ctx.device, progress=False, params=params).fit()
 
 
 def train_under_masks(ctx: PruneContext, masks: Mapping[str, torch.Tensor], config: TrainConfig,

@@ -37,13 +37,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import PrunekitError
 from ..hparams import Check, group, integer, number, one_of, setting
+from ..objectives import to_device
 from ..training import LR_SCHEDULES, Callback, TrainConfig, Trainer, lr_multiplier
 from . import PruneContext, register
 from ._scores import RecordEpochs, Scores, finetune, grad_at_masked_weight, straight_through
@@ -75,10 +74,20 @@ class BipHparams:
                                    "none)", integer(0))
 
 
+def _require_two_batches(ctx: PruneContext, hp: BipHparams) -> None:
+    try:
+        batches = len(ctx.data)
+    except TypeError:
+        raise PrunekitError("bip needs data with len() (batches per epoch) for its LR schedules; pass a "
+                            "prunekit Loader or a list of (inputs, targets) batches") from None
+    if batches < 2:
+        raise PrunekitError(f"bip takes two different mini-batches per iteration but the data has {batches} "
+                            "batch per epoch; use a smaller batch size or more examples")
+
+
 @register("bip", BipHparams, "bi-level optimization of a top-k mask and the weights (Zhang et al. 2022)",
-          needs_data=True, family="training")
+          needs_data=True, family="training", check=_require_two_batches)
 def bip(ctx: PruneContext, hp: BipHparams) -> dict[str, torch.Tensor]:
-    _require_two_batches(ctx.data)
     scores = search(ctx, hp)
     finetune(ctx, scores.masks, hp.training, hp.finetune_epochs)
     return scores.masks
@@ -137,10 +146,9 @@ class BilevelStep(Callback):
 
     def _upper_level(self, trainer: Trainer) -> None:
         """One SGD step on the scores at θ_{t+1}, on a batch independent of the lower level's."""
-        inputs, labels = (tensor.to(trainer.device) for tensor in next(self.upper_batches))
+        batch = to_device(next(self.upper_batches), trainer.device)
         self.ctx.model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.ctx.model(inputs), labels, label_smoothing=self.hp.training.label_smoothing)
-        loss.backward()
+        trainer.objective.loss(self.ctx.model, batch)[0].backward()  # the lower level's objective
         for target in self.ctx.targets:
             score = self.scores.tensors[target.name]
             score.grad = upper_gradient(score, target.dense.detach(), self.scores.masks[target.name],
@@ -176,13 +184,3 @@ def _upper_level_pass(data: Iterable, pass_number: int) -> Iterator:
     yield from batches
     yield first
 
-
-def _require_two_batches(data: Any) -> None:
-    try:
-        batches = len(data)
-    except TypeError:
-        raise PrunekitError("bip needs data with len() (batches per epoch) for its LR schedules; pass a "
-                            "prunekit Loader or a list of (inputs, targets) batches") from None
-    if batches < 2:
-        raise PrunekitError(f"bip takes two different mini-batches per iteration but the data has {batches} "
-                            "batch per epoch; use a smaller batch size or more examples")

@@ -46,6 +46,7 @@ from ..fisher import (
 )
 from ..hparams import group, integer, number, one_of, setting
 from ..masks import MASKED, attach_masks, mask_of
+from ..objectives import to_device
 from ..schedules import STAGE_SCHEDULES, stage_sparsities
 from ..training import TrainConfig
 from . import PruneContext, register
@@ -62,7 +63,7 @@ from ._chita_solvers import (
     refit_pursuit,
 )
 from ._stages import Stages
-from ._training import train_under_masks
+from ._training import require_training_data, train_under_masks
 
 SOLVERS = ("iht", "backsolve", "block")
 
@@ -129,30 +130,50 @@ class ChitaGradualHparams(ChitaHparams):
 
 # ---------------------------------------------------------------- methods
 
+def _check_chita(ctx: PruneContext, hp: ChitaHparams) -> None:
+    check_before_work(ctx, hp, ctx.sparsity)
+
+
 @register("chita", ChitaHparams, "CHITA (Benbaki et al. 2023): ℓ0-constrained least squares on the empirical Fisher; "
-          "weights re-solved, not just masked", needs_data=True)
+          "weights re-solved, not just masked", needs_data=True, check=_check_chita)
 def chita(ctx: PruneContext, hp: ChitaHparams) -> dict[str, torch.Tensor]:
     return solve_stages(ctx, hp, [ctx.sparsity])
 
 
-@register("chita++", ChitaPlusPlusHparams, "CHITA++: CHITA at rising sparsities, the Fisher recomputed at each stage",
-          needs_data=True)
-def chita_plus_plus(ctx: PruneContext, hp: ChitaPlusPlusHparams) -> dict[str, torch.Tensor]:
+def _plus_plus_stages(ctx: PruneContext, hp: ChitaPlusPlusHparams) -> list[float]:
     if hp.base > ctx.sparsity:
         raise PrunekitError(f"chita++ --base {hp.base} is above the target sparsity {ctx.sparsity}; lower --base")
-    return solve_stages(ctx, hp, stage_sparsities(ctx.sparsity, hp.stages, hp.schedule, hp.base))
+    return stage_sparsities(ctx.sparsity, hp.stages, hp.schedule, hp.base)
 
 
-@register("chita-gradual", ChitaGradualHparams, "CHITA prune events on a cubic schedule with SGD fine-tuning, "
-          "momentum reset and cosine LR restarts in between", needs_data=True, family="training")
-def chita_gradual(ctx: PruneContext, hp: ChitaGradualHparams) -> dict[str, torch.Tensor]:
+def _check_plus_plus(ctx: PruneContext, hp: ChitaPlusPlusHparams) -> None:
+    check_before_work(ctx, hp, min(_plus_plus_stages(ctx, hp)))
+
+
+@register("chita++", ChitaPlusPlusHparams, "CHITA++: CHITA at rising sparsities, the Fisher recomputed at each stage",
+          needs_data=True, check=_check_plus_plus)
+def chita_plus_plus(ctx: PruneContext, hp: ChitaPlusPlusHparams) -> dict[str, torch.Tensor]:
+    return solve_stages(ctx, hp, _plus_plus_stages(ctx, hp))
+
+
+def _events(ctx: PruneContext, hp: ChitaGradualHparams) -> list[float]:
     if hp.outer_base > ctx.sparsity:
         raise PrunekitError(f"chita-gradual --outer-base {hp.outer_base} is above the target sparsity "
                             f"{ctx.sparsity}; lower --outer-base")
-    event_sparsities = stage_sparsities(ctx.sparsity, hp.events, "cubic", hp.outer_base)
-    check_before_work(ctx, hp, min(event_sparsities))
+    return stage_sparsities(ctx.sparsity, hp.events, "cubic", hp.outer_base)
+
+
+def _check_gradual(ctx: PruneContext, hp: ChitaGradualHparams) -> None:
+    require_training_data(ctx)
+    check_before_work(ctx, hp, min(_events(ctx, hp)))
+
+
+@register("chita-gradual", ChitaGradualHparams, "CHITA prune events on a cubic schedule with SGD fine-tuning, "
+          "momentum reset and cosine LR restarts in between", needs_data=True, family="training",
+          check=_check_gradual)
+def chita_gradual(ctx: PruneContext, hp: ChitaGradualHparams) -> dict[str, torch.Tensor]:
     previous, epoch = 0.0, 0
-    for event, sparsity in enumerate(event_sparsities):
+    for event, sparsity in enumerate(_events(ctx, hp)):
         inner = stage_sparsities(sparsity, hp.inner_stages, "exponential", base=previous)
         masks = solve_stages(ctx, hp, inner)
         epochs = hp.training.epochs - epoch if event == hp.events - 1 else hp.prune_every
@@ -160,8 +181,8 @@ def chita_gradual(ctx: PruneContext, hp: ChitaGradualHparams) -> dict[str, torch
         history = train_under_masks(ctx, masks, replace(hp.training, epochs=epochs), segment=event,
                                     first_epoch=epoch)
         epoch += epochs
-        ctx.record(event=event, sparsity=sparsity, epochs=epoch, train_accuracy=history[-1]["train_accuracy"],
-                   train_loss=history[-1]["train_loss"])
+        ctx.record(event=event, sparsity=sparsity, epochs=epoch,
+                   **{name: value for name, value in history[-1].items() if name.startswith("train_")})
         previous = sparsity
     return masks
 
@@ -170,21 +191,20 @@ def chita_gradual(ctx: PruneContext, hp: ChitaGradualHparams) -> dict[str, torch
 
 def solve_stages(ctx: PruneContext, hp: ChitaHparams, sparsities: list[float]) -> dict[str, torch.Tensor]:
     """CHITA at each sparsity in turn, each around the weights the previous one left (G recomputed)."""
-    check_before_work(ctx, hp, min(sparsities))
     layout = WeightLayout.of(ctx.targets)
     stages = Stages(ctx, monotone=False)  # a later stage may bring back what an earlier one pruned
     for stage, sparsity in enumerate(sparsities):
         # Each stage takes the next examples the data gives (a shuffling loader gives new ones each pass).
-        inputs, labels = fisher_examples(ctx.data, hp.fisher_samples * hp.fisher_batch)
-        inputs, labels = inputs.to(ctx.device), labels.to(ctx.device)
-        g = gradient_matrix(ctx.model, ctx.targets, inputs, labels, batch=hp.fisher_batch, chunk=hp.fisher_chunk,
-                            dtype=PRECISIONS[hp.precision], meter=ctx.meter)
+        examples = to_device(fisher_examples(ctx.data, hp.fisher_samples * hp.fisher_batch), ctx.device)
+        g = gradient_matrix(ctx.model, ctx.targets, examples, ctx.objective, batch=hp.fisher_batch,
+                            chunk=hp.fisher_chunk, dtype=PRECISIONS[hp.precision], meter=ctx.meter)
         anchor = layout.flatten({t.name: t.weight for t in ctx.targets}).to(g.rows.dtype)
         solution, trace, swapped = solve(ctx, hp, g, anchor, sparsity)
         # The solver's support already holds the plan's counts: it is the stage's mask as it is.
         masks = stages.accept(layout.unflatten(solution.support))
         _install(ctx, layout, solution.w, masks)
-        stages.record(stage=stage, scheduled=sparsity, solver=hp.solver, objective=trace, swapped=swapped)
+        stages.record(stage=stage, scheduled=sparsity, solver=hp.solver, objective=trace, swapped=swapped,
+                      gradients=g.route)
     return stages.masks
 
 

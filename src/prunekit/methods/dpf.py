@@ -44,9 +44,9 @@ class DPFHparams(GradualHparams):
 
 
 @register("dpf", DPFHparams, "dynamic pruning with feedback: gradual magnitude masks, gradient at the pruned "
-          "model applied to the dense weights (Lin et al. 2020)", needs_data=True, family="training")
+          "model applied to the dense weights (Lin et al. 2020)", needs_data=True, family="training",
+          check=check_gradual_budget)
 def dpf(ctx: PruneContext, hp: DPFHparams) -> dict[str, torch.Tensor]:
-    check_gradual_budget(ctx.budget, "dpf")
     # Straight-through: the forward pass uses m ⊙ w and the gradient taken there reaches every w; the
     # ranking includes the pruned (not monotone), so a pruned weight that grows comes back.
     return train_with_gradual_masks(ctx, hp, mode=STRAIGHT_THROUGH, score=dense_square_magnitude(ctx.targets),

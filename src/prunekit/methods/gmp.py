@@ -39,9 +39,9 @@ class GMPHparams(GradualHparams):
 
 
 @register("gmp", GMPHparams, "gradual magnitude pruning: DPF's schedule without feedback, pruned weights "
-          "stay zero (Zhu & Gupta 2017); any scoring method's score with --score", needs_data=True, family="training")
+          "stay zero (Zhu & Gupta 2017); any scoring method's score with --score", needs_data=True, family="training",
+          check=check_gradual_budget)
 def gmp(ctx: PruneContext, hp: GMPHparams) -> dict[str, torch.Tensor]:
-    check_gradual_budget(ctx.budget, "gmp")
     # Masked gradients: a pruned weight is zero, gets no gradient, and its momentum is cleared. The
     # ranking is monotone (the pruned rank last), so once the target is reached the mask stops changing.
     return train_with_gradual_masks(ctx, hp, mode=MASKED, score=CRITERIA[hp.score](ctx), monotone=True,

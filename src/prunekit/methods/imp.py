@@ -93,24 +93,27 @@ class OmpHparams(RetrainHparams):
     """
 
 
-@register("imp", ImpHparams, "iterative magnitude pruning: prune 20% of the survivors, rewind, retrain; "
-          "every round recorded with its cost", needs_data=True, family="training")
-def imp(ctx: PruneContext, hp: ImpHparams) -> dict[str, Tensor]:
+def _check_rounds(ctx: PruneContext, hp: ImpHparams) -> None:
     if ctx.budget.fixed_sparsity is not None:
         raise PrunekitError("imp raises the sparsity round by round, but N:M sparsity is fixed; "
                             "use omp (one round) for N:M")
+    require_training_data(ctx)
+
+
+@register("imp", ImpHparams, "iterative magnitude pruning: prune 20% of the survivors, rewind, retrain; "
+          "every round recorded with its cost", needs_data=True, family="training", check=_check_rounds)
+def imp(ctx: PruneContext, hp: ImpHparams) -> dict[str, Tensor]:
     return prune_and_retrain(ctx, hp, imp_rounds(ctx.sparsity, hp.rate))
 
 
 @register("omp", OmpHparams, "one-shot global magnitude on the trained model, then one retraining "
-          "(rewind or fine-tune)", needs_data=True, family="training")
+          "(rewind or fine-tune)", needs_data=True, family="training", check=lambda ctx, hp: require_training_data(ctx))
 def omp(ctx: PruneContext, hp: OmpHparams) -> dict[str, Tensor]:
     return prune_and_retrain(ctx, hp, [ctx.sparsity])
 
 
 def prune_and_retrain(ctx: PruneContext, hp: RetrainHparams, sparsities: list[float]) -> dict[str, Tensor]:
     """One round per sparsity: magnitude within the survivors, rewind, retrain under the mask, record."""
-    require_training_data(ctx)
     rewind_point = _rewind_point(ctx, hp)
 
     def rewind_and_retrain(masks: dict[str, Tensor]) -> None:

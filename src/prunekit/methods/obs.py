@@ -30,6 +30,7 @@ from ..fisher import (
 )
 from ..hparams import group, integer, number, setting
 from ..schedules import stage_sparsities
+from ..objectives import to_device
 from . import PruneContext, register
 from ._stages import Criterion, StageSettings, Stages, run_stages
 
@@ -74,11 +75,10 @@ def block_inverse(rows: torch.Tensor, dampening: float) -> torch.Tensor:
 
 @register("woodfisher", WoodFisherHparams, "WoodFisher (Singh & Alistarh 2020): OBS with a block-diagonal "
           "empirical-Fisher inverse built by Woodbury updates; weights updated, several recompute steps",
-          needs_data=True)
+          needs_data=True, check=lambda ctx, hp: _check_woodfisher_memory(hp, WeightLayout.of(ctx.targets)))
 def woodfisher(ctx: PruneContext, hp: WoodFisherHparams) -> dict[str, torch.Tensor]:
     layout = WeightLayout.of(ctx.targets)
     blocks = block_slices(layout, hp.block_size)
-    _check_woodfisher_memory(hp, layout, blocks)
     stages = Stages(ctx)
     for step, sparsity in enumerate(stage_sparsities(ctx.sparsity, hp.steps, "linear", ctx.sparsity / hp.steps)):
         kept = layout.flatten(stages.masks)
@@ -95,16 +95,18 @@ def woodfisher(ctx: PruneContext, hp: WoodFisherHparams) -> dict[str, torch.Tens
             weights_out = torch.where(removed[columns], w[columns] / inverse_diagonal[columns], 0.0)
             w[columns] -= inverse @ weights_out
         layout.write(ctx.targets, w * now_kept)
-        stages.record(step=step, scheduled=sparsity)
+        stages.record(step=step, scheduled=sparsity, gradients=g.route)
     return stages.masks
 
 
-@register("obd", ObdHparams, "OBD (LeCun et al. 1990) with the diagonal empirical Fisher: remove the smallest "
-          "½·F_qq·w_q²; the other weights are not updated", needs_data=True)
-def obd(ctx: PruneContext, hp: ObdHparams) -> dict[str, torch.Tensor]:
-    layout = WeightLayout.of(ctx.targets)
-    require_memory("obd", {"gradient calls": gradient_call_bytes(hp, layout.p)}, hp, "--fisher-chunk")
+def _check_obd_memory(ctx: PruneContext, hp: ObdHparams) -> None:
+    require_memory("obd", {"gradient calls": gradient_call_bytes(hp, WeightLayout.of(ctx.targets).p)}, hp,
+                   "--fisher-chunk")
 
+
+@register("obd", ObdHparams, "OBD (LeCun et al. 1990) with the diagonal empirical Fisher: remove the smallest "
+          "½·F_qq·w_q²; the other weights are not updated", needs_data=True, check=_check_obd_memory)
+def obd(ctx: PruneContext, hp: ObdHparams) -> dict[str, torch.Tensor]:
     return run_stages(ctx, hp.staging.sparsities(ctx.sparsity), obd_criterion(ctx, hp))
 
 
@@ -115,9 +117,9 @@ def obd_criterion(ctx: PruneContext, hp: FisherHparams) -> Criterion:
     drawn = [fisher_examples(ctx.data, count)]  # drawn now, so that too little data fails before any work
 
     def saliency(masks) -> dict[str, torch.Tensor]:
-        inputs, labels = drawn.pop() if drawn else fisher_examples(ctx.data, count)
-        fisher = diagonal_fisher(ctx.model, ctx.targets, inputs.to(ctx.device), labels.to(ctx.device),
-                                 batch=hp.fisher_batch, chunk=hp.fisher_chunk, meter=ctx.meter)
+        examples = to_device(drawn.pop() if drawn else fisher_examples(ctx.data, count), ctx.device)
+        fisher = diagonal_fisher(ctx.model, ctx.targets, examples, ctx.objective, batch=hp.fisher_batch,
+                                 chunk=hp.fisher_chunk, meter=ctx.meter)
         w = layout.flatten({t.name: t.weight for t in ctx.targets}).to(torch.float64)
         return layout.unflatten(0.5 * fisher * w.square())
 
@@ -126,12 +128,13 @@ def obd_criterion(ctx: PruneContext, hp: FisherHparams) -> Criterion:
 
 def _fisher_rows(ctx: PruneContext, hp: FisherHparams):
     """G at the current weights on the next n examples of the data."""
-    inputs, labels = fisher_examples(ctx.data, hp.fisher_samples * hp.fisher_batch)
-    return gradient_matrix(ctx.model, ctx.targets, inputs.to(ctx.device), labels.to(ctx.device),
-                           batch=hp.fisher_batch, chunk=hp.fisher_chunk, meter=ctx.meter)
+    examples = to_device(fisher_examples(ctx.data, hp.fisher_samples * hp.fisher_batch), ctx.device)
+    return gradient_matrix(ctx.model, ctx.targets, examples, ctx.objective, batch=hp.fisher_batch,
+                           chunk=hp.fisher_chunk, meter=ctx.meter)
 
 
-def _check_woodfisher_memory(hp: WoodFisherHparams, layout: WeightLayout, blocks: list[slice]) -> None:
+def _check_woodfisher_memory(hp: WoodFisherHparams, layout: WeightLayout) -> None:
+    blocks = block_slices(layout, hp.block_size)
     n = hp.fisher_samples
     widest = max(b.stop - b.start for b in blocks)
     parts = {"G": matrix_bytes(n, layout.p), "gradient calls": gradient_call_bytes(hp, layout.p),

@@ -24,22 +24,21 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import PrunekitError
 from ..hparams import group, integer, number, setting
 from ..modes import model_mode
+from ..objectives import Batch, CrossEntropy, Objective, to_device, without_labels
 from ..training import TrainConfig
 from . import PruneContext, register
 from ._stages import Criterion, StageSettings, run_stages
 from ._training import require_training_data, train_under_masks
 
-Batch = tuple[Tensor, Tensor]
 
 
 @dataclass
@@ -75,24 +74,27 @@ class SynflowHparams(PruneThenTrainHparams):
                               "1 - (1 - sparsity)^(k/iterations)", integer(1))
 
 
+def _check_can_train(ctx: PruneContext, hp: PruneThenTrainHparams) -> None:
+    if hp.training.epochs > 0:
+        require_training_data(ctx)
+
+
 @register("snip", SnipHparams, "SNIP at initialisation: keep the largest |w * grad| on a mini-batch, then train",
-          needs_data=True, family="at-init")
+          needs_data=True, family="at-init", check=_check_can_train)
 def snip(ctx: PruneContext, hp: SnipHparams) -> dict[str, Tensor]:
-    _check_can_train(ctx, hp)
     return _then_train(ctx, run_stages(ctx, hp.staging.sparsities(ctx.sparsity), snip_criterion(ctx, hp)), hp)
 
 
 @register("grasp", GraspHparams, "GraSP at initialisation: remove the largest -w * Hg (gradient flow kept), "
-          "then train", needs_data=True, family="at-init")
+          "then train", needs_data=True, family="at-init", check=_check_can_train)
 def grasp(ctx: PruneContext, hp: GraspHparams) -> dict[str, Tensor]:
-    _check_can_train(ctx, hp)
     return _then_train(ctx, run_stages(ctx, hp.staging.sparsities(ctx.sparsity), grasp_criterion(ctx, hp)), hp)
 
 
 @register("synflow", SynflowHparams, "SynFlow at initialisation, data-free: iteratively keep the largest "
-          "|w * dR/dw| of the all-ones flow, then train (data only for training)", family="at-init")
+          "|w * dR/dw| of the all-ones flow, then train (data only for training)", family="at-init",
+          check=_check_can_train)
 def synflow(ctx: PruneContext, hp: SynflowHparams) -> dict[str, Tensor]:
-    _check_can_train(ctx, hp)
     schedule = StageSettings(hp.iterations, "geometric").sparsities(ctx.sparsity)
     return _then_train(ctx, run_stages(ctx, schedule, synflow_criterion(ctx)), hp)
 
@@ -102,7 +104,7 @@ def synflow(ctx: PruneContext, hp: SynflowHparams) -> dict[str, Tensor]:
 def snip_criterion(ctx: PruneContext, hp: SnipHparams) -> Criterion:
     """|θ ⊙ ∇_θ L| on the data's first `batches` mini-batches, at the network each call finds."""
     batches = _first_batches(ctx, hp.batches)
-    return lambda masks: snip_scores(ctx.model, ctx.targets, batches)
+    return lambda masks: snip_scores(ctx.model, ctx.targets, batches, ctx.objective)
 
 
 def grasp_criterion(ctx: PruneContext, hp: GraspHparams) -> Criterion:
@@ -110,7 +112,7 @@ def grasp_criterion(ctx: PruneContext, hp: GraspHparams) -> Criterion:
     batches = _first_batches(ctx, hp.batches)
 
     def score(masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        scores = grasp_scores(ctx.model, ctx.targets, batches, hp.temperature)
+        scores = grasp_scores(ctx.model, ctx.targets, batches, ctx.objective, hp.temperature)
         highest = max(float(score.max()) for score in scores.values())
         return {name: highest - score for name, score in scores.items()}
 
@@ -125,23 +127,30 @@ def synflow_criterion(ctx: PruneContext) -> Criterion:
 
 # ---------------------------------------------------------------- scores
 
-def snip_scores(model: nn.Module, targets: Sequence[Target], batches: Sequence[Batch]) -> dict[str, Tensor]:
-    """S = |θ ⊙ ∇_θ L|, L the mean cross-entropy over `batches`."""
+def snip_scores(model: nn.Module, targets: Sequence[Target], batches: Sequence[Batch],
+                objective: Objective | None = None) -> dict[str, Tensor]:
+    """S = |θ ⊙ ∇_θ L|, L the objective's mean loss over `batches` (cross-entropy by default)."""
     weights = [t.dense for t in targets]
     with model_mode(model, training=True):
-        grads = _mean_gradient(model, weights, batches, temperature=1.0)
+        grads = _mean_gradient(model, weights, batches, objective or CrossEntropy())
     return {t.name: (w.detach() * g).abs() for t, w, g in zip(targets, weights, grads)}
 
 
 def grasp_scores(model: nn.Module, targets: Sequence[Target], batches: Sequence[Batch],
-                 temperature: float = 200.0) -> dict[str, Tensor]:
-    """S = −θ ⊙ H g with g = ∇_θ L (fixed) and H g = ∇_θ(gᵀ ∇_θ L); GraSP removes the highest S."""
+                 objective: Objective | None = None, temperature: float = 200.0) -> dict[str, Tensor]:
+    """S = −θ ⊙ H g with g = ∇_θ L (fixed) and H g = ∇_θ(gᵀ ∇_θ L); GraSP removes the highest S.
+
+    Under cross-entropy the logits are divided by `temperature` (the authors' T); other objectives as they are.
+    """
+    objective = objective or CrossEntropy()
+    if isinstance(objective, CrossEntropy):
+        objective = replace(objective, temperature=temperature)
     weights = [t.dense for t in targets]
     with model_mode(model, training=True):
-        g = _mean_gradient(model, weights, batches, temperature)
+        g = _mean_gradient(model, weights, batches, objective)
         hessian_g = [torch.zeros_like(w) for w in weights]
         for batch in batches:
-            grad = torch.autograd.grad(_loss(model, batch, temperature), weights, create_graph=True)
+            grad = torch.autograd.grad(objective.loss(model, batch)[0], weights, create_graph=True)
             g_dot_grad = sum((gi * gr).sum() for gi, gr in zip(g, grad))
             for total, part in zip(hessian_g, torch.autograd.grad(g_dot_grad, weights)):
                 total += part
@@ -167,16 +176,11 @@ def synflow_scores(model: nn.Module, targets: Sequence[Target], input_shape: Seq
     return {t.name: (w.detach() * g).abs() for t, w, g in zip(targets, weights, grads)}
 
 
-def _loss(model: nn.Module, batch: Batch, temperature: float) -> Tensor:
-    inputs, labels = batch
-    return F.cross_entropy(model(inputs) / temperature, labels)
-
-
 def _mean_gradient(model: nn.Module, weights: list[Tensor], batches: Sequence[Batch],
-                   temperature: float) -> list[Tensor]:
+                   objective: Objective) -> list[Tensor]:
     totals = [torch.zeros_like(w) for w in weights]
     for batch in batches:
-        for total, grad in zip(totals, torch.autograd.grad(_loss(model, batch, temperature), weights)):
+        for total, grad in zip(totals, torch.autograd.grad(objective.loss(model, batch)[0], weights)):
             total += grad
     return [total / len(batches) for total in totals]
 
@@ -189,13 +193,8 @@ def _linearised_state(model: nn.Module) -> dict[str, Tensor]:
 
 # ---------------------------------------------------------------- helpers
 
-def _check_can_train(ctx: PruneContext, hp: PruneThenTrainHparams) -> None:
-    if hp.training.epochs > 0:
-        require_training_data(ctx)
-
-
 def _first_batches(ctx: PruneContext, count: int) -> list[Batch]:
-    batches = [(x.to(ctx.device), y.to(ctx.device)) for x, y in itertools.islice(ctx.data, count)]
+    batches = [to_device(batch, ctx.device) for batch in itertools.islice(ctx.data, count)]
     if len(batches) < count:
         raise PrunekitError(f"the scores need {count} batches but the data gave {len(batches)}; "
                             "lower batches or pass more data")
@@ -208,8 +207,11 @@ def _input_shape(ctx: PruneContext) -> tuple[int, ...]:
     if shape is not None:
         return tuple(shape)
     if ctx.data is not None:
-        for inputs, _ in ctx.data:
-            return tuple(inputs.shape[1:])
+        for batch in ctx.data:
+            inputs = without_labels(batch)
+            if isinstance(inputs, Tensor):
+                return tuple(inputs.shape[1:])
+            break
     raise PrunekitError("synflow feeds an all-ones input and needs its shape: give the model an input_shape "
                         "attribute, e.g. (1, 28, 28), or pass data (only its shape is used)")
 
