@@ -108,14 +108,40 @@ class Mask(nn.Module):
         return weight * self.mask
 
 
+class BatchMetrics(Callback):
+    """Each training step's loss and the accuracy of the logits it was computed from (no dropout: same logits)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.correct: list[int] = []
+
+    def on_step_begin(self, trainer, batch):
+        inputs, targets = batch
+        with torch.no_grad():
+            self.correct.append(int((trainer.model(inputs).argmax(1) == targets).sum()))
+
+    def on_step_end(self, trainer, loss):
+        self.losses.append(loss.item())
+
+
 def test_loss_goes_down_and_metrics_are_reported():
-    loader = toy_loader()
-    history = Trainer(mlp(), loader, config(epochs=4), eval_loader=toy_loader(), progress=False).fit()
+    loader, model, batches = toy_loader(), mlp(), BatchMetrics()
+    trainer = Trainer(model, loader, config(epochs=4), eval_loader=toy_loader(), callbacks=[batches], progress=False)
+    history = trainer.fit()
     assert [m["epoch"] for m in history] == [1, 2, 3, 4]
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
     assert history[-1]["eval_accuracy"] > 0.9
     for key in ("train_loss", "train_accuracy", "lr", "seconds", "eval_accuracy", "eval_loss"):
         assert isinstance(history[-1][key], float)
+    steps = len(loader)  # every batch holds 16 examples, so the epoch's means are plain means over its steps
+    for epoch, metrics in enumerate(history):
+        assert metrics["train_loss"] == pytest.approx(sum(batches.losses[epoch * steps:(epoch + 1) * steps]) / steps)
+        assert metrics["train_accuracy"] == pytest.approx(sum(batches.correct[epoch * steps:(epoch + 1) * steps])
+                                                          / len(loader.targets))
+        assert metrics["seconds"] > 0
+    final = evaluate(model, toy_loader())
+    assert (history[-1]["eval_accuracy"], history[-1]["eval_loss"]) == (final["accuracy"], pytest.approx(final["loss"]))
+    assert history[-1]["lr"] == trainer.optimizer.param_groups[0]["lr"] < 1e-3 * 0.05  # cosine: near zero at the end
 
 
 @pytest.mark.parametrize("training", [True, False])
