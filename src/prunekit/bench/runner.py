@@ -152,8 +152,8 @@ def check_device(suite: Suite, device: str) -> None:
     workflow.require_device(device)
     if suite.device == "cuda" and device != "cuda" and not suite.quick:
         raise PrunekitError(
-            f"suite {suite.path}, line {suite.lines.get('device', 1)}: {suite.name} is a full budget meant for a GPU "
-            "(`device: cuda`: a paper's full recipe, days on a CPU); run it on a machine with CUDA: `prunekit bench "
+            f"suite {suite.path}, line {suite.lines.get('device', 1)}: {suite.stored_name} is a full budget meant for a "
+            "GPU (`device: cuda`: a paper's full recipe, days on a CPU); run it on a machine with CUDA: `prunekit bench "
             f"--suite {suite.argument} --device cuda`, or add --quick for a short smoke run on the CPU")
 
 
