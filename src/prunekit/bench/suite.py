@@ -116,12 +116,20 @@ class MethodEntry:
     @property
     def method_hparams(self) -> dict[str, Any]:
         """What goes to prune() as keyword arguments: the fields prune() does not set itself."""
-        return {key: value for key, value in self.hparams.items() if key not in PRUNE_ARGUMENTS}
+        return _for_prune(self.hparams)
 
     @property
     def candidates(self) -> list[dict[str, Any]]:
         """The searched values of each candidate: every combination of `search` (one empty candidate without it)."""
-        return [dict(zip(self.search, values)) for values in itertools.product(*self.search.values())]
+        return _combinations(self.search)
+
+
+def _for_prune(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in hparams.items() if key not in PRUNE_ARGUMENTS}
+
+
+def _combinations(grid: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
 @dataclass(frozen=True)
@@ -591,13 +599,12 @@ class _Checker:
             if not isinstance(values, _LineList) or not values:
                 raise self.fail(grid, key, f"`search: {{{key}: ...}}` takes a non-empty list of the values to try, "
                                            f"e.g. [{hparams[key]!r}], got {values!r}")
-        entry = MethodEntry("", method.name, hparams, Budget(), (), search={k: tuple(v) for k, v in grid.items()})
-        for candidate in entry.candidates:
+        for candidate in _combinations(grid):
             try:
-                hparams_lib.build(method.hparams, {**entry.method_hparams, **candidate}, f"method {method.name!r}")
+                hparams_lib.build(method.hparams, {**_for_prune(hparams), **candidate}, f"method {method.name!r}")
             except PrunekitError as exc:
                 raise self.fail(item, "search", f"the candidate {candidate} is invalid: {exc}") from None
-        return entry.search
+        return {key: tuple(values) for key, values in grid.items()}
 
     def all_entries(self, item: _LineDict, registered: dict[str, Method], explicit: set,
                     sparsities: tuple[float, ...], training: _LineDict | None) -> list[MethodEntry]:
