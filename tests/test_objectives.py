@@ -8,7 +8,16 @@ from torch import nn
 
 import prunekit
 from prunekit.errors import PrunekitError
-from prunekit.objectives import CausalLM, CrossEntropy, LossFunction, Objective, as_objective, batch_examples, to_device
+from prunekit.objectives import (
+    CausalLM,
+    CrossEntropy,
+    LossFunction,
+    Objective,
+    as_objective,
+    batch_examples,
+    concat_batches,
+    to_device,
+)
 from prunekit.training import TrainConfig, Trainer, evaluate
 
 from test_training import FEATURES, blobs, config, mlp, toy_loader
@@ -206,3 +215,14 @@ def test_bad_objectives_fail_in_one_line_before_any_work(data, loss, message):
         prunekit.prune(model, "snip", 0.5, data, loss=loss)
     assert "\n" not in str(error.value)
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+
+
+def test_token_batches_of_different_lengths_join_padded_with_what_the_losses_ignore():
+    short = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long),
+             "labels": torch.ones(2, 3, dtype=torch.long)}
+    long = {key: torch.full((1, 5), 2) for key in short}
+    joined = concat_batches([short, long])
+    assert joined["input_ids"].tolist() == [[1, 1, 1, 0, 0]] * 2 + [[2] * 5]
+    assert joined["attention_mask"][:2, 3:].eq(0).all() and joined["labels"][:2, 3:].eq(-100).all()
+    images = concat_batches([(torch.zeros(2, 3, 4, 4), torch.zeros(2)), (torch.ones(1, 3, 4, 4), torch.ones(1))])
+    assert images[0].shape == (3, 3, 4, 4) and images[1].tolist() == [0, 0, 1]

@@ -354,13 +354,19 @@ def slice_batch(batch: Batch, start: int, stop: int, squeeze: bool = False) -> B
     return map_batch(batch, lambda tensor: tensor[start] if squeeze else tensor[start:stop])
 
 
-def concat_batches(parts: list[Batch]) -> Batch:
-    """Batches of one kind joined along the batch dimension."""
+def concat_batches(parts: list[Batch], key: str | None = None) -> Batch:
+    """Batches of one kind joined along the batch dimension; sequences padded to the longest (token batches
+    are padded per batch): with 0 (ids, attention masks), labels with -100 (ignored by the losses)."""
     first = parts[0]
     if isinstance(first, torch.Tensor):
+        if first.dim() > 1 and len({part.shape[1] for part in parts}) > 1:
+            length = max(part.shape[1] for part in parts)
+            fill = -100 if key == LABELS else 0
+            parts = [F.pad(part, (0, 0) * (part.dim() - 2) + (0, length - part.shape[1]), value=fill)
+                     for part in parts]
         return torch.cat(parts)
     if isinstance(first, Mapping):
-        return {key: concat_batches([part[key] for part in parts]) for key in first}
+        return {name: concat_batches([part[name] for part in parts], name) for name in first}
     if isinstance(first, (tuple, list)):
         return type(first)(concat_batches([part[i] for part in parts]) for i in range(len(first)))
     return first
