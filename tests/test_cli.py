@@ -158,16 +158,10 @@ def test_method_hyperparameters_reach_the_method(capsys, tmp_path, dense_weights
     assert metadata["method"] == "synflow" and metadata["hparams"]["iterations"] == 3
 
 
-LAYER_SPARSITY_UNPARSED = pytest.mark.xfail(strict=True, reason=(
-    "defect: hparams.parse_value leaves a mapping flag as a string (typing.get_origin gives collections.abc.Mapping, "
-    "compared with typing.Mapping), so --layer-sparsity '{...}' reaches Budget as text"))
-
-
 @pytest.mark.parametrize(("flags", "pruned_fraction"), [
     (["--include", r"^fc2\."], {"fc2.weight": 0.5}),
     (["--exclude", r"^fc3\."], {"fc1.weight": 0.5, "fc2.weight": 0.5}),
-    pytest.param(["--exclude", r"^fc3\.", "--layer-sparsity", '{"^fc1": 0.9}'], {"fc1.weight": 0.9, "fc2.weight": 0.5},
-                 marks=LAYER_SPARSITY_UNPARSED),
+    (["--exclude", r"^fc3\.", "--layer-sparsity", '{"^fc1": 0.9}'], {"fc1.weight": 0.9, "fc2.weight": 0.5}),
 ])
 def test_include_exclude_and_layer_sparsity_choose_the_tensors(capsys, tmp_path, dense_weights, flags,
                                                                pruned_fraction):
