@@ -91,7 +91,7 @@ def test_gradient_evaluations_are_counted(tiny_net, tiny_batches):
 def test_examples_are_the_first_ones_in_order(tiny_batches):
     inputs, labels = fisher_examples(tiny_batches, 20)
     torch.testing.assert_close(inputs, torch.cat([tiny_batches[0][0], tiny_batches[1][0][:4]]))
-    assert labels.shape == (20,)
+    assert torch.equal(labels, torch.cat([tiny_batches[0][1], tiny_batches[1][1][:4]]))  # each with its input
     with pytest.raises(PrunekitError, match="only 64.*fisher-samples"):
         fisher_examples(tiny_batches, 65)
 
