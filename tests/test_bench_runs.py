@@ -108,6 +108,9 @@ def test_runs_are_stored_once_and_not_repeated(tmp_path, suite_file):
         db, "SELECT r.sparsity, accuracy, macs_dense, macs FROM results r JOIN runs ON r.run_hash = runs.hash "
             "WHERE method = 'magnitude' AND runs.sparsity = 0.9")[0]
     assert abs(sparsity - 0.9) < 1e-4 and 0 <= accuracy <= 1
+    lowest_at_half = rows(db, "SELECT min(accuracy) FROM results r JOIN runs ON r.run_hash = runs.hash "
+                              "WHERE method = 'magnitude' AND runs.sparsity = 0.5")[0][0]
+    assert lowest_at_half > 0.15  # above chance (0.1): the runs measured a model that learned (0.29 measured)
     assert macs_dense == 64 * 300 + 300 * 100 + 100 * 10 and abs(macs / macs_dense - 0.1) < 1e-3
     masks = rows(db, "SELECT mask_path FROM runs")
     assert all(os.path.exists(path) for (path,) in masks)
