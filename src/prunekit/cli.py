@@ -13,12 +13,11 @@ from .api import DEFAULT_SPARSITY
 from .budgets import Budget, check_sparsity
 from .errors import PrunekitError
 from .methods import all_methods, get_method, method_fields
+from .objectives import OBJECTIVES
 from .tables import render_table
 from .training import TrainConfig
 from .version import __version__
 from .workflow import DEVICES
-
-BUDGET_FLAGS = {"allocation": "budget"}  # Budget field -> flag name where they differ
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -148,7 +147,10 @@ def _prune_command(commands) -> None:
                         "repeatable")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     parser.add_argument("--batch-size", type=int, default=128, help="batch size of the data given to the method")
-    _add_dataclass_flags(parser.add_argument_group("budget"), Budget, rename=BUDGET_FLAGS)
+    _add_dataclass_flags(parser.add_argument_group("budget"), Budget)
+    parser.add_argument("--loss", help=f"what the data-driven methods minimise: {', '.join(OBJECTIVES)} (distill: "
+                        "match the dense model's outputs, no labels needed) (default: inferred from the data: "
+                        "labels in a mapping batch → the model's own loss, class targets → cross-entropy)")
     _add_method_flags(parser.add_argument_group("method hyperparameters (each applies to the methods named)"))
     parser.add_argument("--out", help="write the pruned weights here, .safetensors; a Hugging Face model is "
                         "written as a model folder (save_pretrained) unless the name ends in .safetensors "
@@ -179,7 +181,7 @@ def _run_prune(args) -> None:
                            device=args.device)
     data = workflow.calibration_loader(setup, args.batch_size, args.seed) if method.needs_data else None
     result = prune(setup.model, args.method, args.sparsity, data, budget=budget, include=args.include,
-                   exclude=args.exclude, seed=args.seed, **method_values)
+                   exclude=args.exclude, seed=args.seed, loss=args.loss, **method_values)
     print(result)
     if not args.no_eval and setup.dataset is not None:
         metrics = workflow.evaluate(setup)
@@ -320,15 +322,16 @@ def _add_model_and_data_flags(parser, checkpoint_help: str, dataset_required: bo
     parser.add_argument("--device", choices=DEVICES, default="cpu", help="where the model trains and runs")
 
 
-def _flag(name: str, rename: dict[str, str]) -> str:
-    return "--" + rename.get(name, name).replace("_", "-")
-
-
-def _add_dataclass_flags(group, cls: type, rename: dict[str, str] | None = None) -> None:
+def _add_dataclass_flags(group, cls: type) -> None:
     """One flag per field; values stay strings here and are parsed by hparams.build like YAML."""
     for info in hparams_lib.describe(cls):
-        group.add_argument(_flag(info.name, rename or {}), dest=info.name, metavar=_type_name(info.type).upper(),
-                           default=argparse.SUPPRESS, help=f"{info.help} (default: {info.default})")
+        group.add_argument(info.flag, dest=info.name, metavar=_type_name(info.type).upper(),
+                           default=argparse.SUPPRESS, help=f"{_help_with_range(info)} (default: {info.default})")
+
+
+def _help_with_range(info: hparams_lib.FieldInfo) -> str:
+    """The help text and, where the setting declares one, the values it takes (its check's requirement)."""
+    return info.help if info.check is None else f"{info.help.rstrip('.')}; {info.check.requirement}"
 
 
 def _add_method_flags(group) -> None:
@@ -339,13 +342,16 @@ def _add_method_flags(group) -> None:
     """
     owners: dict[str, dict[tuple[str, str], list[str]]] = {}
     types: dict[str, Any] = {}
+    flags: dict[str, str] = {}
     for method in all_methods():
         for info in method_fields(method):
-            owners.setdefault(info.name, {}).setdefault((info.help, str(info.default)), []).append(method.name)
+            flags[info.name] = info.flag
+            owners.setdefault(info.name, {}).setdefault((_help_with_range(info), str(info.default)), []).append(
+                method.name)
             types[info.name] = info.type
     for name, uses in owners.items():
         text = "; ".join(f"{', '.join(methods)}: {h} (default: {d})" for (h, d), methods in uses.items())
-        group.add_argument(_flag(name, {}), dest=name, metavar=_type_name(types[name]).upper(),
+        group.add_argument(flags[name], dest=name, metavar=_type_name(types[name]).upper(),
                            default=argparse.SUPPRESS, help=text)
 
 
