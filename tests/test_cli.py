@@ -13,6 +13,7 @@ from prunekit.cli import build_parser, main
 from prunekit.masks import read_masks, save_masks
 
 MODEL = ["--model", "lenet300", "--dataset", "synthetic"]
+TRAIN = ["train", *MODEL, "--epochs", "2", "--lr", "0.05"]
 
 
 def run(capsys, *argv):
@@ -52,8 +53,9 @@ def no_setup(monkeypatch, no_pruning):
 
 @pytest.fixture(scope="module")
 def dense_weights(tmp_path_factory):
+    """Weights trained by the command line (TRAIN), its log beside them."""
     path = tmp_path_factory.mktemp("dense") / "dense.safetensors"
-    assert main(["train", *MODEL, "--epochs", "2", "--lr", "0.05", "--out", str(path)]) == 0
+    assert main([*TRAIN, "--out", str(path), "--log", str(path.with_name("log.jsonl"))]) == 0
     return path
 
 
@@ -123,12 +125,9 @@ def test_no_command_prints_the_commands_and_fails(capsys):
 # ---------------------------------------------------------------- round trips
 
 
-def test_train_prune_eval_round_trip(capsys, tmp_path):
-    dense = tmp_path / "dense.safetensors"
-    code, out, err = run(capsys, "train", *MODEL, "--epochs", "3", "--lr", "0.05", "--out", str(dense),
-                         "--log", str(tmp_path / "log.jsonl"))
-    assert code == 0, err
-    assert dense.exists() and len((tmp_path / "log.jsonl").read_text().splitlines()) == 4
+def test_train_prune_eval_round_trip(capsys, tmp_path, dense_weights):
+    dense = dense_weights
+    assert len(dense.with_name("log.jsonl").read_text().splitlines()) == 3  # the config, then one line per epoch
     pruned, masks = tmp_path / "pruned.safetensors", tmp_path / "masks.safetensors"
     code, out, err = run(capsys, "prune", *MODEL, "--checkpoint", str(dense), "--method", "magnitude",
                          "--sparsity", "0.8", "--budget", "uniform", "--out", str(pruned), "--masks-out", str(masks))
@@ -175,10 +174,8 @@ def test_include_exclude_and_layer_sparsity_choose_the_tensors(capsys, tmp_path,
         assert int((~stored[name]).sum()) == round(fraction * stored[name].numel())
 
 
-def test_train_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(capsys, tmp_path, monkeypatch):
-    train = ["train", *MODEL, "--epochs", "2", "--lr", "0.05"]
-    code, _, err = run(capsys, *train, "--out", str(tmp_path / "straight.safetensors"))
-    assert code == 0, err
+def test_train_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(capsys, tmp_path, monkeypatch,
+                                                                       dense_weights):
     evaluations = []
     evaluate = training.evaluate
 
@@ -190,13 +187,13 @@ def test_train_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(capsys, 
 
     resumed, state = tmp_path / "resumed.safetensors", tmp_path / "state.pt"
     monkeypatch.setattr(training, "evaluate", evaluate_counted)
-    code, _, err = run(capsys, *train, "--out", str(resumed), "--resume", str(state))
+    code, _, err = run(capsys, *TRAIN, "--out", str(resumed), "--resume", str(state))
     assert code == 130 and "interrupted" in err
     assert state.exists() and not resumed.exists()
-    code, _, err = run(capsys, *train, "--out", str(resumed), "--resume", str(state))
+    code, _, err = run(capsys, *TRAIN, "--out", str(resumed), "--resume", str(state))
     assert code == 0, err
     assert len(evaluations) == 3  # the second attempt trained the second epoch only
-    expected = read_state_dict(tmp_path / "straight.safetensors")[0]
+    expected = read_state_dict(dense_weights)[0]  # trained by the same command without interruption
     assert all(torch.equal(tensor, expected[key]) for key, tensor in read_state_dict(resumed)[0].items())
 
 
