@@ -167,7 +167,7 @@ def test_finetune_trains_kept_weights_under_the_final_mask(tiny_net):
 def test_mask_flips_count_the_entries_each_epoch_changed(tiny_net):
     previous = prunekit.prune(copy.deepcopy(tiny_net), "magnitude", 0.8).masks  # the scores start as the weights
     seen = []
-    result = prunekit.prune(tiny_net, "bip", 0.8, synthetic_loader(), epochs=3, score_lr=1.0,
+    result = prunekit.prune(tiny_net, "bip", 0.8, synthetic_loader(), epochs=2, score_lr=1.0,
                             observer=lambda model, event: seen.append(get_masks(model)))
     for event, masks in zip(result.history, seen, strict=True):
         assert event["mask_flips"] == sum(int((masks[n] != previous[n]).sum()) for n in masks)
