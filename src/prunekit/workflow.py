@@ -15,11 +15,14 @@ from .checkpoints import (
     read_state_dict,
     save_model,
 )
-from .data import Dataset, Loader, load_dataset
+from .data import Dataset, Loader, TextDataset, TokenLoader, load_dataset
+from .data.catalog import get_spec
+from .data.text import TOKENIZER_FILE, load_tokenizer
 from .errors import PrunekitError
 from .masks import get_masks, make_permanent
 from .models import create_model_for
 from .models.hf import check_model_folder, is_model_folder, load_model_folder, save_model_folder
+from .objectives import Loss
 from .training import TrainConfig, Trainer
 from .training import evaluate as evaluate_model
 
@@ -31,12 +34,13 @@ DEVICES = ("cpu", "cuda")
 class Setup:
     """A model ready for a dataset, with the input normalisation its weights expect.
 
-    A Hugging Face model folder may come without a dataset (then `dataset` is None and mean/std empty).
+    A Hugging Face model folder may come without a dataset (then `dataset` is None and mean/std empty), or with
+    a text dataset (mean/std empty; batches are tokenised with the folder's tokenizer.json).
     """
 
     model_name: str
     model: nn.Module
-    dataset: Dataset | None
+    dataset: Dataset | TextDataset | None
     mean: tuple[float, ...]
     std: tuple[float, ...]
     checkpoint_metadata: dict[str, Any]
@@ -44,7 +48,12 @@ class Setup:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # of the model and every loader
     folder: Path | None = None  # the Hugging Face model folder the model came from; None for a zoo model
 
-    def loader(self, split: str, batch_size: int, **kwargs) -> Loader:
+    def loader(self, split: str, batch_size: int, **kwargs) -> Loader | TokenLoader:
+        if isinstance(self.dataset, TextDataset):
+            if kwargs.pop("augment", False):
+                raise PrunekitError(f"{self.dataset.name} is text, which has no augmentation; drop augment")
+            return TokenLoader.for_model_folder(getattr(self.dataset, split).texts, self.folder, batch_size,
+                                                **{"device": self.device, **kwargs})
         return Loader.for_dataset(self.dataset, split, batch_size, mean=self.mean, std=self.std,
                                   **{"device": self.device, **kwargs})
 
@@ -75,6 +84,7 @@ def setup(model_name: str, dataset_name: str | None, data_dir=None, checkpoint=N
     """
     target = require_device(device)
     folder = _checked_folder(model_name, dataset_name, checkpoint, model_options)
+    _check_text_model(dataset_name, folder)
     dataset = load_dataset(dataset_name, data_dir, train_size=train_size, test_size=test_size) if dataset_name else None
     if folder is not None:
         return Setup(model_name, load_model_folder(folder).to(target), dataset, *_normalization(dataset), {},
@@ -101,8 +111,19 @@ def _checked_folder(model_name: str, dataset_name: str | None, checkpoint, model
     return check_model_folder(model_name)
 
 
-def _normalization(dataset: Dataset | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    return ((), ()) if dataset is None else (tuple(dataset.mean), tuple(dataset.std))
+def _check_text_model(dataset_name: str | None, folder: Path | None) -> None:
+    """Text becomes tokens only with a Hugging Face model's tokenizer: refused before any work otherwise."""
+    if dataset_name is None or not get_spec(dataset_name).text:
+        return
+    if folder is None:
+        raise PrunekitError(f"{dataset_name} is text: pass --model a Hugging Face model folder whose "
+                            f"{TOKENIZER_FILE} turns it into tokens (zoo models take images)")
+    load_tokenizer(folder)  # present, readable, and tokenizers installed
+
+
+def _normalization(dataset: Dataset | TextDataset | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Only images are normalised."""
+    return (tuple(dataset.mean), tuple(dataset.std)) if isinstance(dataset, Dataset) else ((), ())
 
 
 def _new_model(model_name: str, dataset: Dataset, options: dict[str, Any], seed: int) -> nn.Module:
@@ -121,11 +142,13 @@ def train(setup: Setup, config: TrainConfig, *, batch_size: int, seed: int, log_
     return trainer.fit()
 
 
-def evaluate(setup: Setup) -> dict:
-    return evaluate_model(setup.model, setup.loader("test", EVAL_BATCH), setup.device)
+def evaluate(setup: Setup, objective: Loss = None) -> dict:
+    """The test split's metrics under `objective` (cross-entropy by default). For loss='distill', pass the same
+    Objective that pruned the model (made from the dense model before pruning): it holds the dense reference."""
+    return evaluate_model(setup.model, setup.loader("test", EVAL_BATCH), setup.device, objective)
 
 
-def calibration_loader(setup: Setup, batch_size: int, seed: int, augment: bool = False) -> Loader:
+def calibration_loader(setup: Setup, batch_size: int, seed: int, augment: bool = False) -> Loader | TokenLoader:
     """Training data for methods that need data: shuffled by the seed; augmented only when asked (for training)."""
     return setup.loader("train", batch_size, shuffle=True, augment=augment, seed=seed)
 

@@ -1,4 +1,4 @@
-"""Data sets read from their standard files into memory, and a fast seeded batch loader."""
+"""Data sets read from their standard files into memory, and fast seeded batch loaders (images, tokenised text)."""
 from .catalog import (
     DATA_DIR_ENV,
     DATASETS,
@@ -12,6 +12,7 @@ from .catalog import (
 from .download import download
 from .loader import Loader
 from .splits import TensorSplit
+from .text import TextDataset, TextSplit, TokenLoader, load_tokenizer
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -20,9 +21,13 @@ __all__ = [
     "DatasetSpec",
     "Loader",
     "TensorSplit",
+    "TextDataset",
+    "TextSplit",
+    "TokenLoader",
     "channel_stats",
     "download",
     "list_datasets",
     "load_dataset",
+    "load_tokenizer",
     "resolve_data_dir",
 ]

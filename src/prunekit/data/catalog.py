@@ -16,6 +16,7 @@ from .builtin import read_digits, synthetic_splits
 from .cifar import CIFAR10, CIFAR100, CifarSpec, read_cifar_dataset
 from .idx import FASHION_MNIST, MNIST, IdxSpec, read_idx_dataset
 from .splits import TensorSplit
+from .text import TextDataset, read_kjv
 
 DATA_DIR_ENV = "PRUNEKIT_DATA"
 
@@ -41,12 +42,13 @@ class Dataset:
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
-    num_classes: int
+    num_classes: int  # 0 for text, which has no classes
     read: Callable[[Path | None], Splits]  # given the data directory when `needs_files`, else None
     needs_files: bool
     stats: Stats | None = None  # None: computed from the train split
     augment: bool = False
     remote_files: tuple[RemoteFile, ...] = ()
+    text: bool = False  # `read` gives TextSplits, loaded as a TextDataset (batches need a model's tokenizer)
 
 
 def _idx(name: str, spec: IdxSpec, stats: Stats) -> DatasetSpec:
@@ -70,6 +72,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "cifar100": _cifar("cifar100", CIFAR100, ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))),
     "digits": DatasetSpec("digits", 10, lambda _: read_digits(), needs_files=False),
     "synthetic": DatasetSpec("synthetic", 10, lambda _: synthetic_splits(), needs_files=False),
+    "kjv": DatasetSpec("kjv", 0, read_kjv, needs_files=True, text=True),
 }
 
 
@@ -90,7 +93,7 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
     if not chosen:
         raise PrunekitError(
             f"no data directory: pass --data-dir DIR or set {DATA_DIR_ENV}=DIR, "
-            "DIR being the folder that contains MNIST/, FashionMNIST/, CIFAR10/ or CIFAR100/"
+            "DIR being the folder that contains MNIST/, FashionMNIST/, CIFAR10/, CIFAR100/ or KJV/"
         )
     return Path(chosen).expanduser()
 
@@ -101,10 +104,12 @@ def load_dataset(
     *,
     train_size: int | None = None,
     test_size: int | None = None,
-) -> Dataset:
+) -> Dataset | TextDataset:
     """Load a data set into memory; train_size/test_size keep a fixed random subset (seed 0)."""
     spec = get_spec(name)
     train, test = spec.read(_existing_data_dir(data_dir) if spec.needs_files else None)
+    if spec.text:
+        return TextDataset(spec.name, _limit(train, train_size, "train_size"), _limit(test, test_size, "test_size"))
     for split_name, split in (("train", train), ("test", test)):
         _check_labels(spec, split_name, split)
     mean, std = spec.stats or channel_stats(train)
@@ -137,7 +142,7 @@ def _existing_data_dir(data_dir: str | Path | None) -> Path:
     if not directory.is_dir():
         raise PrunekitError(
             f"data directory {directory} does not exist or is not a folder; pass --data-dir or set "
-            f"{DATA_DIR_ENV} to the folder that contains MNIST/, FashionMNIST/, CIFAR10/ or CIFAR100/"
+            f"{DATA_DIR_ENV} to the folder that contains MNIST/, FashionMNIST/, CIFAR10/, CIFAR100/ or KJV/"
         )
     return directory
 
