@@ -130,17 +130,21 @@ class GradientMatrix:
         return self.rows.sum(dim=0)
 
 
-def fisher_examples(data: Iterable, count: int) -> Batch:
-    """The first `count` examples `data` yields, as one batch of the data's kind (tuple or mapping)."""
+def fisher_examples(data: Iterable, count: int, at_least: int | None = None) -> Batch:
+    """The first `count` examples `data` yields, as one batch of the data's kind (tuple or mapping); all of
+    them when it yields fewer but at least `at_least` (default: `count`)."""
     parts, have = [], 0
     for batch in data:
         take = min(count - have, batch_examples(batch))
         parts.append(slice_batch(batch, 0, take))
         have += take
         if have == count:
-            return concat_batches(parts)
-    raise PrunekitError(f"the Fisher needs {count} examples (fisher_samples × fisher_batch) but the data gave "
-                        f"only {have}; lower --fisher-samples or --fisher-batch, or pass more data")
+            break
+    needed = count if at_least is None else at_least
+    if have < needed:
+        raise PrunekitError(f"the Fisher needs {needed} examples (fisher_samples × fisher_batch) but the data gave "
+                            f"only {have}; lower --fisher-samples or --fisher-batch, or pass more data")
+    return concat_batches(parts)
 
 
 class RowGradients:
@@ -227,6 +231,16 @@ def _effective_weights(targets: Sequence[Target]) -> tuple[dict, dict, list[str]
         weights[key] = target.weight.detach()
         keys.append(key)
     return weights, fixed, keys
+
+
+def loss_with_weights(model: nn.Module, targets: Sequence[Target], weights: Mapping[str, torch.Tensor],
+                      objective: Objective, batch: Batch) -> torch.Tensor:
+    """The objective's mean loss on `batch` with the targets computing with `weights` (by target name; masks
+    ignored) and everything else as it is, in eval mode: a candidate's loss without writing it into the model."""
+    variables, fixed, keys = _effective_weights(targets)
+    variables.update({key: weights[target.name].to(variables[key].dtype) for key, target in zip(keys, targets)})
+    with torch.no_grad(), model_mode(model, training=False):
+        return objective.loss(_WithWeights(model, {**variables, **fixed}), batch)[0]
 
 
 def gradient_matrix(model: nn.Module, targets: Sequence[Target], examples: Batch, objective: Objective | None = None,

@@ -230,7 +230,12 @@ def parse_value(value: Any, annotation: Any, what: str) -> Any:
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
-        return parse_value(value, inner[0], what)
+        for member in inner[:-1]:  # the first member the value parses as, e.g. float | str takes "auto"
+            try:
+                return parse_value(value, member, what)
+            except PrunekitError:
+                pass
+        return parse_value(value, inner[-1], what)
     if origin is typing.Literal:
         if value not in args:
             raise PrunekitError(f"{what} must be one of {', '.join(map(str, args))}; got {value!r}")
