@@ -9,7 +9,9 @@ import prunekit
 from prunekit.budgets import Budget
 from prunekit.data import Loader, load_dataset
 from prunekit.errors import PrunekitError
-from prunekit.fisher import WeightLayout
+from prunekit.cost import CostMeter
+from prunekit.fisher import GradientMatrix, WeightLayout
+from prunekit.methods import PruneContext
 from prunekit.methods._chita_solvers import (
     BlockFits,
     FullFits,
@@ -22,6 +24,7 @@ from prunekit.methods._chita_solvers import (
     refit_pursuit,
     ridge_solve,
 )
+from prunekit.methods.chita import RIDGE_PATH, ChitaHparams, solve
 from prunekit.models import create_model_for
 from prunekit.targets import find_targets
 from prunekit.training import TrainConfig, Trainer, evaluate
@@ -137,6 +140,88 @@ def test_block_pursuit_finds_planted_supports_in_every_block():
     assert torch.equal(found.support, truth)
     assert found.value == pytest.approx(q.value(found.w), abs=1e-9) and found.value < 1e-3
     assert all(b < a for a, b in itertools.pairwise(trace))
+
+
+def planted_context(p, sparsity):
+    """What `solve` needs of a prune: a p-weight model's one target under a global budget."""
+    model = torch.nn.Linear(p, 1, bias=False)
+    targets = find_targets(model)[0]
+    return PruneContext(model, targets, sparsity, Budget("global"), None, 0, CostMeter(model)), WeightLayout.of(targets)
+
+
+class QuadraticHeldOut:
+    """A held-out loss known in closed form: the mean of ½((w̄ − w)·x)² over held-out gradient rows x."""
+
+    def __init__(self, rows, anchor):
+        self.quadratic, self.count = Quadratic.on_columns(rows, anchor, 0.0), len(rows)
+
+    def loss(self, w):
+        return self.quadratic.value(w) / self.count
+
+
+def low_rank_gradients(generator, count, mix, noise):
+    return torch.randn(count, mix.shape[0], generator=generator, dtype=torch.float64) @ mix + noise * torch.randn(
+        count, mix.shape[1], generator=generator, dtype=torch.float64)
+
+
+def test_ridge_auto_picks_the_ridge_the_held_out_examples_prefer():
+    """Planted: 30 noisy gradients of a rank-5 curvature over 40 weights, and 2,000 fresh ones held out. The
+    smallest ridges fit the noise and the largest forgo the compensation, so the held-out loss is lowest
+    inside the path (its 4th ridge here), and that is the one chosen."""
+    generator = torch.Generator().manual_seed(0)
+    mix = torch.randn(5, 40, generator=generator, dtype=torch.float64)
+    sample, held = (low_rank_gradients(generator, count, mix, 0.3) for count in (30, 2000))
+    anchor = torch.randn(40, generator=generator, dtype=torch.float64)
+    ctx, layout = planted_context(40, 0.5)
+    g = GradientMatrix(sample, layout)
+    held_out = QuadraticHeldOut(held, anchor)
+    hp = ChitaHparams()  # ridge="auto"
+    solved = solve(ctx, hp, g, anchor, 0.5, held_out)
+
+    scale = float(sample.norm()) ** 2 / (30 * 40)
+    ridges = [factor * scale for factor in RIDGE_PATH]
+    magnitude = Pools(torch.zeros(40, dtype=torch.long), [20]).top(anchor)
+    losses = [held_out.loss(w) for w in Quadratic.on_columns(sample, anchor, 1.0).refit_path(
+        magnitude, [ridge * 30 / 2 for ridge in ridges])]
+    best = losses.index(min(losses))
+    assert best == 3 and min(losses) < 0.97 * min(losses[2], losses[4])  # planted: inside the path, clearly
+    assert solved.ridge == pytest.approx(ridges[best])
+    assert not solved.safeguard and solved.held_out <= min(losses) + 1e-12  # the search only improved on it
+
+
+def test_a_stage_returns_the_magnitude_backsolve_when_it_does_better_held_out():
+    q, truth, k = planted_problem()
+    p = len(truth)
+    ctx, layout = planted_context(p, 1 - k / p)
+    g = GradientMatrix(q.g, layout)
+    hp = ChitaHparams(ridge=2 * q.ridge / g.n)
+    magnitude = Pools(torch.zeros(p, dtype=torch.long), [k]).top(q.anchor)
+    backsolve = q.refit(magnitude)
+
+    # Held-out examples that agree with the Fisher: the solver's planted support is kept.
+    solved = solve(ctx, hp, g, q.anchor, 1 - k / p, QuadraticHeldOut(q.g, q.anchor))
+    assert torch.equal(solved.solution.support, truth) and not solved.safeguard
+
+    # Held-out examples that only the backsolve on the magnitude support fits: that is what the stage returns.
+    class PrefersBacksolve:
+        def loss(self, w):
+            return float((w - backsolve).norm())
+
+    solved = solve(ctx, hp, g, q.anchor, 1 - k / p, PrefersBacksolve())
+    assert solved.safeguard and solved.held_out == pytest.approx(0.0, abs=1e-12)
+    assert torch.equal(solved.solution.support, magnitude)
+    torch.testing.assert_close(solved.solution.w, backsolve)
+
+
+def test_the_stages_record_the_ridge_and_the_held_out_check(tiny_net, tiny_batches):
+    result = prunekit.prune(copy.deepcopy(tiny_net), "chita++", 0.8, tiny_batches, fisher_samples=16, stages=2,
+                            holdout=16)
+    stages = [event for event in result.history if "stage" in event]
+    assert all(event["ridge"] > 0 and event["held_out"] > 0 and event["safeguard"] in (True, False)
+               for event in stages)
+    fixed = prunekit.prune(copy.deepcopy(tiny_net), "chita++", 0.8, tiny_batches, fisher_samples=16, stages=2,
+                           ridge=3e-3)
+    assert [event["ridge"] for event in fixed.history if "stage" in event] == [3e-3, 3e-3]  # a number is used as is
 
 
 def test_pools_follow_the_budget_counts():
