@@ -29,6 +29,16 @@ LANGUAGE = dict(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=2, num_at
                 max_position_embeddings=32)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny, so every op is overhead: a second thread only adds synchronisation, which on a busy
+    two-core machine made the method matrix ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_bert() -> nn.Module:
     return transformers.BertForSequenceClassification(transformers.BertConfig(**LANGUAGE, num_labels=CLASSES))
 
@@ -276,7 +286,6 @@ def method_cases():
             yield pytest.param(method, name, marks=marks, id=f"{method}-{name}")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method, name", method_cases())
 def test_data_driven_methods_prune_transformers_under_their_natural_objective(method, name):
     model = build(name)
