@@ -40,7 +40,7 @@ methods:
 
 # The command line, with one extra method that takes its time, so that a run can be caught in progress.
 SLOW_CLI = """\
-import pathlib, sys, time
+import os, pathlib, sys, time
 from dataclasses import dataclass, field
 from prunekit.methods import register
 
@@ -48,8 +48,18 @@ from prunekit.methods import register
 class SlowHparams:
     seconds: float = field(default=0.3, metadata={"help": "pause before scoring"})
 
+MEET = os.environ.get("MEET")  # "folder,count": the first run of each process waits until `count` processes are in one
+
 @register("slow-test", SlowHparams, "magnitude after a pause (tests)")
 def slow(ctx, hp):
+    global MEET
+    if MEET:
+        folder, count = MEET.split(",")
+        (pathlib.Path(folder) / str(os.getpid())).touch()
+        deadline = time.monotonic() + 60
+        while len(list(pathlib.Path(folder).iterdir())) < int(count) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        MEET = None
     time.sleep(hp.seconds)
     return ctx.select({t.name: t.weight.detach().abs() for t in ctx.targets})
 
@@ -86,12 +96,12 @@ def execute(db, statement: str, arguments: tuple) -> None:
         connection.execute(statement, arguments)
 
 
-def start_cli(tmp_path, suite_text: str, db, barrier: str = "-") -> subprocess.Popen:
+def start_cli(tmp_path, suite_text: str, db, barrier: str = "-", meet: str = "") -> subprocess.Popen:
     script = tmp_path / "slow_cli.py"
     script.write_text(SLOW_CLI)
     suite = tmp_path / "slow.yaml"
     suite.write_text(suite_text)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEET": meet}
     return subprocess.Popen([sys.executable, str(script), barrier, "bench", "--suite", str(suite), "--db", str(db)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
@@ -263,7 +273,8 @@ def test_entries_marked_from_scratch_start_from_their_seeds_fresh_weights(tmp_pa
 
 def test_a_from_scratch_suite_trains_its_dense_recipe_once_as_the_reference(tmp_path, suite_file, start_recorder):
     text = SUITE.replace("dense:", "model_options: {hidden: [20, 10]}\nfrom_scratch: true\ndense:").replace(
-        "  - method: magnitude\n  - method: random\n", "  - method: start-test\n")
+        "  - method: magnitude\n  - method: random\n", "  - method: start-test\n").replace(
+        "dense: {epochs: 2, lr: 0.05}", "dense: {epochs: 4, lr: 0.1}")  # a recipe that learns
     suite_file.write_text(text)
     db, said = tmp_path / "runs.db", []
     suite = load_suite(str(suite_file))
@@ -274,7 +285,7 @@ def test_a_from_scratch_suite_trains_its_dense_recipe_once_as_the_reference(tmp_
     with Store(db) as store:
         reference = store.dense(summary.plan.dense_key)
         runs = store.runs()
-    assert 0 <= reference["accuracy"] <= 1 and reference["train_seconds"] > 0  # the dense row, timed
+    assert reference["accuracy"] > 0.3 and reference["train_seconds"] > 0  # the dense row, trained (chance: 0.1), timed
     assert reference["macs"] == 64 * 20 + 20 * 10 + 10 * 10  # model_options reach the model
     assert all(run.config["from_scratch"] and run.config["start"]["reference"] for run in runs)
     said.clear()
@@ -408,7 +419,9 @@ def test_isolated_runs_give_the_in_process_results_and_their_own_peak_memory(tmp
         assert (isolated.final.accuracy, isolated.final.loss, isolated.final.layers) == (
             inline.final.accuracy, inline.final.loss, inline.final.layers)
         assert masks_equal(isolated, inline)
-        assert isolated.cost["process_peak_bytes"] > 0 and isolated.cost["peak_memory_bytes"] >= 0
+        # The run's rise above its start is part of its process's peak (and the peak is really measured).
+        assert isolated.cost["process_peak_bytes"] > 0
+        assert isolated.cost["peak_memory_bytes"] <= isolated.cost["process_peak_bytes"]
     suite_file.write_text(suite_file.read_text().replace("seeds: 1", "seeds: 1\nisolate: true"))
     assert all(run.config["isolated"] for run in plan(load_suite(str(suite_file))).runs)  # the suite may ask too
 
@@ -551,8 +564,10 @@ def test_two_benches_share_a_database_without_running_anything_twice(tmp_path):
     db = tmp_path / "runs.db"
     suite = slow_suite(seeds=5, seconds=0.15)  # 10 runs
     barrier = f"{tmp_path / 'a.ready'},{tmp_path / 'b.ready'}"
-    first = start_cli(tmp_path, suite, db, barrier)
-    second = start_cli(tmp_path, suite, db, ",".join(reversed(barrier.split(","))))
+    meeting = tmp_path / "meeting"
+    meeting.mkdir()  # each process's first run waits for the other's: both work, whatever the scheduling
+    first = start_cli(tmp_path, suite, db, barrier, meet=f"{meeting},2")
+    second = start_cli(tmp_path, suite, db, ",".join(reversed(barrier.split(","))), meet=f"{meeting},2")
     outputs = [process.communicate(timeout=120)[0] for process in (first, second)]
     assert [first.returncode, second.returncode] == [0, 0], outputs
     assert rows(db, "SELECT status, count(*), max(attempts) FROM runs GROUP BY status") == [(DONE, 10, 1)]
