@@ -129,6 +129,12 @@ def test_include_prunes_a_tied_embedding_once_under_one_name():
     kept = int(result.masks["lm_head.weight"].sum())
     assert int((model.transformer.wte.weight != 0).sum()) == kept  # the embedding computes with the pruned table
     assert "lm_head.weight" in {layer.name for layer in prunekit.sparsity_report(model).layers}  # still pruned
+    tokens = torch.arange(16).view(2, 8)
+    with torch.no_grad():
+        masked_logits = model(input_ids=tokens).logits
+        prunekit.make_permanent(model)
+        assert model.lm_head.weight is model.transformer.wte.weight  # folded in place: still one tensor
+        assert torch.equal(model(input_ids=tokens).logits, masked_logits)
 
 
 @pytest.mark.parametrize("structure, dim", [("filters", 1), ("channels", 0)])
