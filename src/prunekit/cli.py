@@ -92,8 +92,9 @@ def _run_methods(args) -> None:
     if args.name:
         method = get_method(args.name)
         print(f"{method.name}: {method.summary}" + (" (needs data)" if method.needs_data else ""))
-        rows = [[f.name, _type_name(f.type), f.default, f.help] for f in method_fields(method)]
-        print(render_table(["hyperparameter", "type", "default", "help"], rows) if rows else "no hyperparameters")
+        rows = [[f.name, f.default, "" if f.check is None else f.check.requirement, f.help]
+                for f in method_fields(method)]
+        print(render_table(["hyperparameter", "default", "takes", "help"], rows) if rows else "no hyperparameters")
         return
     rows = [[m.name, "yes" if m.needs_data else "no", m.summary] for m in all_methods()]
     print(render_table(["method", "needs data", "what it does"], rows))
