@@ -216,6 +216,7 @@ def test_bad_folders_are_refused_on_one_line_before_any_work(tmp_path, capsys, m
 
 def test_zoo_models_and_data_driven_methods_still_need_a_dataset(tmp_path, capsys, monkeypatch):
     assert "needs --dataset" in refused(capsys, monkeypatch, "--model", "lenet300")
+    assert "unknown model 'lenet301': neither a zoo model" in refused(capsys, monkeypatch, "--model", "lenet301")
     folder = save_tiny_folder(tmp_path)
     assert "method 'snip' needs data: pass --dataset" in refused(capsys, monkeypatch, "--model", str(folder),
                                                                   "--method", "snip")

@@ -20,7 +20,7 @@ from .data.catalog import get_spec
 from .data.text import TOKENIZER_FILE, load_tokenizer
 from .errors import PrunekitError
 from .masks import get_masks, make_permanent
-from .models import create_model_for
+from .models import MODELS, create_model_for, list_models
 from .models.hf import check_model_folder, is_model_folder, load_model_folder, save_model_folder
 from .objectives import Loss
 from .training import TrainConfig, Trainer
@@ -102,6 +102,9 @@ def setup(model_name: str, dataset_name: str | None, data_dir=None, checkpoint=N
 def _checked_folder(model_name: str, dataset_name: str | None, checkpoint, model_options) -> Path | None:
     """The Hugging Face folder `model_name` names, checked before any work; None for a zoo model."""
     if not is_model_folder(model_name):
+        if model_name not in MODELS:
+            raise PrunekitError(f"unknown model {model_name!r}: neither a zoo model ({', '.join(list_models())}) nor "
+                                "a Hugging Face model folder (config.json + model.safetensors)")
         if dataset_name is None:
             raise PrunekitError(f"zoo model {model_name!r} needs --dataset: its input shape and classes are the data's")
         return None

@@ -17,7 +17,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.io import atomic_folder
-from prunekit.models.zoo import list_models
+from prunekit.models.zoo import MODELS, list_models
 
 CONFIG = "config.json"
 SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards and their index
@@ -29,8 +29,8 @@ PRUNING_RECORD = "prunekit.json"  # how the saved model was pruned, beside its w
 
 
 def is_model_folder(name: str | os.PathLike) -> bool:
-    """Whether `--model NAME` names a folder on disk (a Hugging Face model) rather than a zoo model."""
-    return Path(name).is_dir()
+    """Whether `--model NAME` names a folder on disk (a Hugging Face model); a zoo name wins over a folder so named."""
+    return str(name) not in MODELS and Path(name).is_dir()
 
 
 def check_model_folder(folder: str | os.PathLike) -> Path:
