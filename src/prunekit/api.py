@@ -43,6 +43,8 @@ class PruneResult:
     cost: Cost
     budget: Budget = field(default_factory=Budget)
     history: list[dict[str, Any]] = field(default_factory=list)  # the method's progress, cost so far at each point
+    # What the method minimised (None without data); evaluate with it, e.g. distill's cosine to the dense model.
+    objective: Objective | None = field(default=None, repr=False)
 
     @property
     def sparsity(self) -> float:
@@ -118,7 +120,7 @@ def prune(
         masks = spec.run(ctx, hp)
         attach_masks(model, masks, spec.mask_mode)
     return PruneResult(method, hparams_lib.to_dict(hp), sparsity, masks, _layer_results(targets, masks, plan),
-                       skipped, meter.cost, budget, ctx.history)
+                       skipped, meter.cost, budget, ctx.history, ctx.objective)
 
 
 def _objective(loss: Loss, model: nn.Module, data: Any, device: torch.device) -> Objective | None:
