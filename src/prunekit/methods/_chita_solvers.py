@@ -55,16 +55,18 @@ def ridge_solve(a: torch.Tensor, b: torch.Tensor, rho: float) -> torch.Tensor:
     return (b - a.T @ inner) / rho
 
 
-def ridge_path_solve(a: torch.Tensor, b: torch.Tensor, rhos: list[float]) -> list[torch.Tensor]:
+def ridge_path_solve(a: torch.Tensor, b: torch.Tensor, rhos: list[float],
+                     gram: torch.Tensor | None = None) -> list[torch.Tensor]:
     """`ridge_solve(a, b, ρ)` for each ρ, in float64, from one eigendecomposition of the smaller Gram matrix
-    (a path costs about one solve; a single solve is cheaper by Cholesky, as `ridge_solve`)."""
+    (a path costs about one solve; a single solve is cheaper by Cholesky, as `ridge_solve`). `gram`: AAᵀ
+    (float64) when A is wider than tall and it is already at hand."""
     a, b = a.to(torch.float64), b.to(torch.float64)
     n, m = a.shape
     if m <= n:
         values, vectors = torch.linalg.eigh(a.T @ a)
         projected = vectors.T @ b
         return [vectors @ (projected / (values + rho)) for rho in rhos]
-    values, vectors = torch.linalg.eigh(a @ a.T)
+    values, vectors = torch.linalg.eigh(a @ a.T if gram is None else gram)
     projected = vectors.T @ (a @ b)
     return [(b - a.T @ (vectors @ (projected / (values + rho)))) / rho for rho in rhos]
 
@@ -129,10 +131,17 @@ class Quadratic:
         """
         return self._refits(support, 1, lambda g_kept, rhs: [ridge_solve(g_kept, rhs, 2 * self.ridge)])[0]
 
-    def refit_path(self, support: torch.Tensor, ridges: list[float]) -> list[torch.Tensor]:
-        """`refit(support)` at each ridge λ' in `ridges` (one eigendecomposition for all of them)."""
-        return self._refits(support, len(ridges),
-                            lambda g_kept, rhs: ridge_path_solve(g_kept, rhs, [2 * ridge for ridge in ridges]))
+    def refit_path(self, support: torch.Tensor, ridges: list[float],
+                   gram: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """`refit(support)` at each ridge λ' in `ridges` (one eigendecomposition for all of them); `gram`:
+        G_S G_Sᵀ (float64) when the support is wider than n and it is already at hand."""
+        return self._refits(support, len(ridges), lambda g_kept, rhs: ridge_path_solve(
+            g_kept, rhs, [2 * ridge for ridge in ridges], gram))
+
+    def gram(self, support: torch.Tensor) -> torch.Tensor:
+        """G_S G_Sᵀ in float64 (n×n): what a Woodbury refit on a support wider than n factorises."""
+        columns = self.g[:, support].to(torch.float64)
+        return columns @ columns.T
 
     def _refits(self, support: torch.Tensor, count: int, solve: Callable) -> list[torch.Tensor]:
         """Weights w̄_S + u on `support` for each shift u that `solve(G_S, G_Sᵀc − α_S)` returns."""
@@ -189,8 +198,7 @@ class NearbyRefits:
 
     def _move_to(self, support: torch.Tensor) -> None:
         if self.support is None or int((support ^ self.support).sum()) >= int(support.sum()):
-            columns = self.q.g[:, support].to(torch.float64)
-            self.gram = columns @ columns.T
+            self.gram = self.q.gram(support)
         else:
             entering = self.q.g[:, support & ~self.support].to(torch.float64)
             leaving = self.q.g[:, self.support & ~support].to(torch.float64)
@@ -401,9 +409,10 @@ class Fits(Protocol):
 class FullFits:
     """Fits of f with the whole low-rank Fisher: Woodbury refits, updated by swaps when the support is wider than n."""
 
-    def __init__(self, q: Quadratic, kept: int) -> None:
+    def __init__(self, q: Quadratic, kept: int, nearby: NearbyRefits | None = None) -> None:
+        """`nearby`: refits to start from (a support and its Gram matrix at hand) when the support is wider than n."""
         self.q = q
-        self.refit = NearbyRefits(q).refit if kept > q.g.shape[0] else q.refit
+        self.refit = (nearby or NearbyRefits(q)).refit if kept > q.g.shape[0] else q.refit
 
     def fit(self, support: torch.Tensor) -> Iterate:
         return iterate_at(self.q, self.refit(support), support)

@@ -56,6 +56,7 @@ from ._chita_solvers import (
     BlockFits,
     FullFits,
     Iterate,
+    NearbyRefits,
     Pools,
     Quadratic,
     active_set_iht,
@@ -69,8 +70,9 @@ from ._training import require_training_data, train_under_masks
 SOLVERS = ("iht", "backsolve", "block")
 AUTO = "auto"
 # --ridge auto: 2λ' tried, as multiples of the mean diagonal of GᵀG (λ = c·‖G‖²/(n·p)), the largest first.
-# The lower end matters most on MLPNet: at 0.5-0.9 and through CHITA++ the held-out slice prefers 1e-3 and below.
-RIDGE_PATH = (1e1, 1e0, 1e-1, 1e-2, 1e-3, 1e-4)
+# On MLPNet the held-out slice prefers 1e-4..1e-3 at 0.5-0.9 without the first-order term, more near 0.98,
+# and the upper end with the first-order term (its step along the gradient needs holding back).
+RIDGE_PATH = (1e2, 1e1, 1e0, 1e-1, 1e-2, 1e-3, 1e-4)
 
 
 @dataclass
@@ -270,20 +272,25 @@ def solve(ctx: PruneContext, hp: ChitaHparams, g: GradientMatrix, anchor: torch.
     """The solver's weights and support at `sparsity`, unless the backsolve on the magnitude support does
     better on the held-out examples; for --ridge auto, λ is the one whose backsolve does best on them."""
     ridges = _ridges(hp, g)
-    ridge, floor = ridges[0], None
+    ridge, floor, nearby = ridges[0], None, None
     if held_out is not None:
         # The backsolve on the magnitude support (CHITA-BSO) at each λ: the held-out examples choose λ with
         # it (one factorisation for the path), and it is the floor the solver's answer has to beat.
         magnitude = g.layout.flatten(ctx.select(g.layout.unflatten(anchor.abs()), sparsity))
+        gram = None
+        if hp.solver == "iht" and int(magnitude.sum()) > g.n:  # the pursuit's refits start from it, by swaps
+            gram = _quadratic(hp, g, anchor, ridge).gram(magnitude)
+            nearby = magnitude, gram
         ridge, floor = min(((r, Candidate(w, held_out.loss(w))) for r, w in
-                            zip(ridges, _fits(hp, g, anchor, magnitude, ridges))), key=lambda pair: pair[1].loss)
+                            zip(ridges, _fits(hp, g, anchor, magnitude, ridges, gram))),
+                           key=lambda pair: pair[1].loss)
     # A weight whose column of G is zero is one the sampled loss never sees (e.g. a dead unit's): only the
     # ridge's pull would keep it, and at high sparsity such weights take a large share of the budget
     # (61 of the 647 kept at 0.98 on MLPNet). It starts pruned, as the reference code drops such columns.
     q = _quadratic(hp, g, anchor * g.rows.ne(0).any(dim=0), ridge)
     first_step, start = _start(ctx, g, q, sparsity)
     trace = [iterate_at(q, first_step * start, start).value]
-    solution = _search(ctx, hp, g, q, first_step, start, sparsity, trace)
+    solution = _search(ctx, hp, g, q, first_step, start, sparsity, trace, nearby)
     swapped = int((solution.support & ~start).sum())
     if floor is None:
         return Solved(solution, trace, swapped, ridge, None, False)
@@ -322,26 +329,30 @@ def _start(ctx: PruneContext, g: GradientMatrix, q: Quadratic, sparsity: float) 
     return first_step, g.layout.flatten(ctx.select(g.layout.unflatten(first_step.abs()), sparsity))
 
 
-def _fits(hp: ChitaHparams, g: GradientMatrix, anchor: torch.Tensor, support: torch.Tensor,
-          ridges: list[float]) -> list[torch.Tensor]:
-    """The backsolve on `support` at each λ: with the whole G, or block by block for the block solver."""
+def _fits(hp: ChitaHparams, g: GradientMatrix, anchor: torch.Tensor, support: torch.Tensor, ridges: list[float],
+          gram: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The backsolve on `support` at each λ: with the whole G (`gram`: G_S G_Sᵀ if at hand), or block by block
+    for the block solver."""
     if hp.solver == "block":
         blocks = block_slices(g.layout, hp.block_size)
         return [block_backsolve(g.rows, anchor, support, blocks, q.ridge, q.linear).to(anchor.dtype)
                 for q in (_quadratic(hp, g, anchor, ridge) for ridge in ridges)]
-    return _quadratic(hp, g, anchor, ridges[0]).refit_path(support, [ridge * g.n / 2 for ridge in ridges])
+    return _quadratic(hp, g, anchor, ridges[0]).refit_path(support, [ridge * g.n / 2 for ridge in ridges], gram)
 
 
 def _search(ctx: PruneContext, hp: ChitaHparams, g: GradientMatrix, q: Quadratic, first_step: torch.Tensor,
-            start: torch.Tensor, sparsity: float, trace: list[float]) -> Iterate:
-    """The solver's weights and support from the start, f after each step appended to `trace`."""
+            start: torch.Tensor, sparsity: float, trace: list[float],
+            nearby: tuple[torch.Tensor, torch.Tensor] | None = None) -> Iterate:
+    """The solver's weights and support from the start, f after each step appended to `trace`; `nearby`: a
+    support wider than n and its Gram matrix, from which the pursuit's refits update by swaps."""
     if hp.solver == "iht":
         pools = Pools.from_plan(ctx.plan.at(sparsity), g.layout)
         start_point = iterate_at(q, first_step * start, start)
         support = active_set_iht(q, pools, start_point, pools.widened(first_step, ACTIVE_SET_WIDTH),
                                  iterations=hp.iterations, rounds=hp.active_set_rounds, tolerance=hp.tolerance,
                                  lipschitz=q.lipschitz(ctx.generator()), trace=trace).support
-        return refit_pursuit(FullFits(q, sum(pools.keep)), pools, support, hp.pursuit_rounds, trace)
+        refits = None if nearby is None else NearbyRefits(q, *nearby)
+        return refit_pursuit(FullFits(q, sum(pools.keep), refits), pools, support, hp.pursuit_rounds, trace)
     if hp.solver == "block":
         blocks = block_slices(g.layout, hp.block_size)
         if _block_pursuit(ctx, hp):
