@@ -253,9 +253,6 @@ SETTINGS = {  # the smallest run of each method that still does all of its steps
     "chita-gradual": {**CHITA, "fisher_batch": 1, "epochs": 2, "events": 2, "prune_every": 1, "lr": 0.01,
                       "solver": "backsolve"},
 }
-# GraSP's Hessian-vector product differentiates attention twice; torch's CPU flash kernel for
-# scaled_dot_product_attention (ViT, Llama: no attention mask) has no double backward.
-DOUBLE_BACKWARD_MISSING = {"vit", "llama"}
 
 
 def learnable_batches(name: str, labels: bool = True, count: int = 3, size: int = 4) -> list[dict[str, torch.Tensor]]:
@@ -289,9 +286,7 @@ def method_cases():
     """Every method on every model under its natural objective, and on BERT under distill (inputs, no labels)."""
     for method in SETTINGS:
         for name, loss in [*NATURAL.items(), ("bert", "distill")]:
-            marks = [pytest.mark.xfail(strict=True, reason="no double backward for CPU flash attention")] \
-                if method == "grasp" and name in DOUBLE_BACKWARD_MISSING else []
-            yield pytest.param(method, name, loss, marks=marks, id=f"{method}-{name}-{loss}")
+            yield pytest.param(method, name, loss, id=f"{method}-{name}-{loss}")
 
 
 @pytest.mark.parametrize("method, name, loss", method_cases())

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import PrunekitError
 from ..hparams import group, integer, number, setting
@@ -146,7 +147,8 @@ def grasp_scores(model: nn.Module, targets: Sequence[Target], batches: Sequence[
     if isinstance(objective, CrossEntropy):
         objective = replace(objective, temperature=temperature)
     weights = [t.dense for t in targets]
-    with model_mode(model, training=True):
+    # H g differentiates twice: CPU attention's fused kernels have no second derivative, the math one has.
+    with model_mode(model, training=True), sdpa_kernel(SDPBackend.MATH):
         g = _mean_gradient(model, weights, batches, objective)
         hessian_g = [torch.zeros_like(w) for w in weights]
         for batch in batches:
