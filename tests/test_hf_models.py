@@ -289,7 +289,7 @@ def method_cases():
             yield pytest.param(method, name, loss, id=f"{method}-{name}-{loss}")
 
 
-@pytest.mark.parametrize("method, name, loss", method_cases())
+@pytest.mark.parametrize("method, name, loss", list(method_cases()))
 def test_data_driven_methods_prune_transformers_under_each_objective(method, name, loss):
     model = build(name)
     batches = learnable_batches(name, labels=loss != "distill")
