@@ -175,7 +175,7 @@ def test_ridge_auto_picks_the_ridge_the_held_out_examples_prefer():
     ctx, layout = planted_context(40, 0.5)
     g = GradientMatrix(sample, layout)
     held_out = QuadraticHeldOut(held, anchor)
-    hp = ChitaHparams()  # ridge="auto"
+    hp = ChitaHparams(first_order=False)  # ridge="auto"
     solved = solve(ctx, hp, g, anchor, 0.5, held_out)
 
     scale = float(sample.norm()) ** 2 / (30 * 40)
@@ -185,7 +185,7 @@ def test_ridge_auto_picks_the_ridge_the_held_out_examples_prefer():
         magnitude, [ridge * 30 / 2 for ridge in ridges])]
     best = losses.index(min(losses))
     assert 0 < best < len(ridges) - 1 and losses[best] < 0.97 * min(losses[best - 1], losses[best + 1])  # planted
-    assert solved.ridge == pytest.approx(ridges[best])
+    assert solved.model.ridge == pytest.approx(ridges[best])
     assert not solved.safeguard and solved.held_out <= min(losses) + 1e-12  # the search only improved on it
 
 
@@ -194,7 +194,7 @@ def test_a_stage_returns_the_magnitude_backsolve_when_it_does_better_held_out():
     p = len(truth)
     ctx, layout = planted_context(p, 1 - k / p)
     g = GradientMatrix(q.g, layout)
-    hp = ChitaHparams(ridge=2 * q.ridge / g.n)
+    hp = ChitaHparams(ridge=2 * q.ridge / g.n, first_order=False)
     magnitude = Pools(torch.zeros(p, dtype=torch.long), [k]).top(q.anchor)
     backsolve = q.refit(magnitude)
 
@@ -218,7 +218,7 @@ def test_the_stages_record_the_ridge_and_the_held_out_check(tiny_net, tiny_batch
                             holdout=16)
     stages = [event for event in result.history if "stage" in event]
     assert all(event["ridge"] > 0 and event["held_out"] > 0 and event["safeguard"] in (True, False)
-               for event in stages)
+               and event["first_order"] in (True, False) for event in stages)
     fixed = prunekit.prune(copy.deepcopy(tiny_net), "chita++", 0.8, tiny_batches, fisher_samples=16, stages=2,
                            ridge=3e-3)
     assert [event["ridge"] for event in fixed.history if "stage" in event] == [3e-3, 3e-3]  # a number is used as is
@@ -291,7 +291,7 @@ def test_iht_objective_never_increases_through_prune(tiny_net, tiny_batches):
 def test_the_objective_trace_is_the_quadratic_at_magnitude_and_at_the_result(tiny_net, tiny_batches, solver):
     dense = copy.deepcopy(tiny_net)
     result = prunekit.prune(tiny_net, "chita", 0.7, tiny_batches, fisher_samples=32, fisher_batch=1, solver=solver,
-                            ridge=1e-4, holdout=0)  # the solver's own weights at this ridge, no held-out check
+                            ridge=1e-4, first_order=False, holdout=0)  # the solver's weights, no held-out check
     targets = find_targets(dense)[0]
     dense.eval()  # the Fisher's per-example gradients are the eval-mode network's (batch-norm statistics fixed)
     examples = zip(torch.cat([x for x, _ in tiny_batches[:2]]), torch.cat([y for _, y in tiny_batches[:2]]))
@@ -352,8 +352,9 @@ class Unreadable:
     ({"ridge": 0.0}, r"ridge=0.0 is invalid: set it to auto or a finite number > 0 \(--ridge\)"),
     ({"ridge": -1e-3}, r"ridge=-0.001 is invalid: set it to auto or a finite number > 0"),
     ({"ridge": "often"}, r"ridge='often' is invalid: set it to auto or a finite number > 0"),
-    ({"holdout": 0}, r"--ridge auto chooses λ on held-out examples but --holdout is 0; raise --holdout or set a "
-                     r"numeric --ridge"),
+    ({"holdout": 0}, r"--ridge auto and --first-order auto choose on held-out examples but --holdout is 0; "
+                     r"raise --holdout, or set a numeric --ridge and --first-order true or false"),
+    ({"first_order": "maybe"}, r"first_order='maybe' is invalid: set it to auto, true or false"),
     ({"solver": "cg"}, r"solver='cg' is invalid: set it to one of iht, backsolve, block"),
     ({"pursuit_rounds": -1}, r"pursuit_rounds=-1 is invalid: set it to an integer >= 0"),
     ({"max_memory": 1e-6}, r"needs? about .* GiB .*--max-memory 1e-06; lower --fisher-samples \(n=1000\)"),

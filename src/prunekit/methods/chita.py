@@ -10,7 +10,17 @@ empirical Fisher (1/n)GᵀG. Scaled by n, with a ridge, the pruning problem beco
     λ' = λn/2,   α = Gᵀ1 / B with the first-order term (B examples per gradient), else 0
 
 and the weights after pruning are the solver's, not the original ones (OBS's weight update,
-for many weights jointly). Solvers (`--solver`):
+for many weights jointly).
+
+What the model is fitted to is n gradients, and an exact solver fits them closely: at the reference
+code's λ = 1e-4 the refit and the pursuit lower f far below what its early-stopped IHT reaches, and
+the weights do worse on other examples. So each stage holds out --holdout examples after the
+Fisher's, and (--ridge auto, --first-order auto, the defaults) chooses λ from a path scaled to G and
+whether to keep α by the held-out loss of the backsolve on the magnitude support; the solver then runs
+with that local model, and a stage whose answer does worse on the held-out examples than that
+backsolve returns the backsolve (`safeguard` in its history event). Weights whose column of G is zero
+(no sampled loss depends on them, e.g. a dead unit's) start pruned, as the reference code drops them.
+Solvers (`--solver`):
 - `iht` (default): the active-set IHT with exact line search (the paper's Alg. 3–4) from one IHT
   step from w̄, then an exact refit on the support it found and IHT steps between exact refits
   (hard thresholding pursuit). The line-searched steps converge slowly on an ill-conditioned G and
@@ -86,9 +96,11 @@ class ChitaHparams(FisherHparams):
     holdout: int = setting(1000, "examples after the Fisher's, held out to choose --ridge auto and to check that a "
                            "stage does better on them than the backsolve on the magnitude support (which it returns "
                            "otherwise); fewer when the data has fewer; 0: neither", integer(0))
-    first_order: bool = setting(False, "keep the gradient term of the local model (off: OBS-style, gradient taken "
-                                "as 0 at a trained model); the ridge then also bounds the step along the "
-                                "gradient, so it usually needs a larger --ridge")
+    first_order: bool | str = setting(AUTO, "keep the gradient term of the local model: true, false (OBS-style, "
+                                      "the gradient taken as 0 at a trained model), or auto: at each stage as the "
+                                      "held-out examples prefer, chosen with the ridge (the term helps once earlier "
+                                      "stages have moved the weights off a minimum)",
+                                      Check("auto, true or false", lambda v: v == AUTO or isinstance(v, bool)))
     solver: str = setting("iht", "iht: active-set IHT with line search; backsolve: magnitude support + ridge "
                           "refit; block: backsolve under a block-diagonal Fisher (large models)", one_of(*SOLVERS))
     block_size: int = setting(500, "block solver: tensors of at least this many weights are cut into blocks of "
@@ -104,9 +116,14 @@ class ChitaHparams(FisherHparams):
                              "the memory)", one_of(*PRECISIONS))
 
     def check_relations(self) -> None:
-        if self.ridge == AUTO and self.holdout == 0:
-            raise PrunekitError("--ridge auto chooses λ on held-out examples but --holdout is 0; raise --holdout or "
-                                "set a numeric --ridge")
+        if self.holdout == 0 and AUTO in (self.ridge, self.first_order):
+            raise PrunekitError("--ridge auto and --first-order auto choose on held-out examples but --holdout is 0; "
+                                "raise --holdout, or set a numeric --ridge and --first-order true or false")
+
+    @property
+    def chooses(self) -> bool:
+        """Whether the held-out examples choose the local model (and so at least one is needed)."""
+        return AUTO in (self.ridge, self.first_order)
 
 
 @dataclass
@@ -222,15 +239,15 @@ def solve_stages(ctx: PruneContext, hp: ChitaHparams, sparsities: list[float]) -
         masks = stages.accept(layout.unflatten(solved.solution.support))
         _install(ctx, layout, solved.solution.w, masks)
         stages.record(stage=stage, scheduled=sparsity, solver=hp.solver, objective=solved.trace,
-                      swapped=solved.swapped, gradients=g.route, ridge=solved.ridge, held_out=solved.held_out,
-                      safeguard=solved.safeguard)
+                      swapped=solved.swapped, gradients=g.route, ridge=solved.model.ridge,
+                      first_order=solved.model.first_order, held_out=solved.held_out, safeguard=solved.safeguard)
     return stages.masks
 
 
 def _calibration(ctx: PruneContext, hp: ChitaHparams) -> tuple[Batch, Batch | None]:
     """The Fisher's examples, and up to --holdout examples after them (None when there are none)."""
     count = hp.fisher_samples * hp.fisher_batch
-    examples = fisher_examples(ctx.data, count + hp.holdout, at_least=count + (hp.ridge == AUTO))
+    examples = fisher_examples(ctx.data, count + hp.holdout, at_least=count + hp.chooses)
     examples = to_device(examples, ctx.device)
     total = batch_examples(examples)
     held_out = slice_batch(examples, count, total) if total > count else None
@@ -260,9 +277,9 @@ class HeldOut:
 @dataclass
 class Solved:
     solution: Iterate
-    trace: list[float]  # f at the start and after each step of the search, at the ridge chosen
+    trace: list[float]  # f at the start and after each step of the search, of the local model chosen
     swapped: int  # weights the solution keeps that the start did not
-    ridge: float  # λ
+    model: LocalModel
     held_out: float | None  # the held-out loss of the solution's weights (None: nothing held out)
     safeguard: bool  # the solution is the backsolve on the magnitude support, which did better held out
 
@@ -270,35 +287,42 @@ class Solved:
 def solve(ctx: PruneContext, hp: ChitaHparams, g: GradientMatrix, anchor: torch.Tensor, sparsity: float,
           held_out: HeldOut | None) -> Solved:
     """The solver's weights and support at `sparsity`, unless the backsolve on the magnitude support does
-    better on the held-out examples; for --ridge auto, λ is the one whose backsolve does best on them."""
-    ridges = _ridges(hp, g)
-    ridge, floor, nearby = ridges[0], None, None
+    better on the held-out examples; with --ridge or --first-order auto, the local model is the one whose
+    backsolve does best on them."""
+    models = _local_models(hp, g)
+    model, floor, nearby = models[0], None, None
     if held_out is not None:
-        # The backsolve on the magnitude support (CHITA-BSO) at each λ: the held-out examples choose λ with
-        # it (one factorisation for the path), and it is the floor the solver's answer has to beat.
+        # The backsolve on the magnitude support (CHITA-BSO) for each local model: the held-out examples choose
+        # the model with it (one factorisation for a ridge path), and it is the floor the answer has to beat.
         magnitude = g.layout.flatten(ctx.select(g.layout.unflatten(anchor.abs()), sparsity))
         gram = None
         if hp.solver == "iht" and int(magnitude.sum()) > g.n:  # the pursuit's refits start from it, by swaps
-            gram = _quadratic(hp, g, anchor, ridge).gram(magnitude)
+            gram = _quadratic(g, anchor, model).gram(magnitude)
             nearby = magnitude, gram
-        ridge, floor = min(((r, Candidate(w, held_out.loss(w))) for r, w in
-                            zip(ridges, _fits(hp, g, anchor, magnitude, ridges, gram))),
+        model, floor = min(((m, Candidate(w, held_out.loss(w))) for m, w in
+                            zip(models, _fits(hp, g, anchor, magnitude, models, gram))),
                            key=lambda pair: pair[1].loss)
     # A weight whose column of G is zero is one the sampled loss never sees (e.g. a dead unit's): only the
     # ridge's pull would keep it, and at high sparsity such weights take a large share of the budget
     # (61 of the 647 kept at 0.98 on MLPNet). It starts pruned, as the reference code drops such columns.
-    q = _quadratic(hp, g, anchor * g.rows.ne(0).any(dim=0), ridge)
+    q = _quadratic(g, anchor * g.rows.ne(0).any(dim=0), model)
     first_step, start = _start(ctx, g, q, sparsity)
     trace = [iterate_at(q, first_step * start, start).value]
     solution = _search(ctx, hp, g, q, first_step, start, sparsity, trace, nearby)
     swapped = int((solution.support & ~start).sum())
     if floor is None:
-        return Solved(solution, trace, swapped, ridge, None, False)
+        return Solved(solution, trace, swapped, model, None, False)
     loss = held_out.loss(solution.w)
     if floor.loss < loss:
-        return Solved(iterate_at(_quadratic(hp, g, anchor, ridge), floor.w, magnitude), trace,
-                      int((magnitude & ~start).sum()), ridge, floor.loss, True)
-    return Solved(solution, trace, swapped, ridge, loss, False)
+        return Solved(iterate_at(_quadratic(g, anchor, model), floor.w, magnitude), trace,
+                      int((magnitude & ~start).sum()), model, floor.loss, True)
+    return Solved(solution, trace, swapped, model, loss, False)
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    ridge: float  # λ
+    first_order: bool  # the gradient term kept
 
 
 @dataclass
@@ -307,20 +331,21 @@ class Candidate:
     loss: float  # on the held-out examples
 
 
-def _ridges(hp: ChitaHparams, g: GradientMatrix) -> list[float]:
-    """The λ to use, or for --ridge auto the path to choose from, scaled to this G."""
+def _local_models(hp: ChitaHparams, g: GradientMatrix) -> list[LocalModel]:
+    """The local model to use, or for the auto settings those to choose from (ridges scaled to this G)."""
+    orders = (False, True) if hp.first_order == AUTO else (hp.first_order,)
     if hp.ridge != AUTO:
-        return [hp.ridge]
+        return [LocalModel(hp.ridge, first_order) for first_order in orders]
     scale = float(torch.linalg.vector_norm(g.rows)) ** 2 / (g.n * g.p)
     if scale == 0:
         raise PrunekitError("every gradient of the objective is zero at these weights (a frozen model, or a loss "
                             "that does not depend on them): CHITA has no curvature to work with; check the loss")
-    return [factor * scale for factor in RIDGE_PATH]
+    return [LocalModel(factor * scale, first_order) for first_order in orders for factor in RIDGE_PATH]
 
 
-def _quadratic(hp: ChitaHparams, g: GradientMatrix, anchor: torch.Tensor, ridge: float) -> Quadratic:
-    return Quadratic.on_columns(g.rows, anchor, ridge * g.n / 2,
-                                g.gradient_sum() / g.batch if hp.first_order else None)
+def _quadratic(g: GradientMatrix, anchor: torch.Tensor, model: LocalModel) -> Quadratic:
+    return Quadratic.on_columns(g.rows, anchor, model.ridge * g.n / 2,
+                                g.gradient_sum() / g.batch if model.first_order else None)
 
 
 def _start(ctx: PruneContext, g: GradientMatrix, q: Quadratic, sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,15 +354,20 @@ def _start(ctx: PruneContext, g: GradientMatrix, q: Quadratic, sparsity: float) 
     return first_step, g.layout.flatten(ctx.select(g.layout.unflatten(first_step.abs()), sparsity))
 
 
-def _fits(hp: ChitaHparams, g: GradientMatrix, anchor: torch.Tensor, support: torch.Tensor, ridges: list[float],
-          gram: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """The backsolve on `support` at each λ: with the whole G (`gram`: G_S G_Sᵀ if at hand), or block by block
-    for the block solver."""
+def _fits(hp: ChitaHparams, g: GradientMatrix, anchor: torch.Tensor, support: torch.Tensor,
+          models: list[LocalModel], gram: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The backsolve on `support` for each local model: with the whole G (one factorisation per ridge path;
+    `gram`: G_S G_Sᵀ if at hand), or block by block for the block solver."""
     if hp.solver == "block":
         blocks = block_slices(g.layout, hp.block_size)
         return [block_backsolve(g.rows, anchor, support, blocks, q.ridge, q.linear).to(anchor.dtype)
-                for q in (_quadratic(hp, g, anchor, ridge) for ridge in ridges)]
-    return _quadratic(hp, g, anchor, ridges[0]).refit_path(support, [ridge * g.n / 2 for ridge in ridges], gram)
+                for q in (_quadratic(g, anchor, model) for model in models)]
+    weights = {}
+    for first_order in dict.fromkeys(model.first_order for model in models):
+        path = [model for model in models if model.first_order == first_order]
+        refits = _quadratic(g, anchor, path[0]).refit_path(support, [model.ridge * g.n / 2 for model in path], gram)
+        weights.update(zip(path, refits))
+    return [weights[model] for model in models]
 
 
 def _search(ctx: PruneContext, hp: ChitaHparams, g: GradientMatrix, q: Quadratic, first_step: torch.Tensor,
