@@ -90,10 +90,11 @@ class ChitaHparams(FisherHparams):
     """One CHITA solve: the local model (n, ridge, first-order term) and the solver."""
 
     ridge: float | str = setting(AUTO, "λ: ridge keeping the solution near the current weights (λ' = λ·n/2 in the "
-                                 "objective); auto: at each stage the one of a path spanning the Gram matrix's "
-                                 "scale whose refit the held-out examples prefer; a number > 0 fixes it",
+                                 "objective); auto: at each stage the one, of a path spanning the Gram matrix's "
+                                 "scale, whose backsolve on the magnitude support does best on the held-out "
+                                 "examples; a number > 0 fixes it",
                                  Check("auto or a finite number > 0", lambda v: v == AUTO or (is_number(v) and v > 0)))
-    holdout: int = setting(1000, "examples after the Fisher's, held out to choose --ridge auto and to check that a "
+    holdout: int = setting(1000, "examples after the Fisher's, held out to choose --ridge and --first-order auto and to check that a "
                            "stage does better on them than the backsolve on the magnitude support (which it returns "
                            "otherwise); fewer when the data has fewer; 0: neither", integer(0))
     first_order: bool | str = setting(AUTO, "keep the gradient term of the local model: true, false (OBS-style, "
