@@ -94,9 +94,10 @@ class ChitaHparams(FisherHparams):
                                  "scale, whose backsolve on the magnitude support does best on the held-out "
                                  "examples; a number > 0 fixes it",
                                  Check("auto or a finite number > 0", lambda v: v == AUTO or (is_number(v) and v > 0)))
-    holdout: int = setting(1000, "examples after the Fisher's, held out to choose --ridge and --first-order auto and to check that a "
-                           "stage does better on them than the backsolve on the magnitude support (which it returns "
-                           "otherwise); fewer when the data has fewer; 0: neither", integer(0))
+    holdout: int = setting(1000, "examples after the Fisher's, held out to choose --ridge and --first-order auto "
+                           "and to check that a stage does better on them than the backsolve on the magnitude "
+                           "support (which it returns otherwise); fewer when the data has fewer; 0: neither",
+                           integer(0))
     first_order: bool | str = setting(AUTO, "keep the gradient term of the local model: true, false (OBS-style, "
                                       "the gradient taken as 0 at a trained model), or auto: at each stage as the "
                                       "held-out examples prefer, chosen with the ridge (the term helps once earlier "
