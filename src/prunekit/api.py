@@ -16,7 +16,7 @@ from .methods import PruneContext, get_method
 from .modes import model_mode
 from .objectives import Loss, Objective, as_objective, infer_objective, probe, to_device
 from .tables import render_table
-from .targets import Skipped, Target, find_targets
+from .targets import Skipped, Target, describe_skipped, find_targets
 
 DEFAULT_SPARSITY = 0.9
 
@@ -65,7 +65,7 @@ class PruneResult:
                  render_table(["tensor", "shape", "weights", "requested", "achieved"], rows),
                  f"cost: {self.cost}"]
         if self.skipped:
-            lines.append("not pruned: " + "; ".join(f"{s.name} ({s.reason})" for s in self.skipped))
+            lines.append(describe_skipped(self.skipped))
         return "\n".join(lines)
 
 

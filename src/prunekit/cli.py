@@ -13,7 +13,7 @@ from .api import DEFAULT_SPARSITY
 from .budgets import Budget, check_sparsity
 from .errors import PrunekitError
 from .methods import all_methods, get_method, method_fields
-from .objectives import OBJECTIVES
+from .objectives import OBJECTIVES, as_objective
 from .tables import render_table
 from .training import TrainConfig
 from .version import __version__
@@ -158,12 +158,15 @@ def _prune_command(commands) -> None:
                         "(default: not written)")
     parser.add_argument("--masks-out", help="write the masks here, .safetensors with metadata (default: not written)")
     parser.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation")
+    parser.add_argument("--test-size", type=int, help="evaluate on a fixed random subset of N test examples "
+                        "(default: the whole test set)")
     parser.set_defaults(run=_run_prune)
 
 
 def _run_prune(args) -> None:
     from . import workflow
     from .api import prune
+    from .data.text import TextDataset
     from .masks import save_masks
 
     method = get_method(args.method)
@@ -179,20 +182,31 @@ def _run_prune(args) -> None:
     for path in (args.out, args.masks_out):
         _check_output_path(path)
     setup = workflow.setup(args.model, args.dataset, args.data_dir, args.checkpoint, seed=args.seed,
-                           device=args.device)
+                           device=args.device, test_size=args.test_size)
+    evaluates = not args.no_eval and setup.dataset is not None
+    if evaluates and args.loss is None and isinstance(setup.dataset, TextDataset):
+        raise PrunekitError("a text model is evaluated under its loss: pass --loss (e.g. --loss distill: the cosine "
+                            "similarity to the dense model), or --no-eval")
+    # Made from the dense model, before pruning: distill's reference; the same objective then evaluates.
+    objective = None if args.loss is None else as_objective(args.loss, setup.model)
     data = workflow.calibration_loader(setup, args.batch_size, args.seed) if method.needs_data else None
     result = prune(setup.model, args.method, args.sparsity, data, budget=budget, include=args.include,
-                   exclude=args.exclude, seed=args.seed, loss=args.loss, **method_values)
+                   exclude=args.exclude, seed=args.seed, loss=objective, **method_values)
     print(result)
-    if not args.no_eval and setup.dataset is not None:
-        metrics = workflow.evaluate(setup)
-        print(f"test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
+    if evaluates:
+        print(_metrics_line(workflow.evaluate(setup, result.objective or objective)))
     if args.masks_out:
         save_masks(setup.model, args.masks_out, result.metadata())
         print(f"masks written to {args.masks_out}")
     if args.out:
         workflow.save_weights(setup, args.out, {"pruning": result.metadata(), "sparsity": result.sparsity})
         print(f"pruned weights written to {args.out}")
+
+
+def _metrics_line(metrics: dict[str, float]) -> str:
+    """`test accuracy 0.9000, loss 0.3000` (or cosine, perplexity, ...: what the objective measures)."""
+    names = sorted((name for name in metrics if name != "examples"), key=lambda name: name != "accuracy")
+    return "test " + ", ".join(f"{name} {metrics[name]:.4f}" for name in names)
 
 
 def _eval_command(commands) -> None:

@@ -239,7 +239,9 @@ class SparsityReport:
         rows.append(["total (prunable)", "", self.numel, f"{self.sparsity:.4f}"])
         text = render_table(["tensor", "shape", "weights", "sparsity"], rows)
         if self.skipped:
-            text += "\nnot pruned: " + "; ".join(f"{s.name} ({s.reason})" for s in self.skipped)
+            from .targets import describe_skipped  # targets.py reads the parametrization names from here
+
+            text += "\n" + describe_skipped(self.skipped)
         return text
 
 

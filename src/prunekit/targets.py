@@ -87,6 +87,18 @@ class Skipped:
     reason: str
 
 
+def describe_skipped(skipped: Sequence[Skipped], listed: int = 3) -> str:
+    """`not pruned: ...` grouped by reason, a few names each, so a transformer's hundred biases take one line."""
+    by_reason: dict[str, list[str]] = {}
+    for item in skipped:
+        by_reason.setdefault(item.reason, []).append(item.name)
+    parts = []
+    for reason, names in by_reason.items():
+        more = f" and {len(names) - listed} more" if len(names) > listed else ""
+        parts.append(f"{reason}: {', '.join(names[:listed])}{more}")
+    return "not pruned: " + "; ".join(parts)
+
+
 @dataclass(frozen=True)
 class _Alias:
     """One name under which a parameter is reachable: the module holding it and the attribute."""
