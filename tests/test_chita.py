@@ -227,10 +227,14 @@ def test_the_stages_record_the_ridge_and_the_held_out_check(tiny_net, tiny_batch
 def test_pools_follow_the_budget_counts():
     layout = WeightLayout(("a", "b"), (torch.Size([10]), torch.Size([30])))
     values = torch.linspace(1, 2, 40)
-    assert Pools.from_plan(Budget("global").plan(dict(zip(layout.names, layout.shapes)), 0.5), layout).top(values).nonzero().min() == 20
-    uniform = Pools.from_plan(Budget("uniform").plan(dict(zip(layout.names, layout.shapes)), 0.5), layout).top(values)
+
+    def top(budget):
+        return Pools.from_plan(budget.plan(dict(zip(layout.names, layout.shapes)), 0.5), layout).top(values)
+
+    assert top(Budget("global")).nonzero().min() == 20
+    uniform = top(Budget("uniform"))
     assert uniform[:10].sum() == 5 and uniform[10:].sum() == 15
-    override = Pools.from_plan(Budget("global", layer_sparsity={"a": 0.0}).plan(dict(zip(layout.names, layout.shapes)), 0.5), layout).top(values)
+    override = top(Budget("global", layer_sparsity={"a": 0.0}))
     assert override[:10].all() and override[10:].sum() == 15  # the rest share the model sparsity
 
 

@@ -154,7 +154,8 @@ def _resolve_sparsity(sparsity: float | None, budget: Budget) -> float:
     if fixed is None:
         return check_sparsity(DEFAULT_SPARSITY if sparsity is None else sparsity)
     if sparsity is not None and abs(sparsity - fixed) > 1e-9:
-        raise PrunekitError(f"{budget.n}:{budget.m} sparsity is always {fixed:g}; drop --sparsity or set it to {fixed:g}")
+        raise PrunekitError(f"{budget.n}:{budget.m} sparsity is always {fixed:g}; drop --sparsity or set it to "
+                            f"{fixed:g}")
     return fixed
 
 

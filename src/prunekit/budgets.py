@@ -27,7 +27,8 @@ class Budget:
     """How a model-level sparsity becomes per-tensor masks."""
 
     allocation: str = setting("global", "global: one ranking over all tensors; uniform: the same sparsity per "
-                              "tensor; erk: Erdős–Rényi-kernel densities (RigL)", one_of(*ALLOCATIONS), flag="--budget")
+                              "tensor; erk: Erdős–Rényi-kernel densities (RigL)", one_of(*ALLOCATIONS),
+                              flag="--budget")
     structure: str = setting("unstructured", "unstructured | nm (N of every M along the input dimension) | "
                              "filters (whole output filters) | channels (whole input channels)", one_of(*STRUCTURES))
     n: int = setting(2, "N of N:M sparsity (kept weights per group)", integer(1))

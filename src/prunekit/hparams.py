@@ -262,7 +262,8 @@ def _scalar(value: Any, annotation: Any, what: str) -> Any:
         try:
             number = annotation(value) if annotation is float else _to_int(value)
         except (TypeError, ValueError):
-            raise PrunekitError(f"{what} must be {'an integer' if annotation is int else 'a number'}; got {value!r}") from None
+            kind = "an integer" if annotation is int else "a number"
+            raise PrunekitError(f"{what} must be {kind}; got {value!r}") from None
         return number
     if annotation is str:
         return str(value)

@@ -25,7 +25,43 @@ class _EpochPlan:
     flips: torch.Tensor | None
 
 
-class Loader:
+class EpochBatches:
+    """Batches of `size` examples in an order drawn once per epoch from a generator seeded by (seed, epoch),
+    so the same (seed, epoch) gives the same batches. Each iteration uses the current epoch and then
+    advances it; `set_epoch` sets the epoch the next iteration uses; `len()` is batches per epoch."""
+
+    def __init__(self, size: int, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool) -> None:
+        require(batch_size, integer(1), "batch_size")
+        require(seed, integer(0), "seed")
+        self.size, self.batch_size, self.shuffle, self.seed, self.drop_last = size, batch_size, shuffle, seed, drop_last
+        self._epoch = 0
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration will use."""
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        require(epoch, integer(0), "epoch")
+        self._epoch = epoch
+
+    def __len__(self) -> int:
+        full, remainder = divmod(self.size, self.batch_size)
+        return full + (0 if self.drop_last or not remainder else 1)
+
+    def _draw(self) -> tuple[torch.Tensor, torch.Generator]:
+        """This iteration's order, and its generator for further draws (augmentation); the epoch advances."""
+        generator = torch.Generator().manual_seed(_mix_seed(self.seed, self._epoch))
+        self._epoch += 1
+        order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
+        return order, generator
+
+    def _positions(self) -> Iterator[slice]:
+        return (slice(start, start + self.batch_size) for start in range(0, len(self) * self.batch_size,
+                                                                          self.batch_size))
+
+
+class Loader(EpochBatches):
     """Yields (x, y): x float32 N×C×H×W normalised as (pixels/255 - mean)/std, y int64.
 
     Shuffling and augmentation are drawn once per epoch from a generator seeded by (seed, epoch),
@@ -46,20 +82,14 @@ class Loader:
         drop_last: bool = False,
         device: str | torch.device = "cpu",
     ) -> None:
-        require(batch_size, integer(1), "batch_size")
-        require(seed, integer(0), "seed")
+        super().__init__(len(split), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.split = split
-        self.batch_size = batch_size
-        self.shuffle = shuffle
         self.augment = augment
-        self.seed = seed
-        self.drop_last = drop_last
         self.device = torch.device(device)
         # The whole uint8 split moves once, so that per-batch gathers happen on the device.
         self._images = split.images.to(self.device)
         self._labels = split.labels.to(self.device)
         self._mean, self._std = _normalisation(mean, std, split.images.shape[1], self.device)
-        self._epoch = 0
 
     @classmethod
     def for_dataset(
@@ -86,36 +116,15 @@ class Loader:
             **kwargs,
         )
 
-    @property
-    def epoch(self) -> int:
-        """The epoch the next iteration will use."""
-        return self._epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        require(epoch, integer(0), "epoch")
-        self._epoch = epoch
-
-    def __len__(self) -> int:
-        full, remainder = divmod(len(self.split), self.batch_size)
-        return full + (0 if self.drop_last or not remainder else 1)
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        plan = self._plan(self._epoch)
-        self._epoch += 1
-        return self._batches(plan)
-
-    def _plan(self, epoch: int) -> _EpochPlan:
-        generator = torch.Generator().manual_seed(_mix_seed(self.seed, epoch))
-        size = len(self.split)
-        order = torch.randperm(size, generator=generator) if self.shuffle else torch.arange(size)
+        order, generator = self._draw()
         if not self.augment:
-            return _EpochPlan(order.to(self.device), None, None)
-        shifts, flips = draw_crop_and_flip(size, generator)
-        return _EpochPlan(order.to(self.device), shifts.to(self.device), flips.to(self.device))
+            return self._batches(_EpochPlan(order.to(self.device), None, None))
+        shifts, flips = draw_crop_and_flip(len(order), generator)
+        return self._batches(_EpochPlan(order.to(self.device), shifts.to(self.device), flips.to(self.device)))
 
     def _batches(self, plan: _EpochPlan) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            positions = slice(start, start + self.batch_size)
+        for positions in self._positions():
             index = plan.order[positions]
             pixels = self._images[index]
             if plan.shifts is not None:

@@ -27,7 +27,7 @@ from prunekit.errors import PrunekitError
 from prunekit.hparams import integer, require
 
 from ._common import corrupt_file_error, read_maybe_gzipped
-from .loader import _mix_seed
+from .loader import EpochBatches
 from .splits import TensorSplit
 
 KJV_FILE = Path("KJV", "kjv.tsv.gz")
@@ -111,7 +111,7 @@ def _text_split(pairs: list[tuple[str, str]]) -> TextSplit:
 
 # ---------------------------------------------------------------- tokenised batches
 
-class TokenLoader:
+class TokenLoader(EpochBatches):
     """Yields mappings {"input_ids", "attention_mask"[, "token_type_ids"]} of int64 B×L tensors, L the
     longest text of the batch (cut at `max_length` tokens), padded on the right with mask 0.
 
@@ -134,17 +134,11 @@ class TokenLoader:
         drop_last: bool = False,
         device: str | torch.device = "cpu",
     ) -> None:
-        require(batch_size, integer(1), "batch_size")
-        require(seed, integer(0), "seed")
         self.texts = list(texts)
-        self.batch_size = batch_size
+        super().__init__(len(self.texts), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.token_type_ids = token_type_ids
-        self.shuffle = shuffle
-        self.seed = seed
-        self.drop_last = drop_last
         self.device = torch.device(device)
         self._tokenizer = _configured(tokenizer, max_length)
-        self._epoch = 0
 
     @classmethod
     def for_model_folder(cls, texts: Sequence[str], folder: str | Path, batch_size: int, **kwargs) -> TokenLoader:
@@ -152,30 +146,10 @@ class TokenLoader:
         kwargs.setdefault("token_type_ids", uses_token_type_ids(folder))
         return cls(texts, load_tokenizer(folder), batch_size, **kwargs)
 
-    @property
-    def epoch(self) -> int:
-        """The epoch the next iteration will use."""
-        return self._epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        require(epoch, integer(0), "epoch")
-        self._epoch = epoch
-
-    def __len__(self) -> int:
-        full, remainder = divmod(len(self.texts), self.batch_size)
-        return full + (0 if self.drop_last or not remainder else 1)
-
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        order = self._order(self._epoch).tolist()
-        self._epoch += 1
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield self._batch([self.texts[i] for i in order[start:start + self.batch_size]])
-
-    def _order(self, epoch: int) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(len(self.texts))
-        generator = torch.Generator().manual_seed(_mix_seed(self.seed, epoch))
-        return torch.randperm(len(self.texts), generator=generator)
+        order = self._draw()[0].tolist()
+        for positions in self._positions():
+            yield self._batch([self.texts[i] for i in order[positions]])
 
     def _batch(self, texts: list[str]) -> dict[str, torch.Tensor]:
         encodings = self._tokenizer.encode_batch(texts)

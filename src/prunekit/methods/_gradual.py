@@ -60,8 +60,8 @@ def check_gradual_budget(ctx: PruneContext, hp: GradualHparams) -> None:
     budget = ctx.budget
     if budget.fixed_sparsity is not None:
         raise PrunekitError(f"gradual pruning raises the sparsity over training, but {budget.n}:{budget.m} sparsity "
-                            f"is fixed at {budget.fixed_sparsity:g}; use structure unstructured or filters, or prune N:M "
-                            "one-shot with method magnitude")
+                            f"is fixed at {budget.fixed_sparsity:g}; use structure unstructured or filters, or prune "
+                            "N:M one-shot with method magnitude")
 
 
 def train_with_gradual_masks(ctx: PruneContext, hp: GradualHparams, *, mode: str, score: Score, monotone: bool,
