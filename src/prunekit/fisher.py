@@ -130,9 +130,10 @@ class GradientMatrix:
         return self.rows.sum(dim=0)
 
 
-def fisher_examples(data: Iterable, count: int, at_least: int | None = None) -> Batch:
+def fisher_examples(data: Iterable, count: int, at_least: int | None = None,
+                    needs: str = "fisher_samples × fisher_batch") -> Batch:
     """The first `count` examples `data` yields, as one batch of the data's kind (tuple or mapping); all of
-    them when it yields fewer but at least `at_least` (default: `count`)."""
+    them when it yields fewer but at least `at_least` (default: `count`; `needs` says why, in the error)."""
     parts, have = [], 0
     for batch in data:
         take = min(count - have, batch_examples(batch))
@@ -142,8 +143,8 @@ def fisher_examples(data: Iterable, count: int, at_least: int | None = None) -> 
             break
     needed = count if at_least is None else at_least
     if have < needed:
-        raise PrunekitError(f"the Fisher needs {needed} examples (fisher_samples × fisher_batch) but the data gave "
-                            f"only {have}; lower --fisher-samples or --fisher-batch, or pass more data")
+        raise PrunekitError(f"the Fisher needs {needed} examples ({needs}) but the data gave only {have}; lower "
+                            "--fisher-samples or --fisher-batch, or pass more data")
     return concat_batches(parts)
 
 

@@ -249,7 +249,8 @@ def solve_stages(ctx: PruneContext, hp: ChitaHparams, sparsities: list[float]) -
 def _calibration(ctx: PruneContext, hp: ChitaHparams) -> tuple[Batch, Batch | None]:
     """The Fisher's examples, and up to --holdout examples after them (None when there are none)."""
     count = hp.fisher_samples * hp.fisher_batch
-    examples = fisher_examples(ctx.data, count + hp.holdout, at_least=count + hp.chooses)
+    needs = "fisher_samples × fisher_batch" + (", and one held out to choose the auto settings" if hp.chooses else "")
+    examples = fisher_examples(ctx.data, count + hp.holdout, at_least=count + hp.chooses, needs=needs)
     examples = to_device(examples, ctx.device)
     total = batch_examples(examples)
     held_out = slice_batch(examples, count, total) if total > count else None
