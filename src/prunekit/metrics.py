@@ -1,4 +1,5 @@
-"""What a pruned model costs to run: multiply–accumulates (MACs) of its Conv and Linear layers.
+"""What a pruned model costs to run: multiply–accumulates (MACs) of its Conv and Linear layers (and
+transformers' Conv1D, a Linear stored in × out).
 
 Counted by forward hooks on one example, so any architecture is measured without being described.
 A weight takes part in one MAC per output position it produces (`output / (batch × out_channels)`
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from .modes import model_mode
-from .targets import PRUNABLE_MODULES
+from .targets import EMBEDDINGS, Layout, weight_layout
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,10 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> Macs:
     counts: dict[str, list[int]] = {}
     handles = []
     for name, module in model.named_modules():
-        if isinstance(module, PRUNABLE_MODULES):
+        layout = weight_layout(module)
+        if layout is not None and not isinstance(module, EMBEDDINGS):  # a lookup multiplies nothing
             weight_name = f"{name}.weight" if name else "weight"
-            handles.append(module.register_forward_hook(_counter(weight_name, counts)))
+            handles.append(module.register_forward_hook(_counter(weight_name, layout, counts)))
     reference = next(model.parameters())
     try:
         with torch.no_grad(), model_mode(model, training=False):
@@ -63,10 +65,10 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> Macs:
     return Macs([LayerMacs(name, dense, masked) for name, (dense, masked) in counts.items()])
 
 
-def _counter(name: str, counts: dict[str, list[int]]):
+def _counter(name: str, layout: Layout, counts: dict[str, list[int]]):
     def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
         weight = module.weight  # the masked weight when a mask is attached
-        positions = output.numel() // (output.shape[0] * weight.shape[0])
+        positions = output.numel() // (output.shape[0] * weight.shape[layout.output_dim])
         dense, masked = counts.setdefault(name, [0, 0])  # a module called twice counts twice
         counts[name] = [dense + weight.numel() * positions, masked + int(torch.count_nonzero(weight)) * positions]
     return hook

@@ -111,7 +111,7 @@ class _Alias:
     @property
     def layout(self) -> Layout | None:
         """How the module stores this tensor when it is a prunable weight, else None."""
-        return _weight_layout(self.module) if self.param_name == "weight" else None
+        return weight_layout(self.module) if self.param_name == "weight" else None
 
     @property
     def is_embedding(self) -> bool:
@@ -226,7 +226,7 @@ def _opt_in_reason(tensor: _Tensor, chosen: _Alias) -> str | None:
     return None
 
 
-def _weight_layout(module: nn.Module) -> Layout | None:
+def weight_layout(module: nn.Module) -> Layout | None:
     """How `module` stores its `weight` when prunekit can prune it, else None."""
     if isinstance(module, PRUNABLE_MODULES + EMBEDDINGS):
         return OUT_IN
@@ -246,7 +246,7 @@ def _is_transformers_conv1d(module: nn.Module) -> bool:
 def _structural_reason(alias: _Alias) -> str:
     """Why a tensor that is no prunable weight is left alone."""
     module = alias.module
-    if _weight_layout(module) is not None:
+    if weight_layout(module) is not None:
         return "bias vectors are not pruned"
     if _is_normalisation(module):
         return "normalisation parameters are not pruned"
