@@ -97,8 +97,9 @@ def prune(
     "causal-lm", "model", "distill": match the dense model's outputs, no labels needed), an
     `Objective`, or a callable `loss(model, batch) -> scalar tensor`. `budget` is an
     allocation name ("global", "uniform", "erk") or a Budget; `structure` (default "unstructured"),
-    `n`, `m` (default 2:4) and `layer_sparsity` complete a name (a Budget already holds them). `include`/`exclude` are regexes on tensor names. `observer(model, event)`
-    is called at each point the method records (stages, rounds), with the model as it is then.
+    `n`, `m` (default 2:4) and `layer_sparsity` complete a name (a Budget already holds them).
+    `include`/`exclude` are regexes on tensor names. `observer(model, event)` is called at each
+    point the method records (stages, rounds), with the model as it is then.
     Every argument is checked before any work is done.
     """
     spec = get_method(method)
