@@ -115,7 +115,8 @@ def test_sparsity_outside_unit_interval_is_refused(bad):
 
 
 def test_bad_budget_settings_are_named():
-    with pytest.raises(PrunekitError, match=r"budget allocation='best' is invalid: set it to one of global, uniform, erk \(--budget\)"):
+    with pytest.raises(PrunekitError,
+                       match=r"budget allocation='best' is invalid: set it to one of global, uniform, erk \(--budget\)"):
         Budget("best")
     with pytest.raises(PrunekitError, match="0 < N < M"):
         Budget(structure="nm", n=4, m=4)

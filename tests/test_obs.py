@@ -66,7 +66,8 @@ def test_woodfisher_steps_only_remove_more(tiny_net, tiny_batches):
     steps = [event for event in result.history if "step" in event]
     assert [event["scheduled"] for event in steps] == pytest.approx([0.25, 0.5, 0.75])
     total = sum(m.numel() for m in result.masks.values())
-    assert [event["sparsity"] * total for event in steps] == pytest.approx([round(s * total) for s in (0.25, 0.5, 0.75)])
+    pruned = [round(s * total) for s in (0.25, 0.5, 0.75)]
+    assert [event["sparsity"] * total for event in steps] == pytest.approx(pruned)
     assert [event["pruned"] for event in steps] == [round(s * total) - round(r * total) for s, r in
                                                       ((0.25, 0), (0.5, 0.25), (0.75, 0.5))]
     assert sum(int((~m).sum()) for m in result.masks.values()) == round(0.75 * total)
