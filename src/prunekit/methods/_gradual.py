@@ -19,7 +19,6 @@ pruned, how many came back, how much of the new mask was already kept, and the p
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,11 +30,8 @@ from ..schedules import StepSchedule
 from ..targets import Target
 from ..training import Callback, TrainConfig, Trainer
 from . import PruneContext
-from ._stages import Stages
+from ._stages import Criterion, Stages
 from ._training import train
-
-# Scores of every target given the current masks (True = kept); the lowest are pruned.
-Score = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -64,8 +60,8 @@ def check_gradual_budget(ctx: PruneContext, hp: GradualHparams) -> None:
                             "N:M one-shot with method magnitude")
 
 
-def train_with_gradual_masks(ctx: PruneContext, hp: GradualHparams, *, mode: str, score: Score, monotone: bool,
-                             keep_updating: bool) -> dict[str, torch.Tensor]:
+def train_with_gradual_masks(ctx: PruneContext, hp: GradualHparams, *, mode: str, score: Criterion,
+                             monotone: bool, keep_updating: bool) -> dict[str, torch.Tensor]:
     """Train `ctx.model` once while the masks follow the schedule; returns the final masks (at the target).
 
     `mode` is the masks' gradient mode during training, `score` ranks the weights at each update,
@@ -82,7 +78,7 @@ def train_with_gradual_masks(ctx: PruneContext, hp: GradualHparams, *, mode: str
 class GradualMasks(Callback):
     """Recomputes the masks on the schedule at the start of a step and records the churn."""
 
-    def __init__(self, ctx: PruneContext, hp: GradualHparams, mode: str, score: Score, monotone: bool,
+    def __init__(self, ctx: PruneContext, hp: GradualHparams, mode: str, score: Criterion, monotone: bool,
                  keep_updating: bool) -> None:
         self.ctx = ctx
         self.hp = hp
@@ -122,7 +118,7 @@ class GradualMasks(Callback):
                            pruning_error=_pruning_error(self.ctx.targets, new))
 
 
-def dense_square_magnitude(targets: list[Target]) -> Score:
+def dense_square_magnitude(targets: list[Target]) -> Criterion:
     """w² of the dense weights, pruned ones included (which DPF's feedback may bring back).
 
     Squared, so that a group's mean score (structure="filters") ranks filters by their L2 norm.
