@@ -23,7 +23,6 @@ from ..errors import PrunekitError
 from ..masks import MASKED
 from ..objectives import Objective
 from ..targets import Target
-from ..training import TrainConfig
 
 TRAINING_GROUP = "training"  # the field holding a training method's TrainConfig
 

@@ -35,6 +35,7 @@ from ..errors import PrunekitError
 from ..hparams import group, integer, number, setting
 from ..modes import model_mode
 from ..objectives import Batch, CrossEntropy, Objective, to_device, without_labels
+from ..targets import Target
 from ..training import TrainConfig
 from . import PruneContext, register
 from ._stages import Criterion, StageSettings, run_stages
