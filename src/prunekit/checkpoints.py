@@ -60,12 +60,15 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Tensors and header metadata (string values) of a safetensors file."""
+    """Tensors and header metadata (string values) of a safetensors file; a sparse weight file decoded."""
+    from prunekit.export.sparse_files import decode_sparse, is_sparse_file  # it saves through this module
+
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+            tensors, metadata = {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
     except SafetensorError as error:
         raise PrunekitError(f"{path} is not a valid safetensors file ({_one_line(error)}); re-export it") from error
+    return decode_sparse(tensors, metadata, path) if is_sparse_file(metadata) else (tensors, metadata)
 
 
 def _load_torch_file(path: Path) -> object:
@@ -324,14 +327,14 @@ def save_model(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str,
     path = Path(path)
     if path.suffix != ".safetensors":
         raise PrunekitError(f"save_model writes safetensors; name the file *.safetensors, not {path.name}")
-    header = _encode_metadata(metadata)
+    header = encode_metadata(metadata)
     # Cloning gives each tensor its own storage, which safetensors requires.
     tensors = {key: tensor.detach().cpu().contiguous().clone() for key, tensor in plain_state_dict(model).items()}
     with atomic_path(path) as temporary:
         save_file(tensors, str(temporary), metadata=header)
 
 
-def _encode_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
+def encode_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
     """Safetensors header metadata: strings as they are, everything else as JSON."""
     header = {}
     for key, value in metadata.items():

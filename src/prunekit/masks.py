@@ -172,10 +172,18 @@ def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def make_permanent(model: nn.Module) -> nn.Module:
-    """Fold masks into plain weights and remove the parametrizations; returns `model`."""
+    """Fold masks into plain weights and remove the parametrizations; returns `model`.
+
+    Pruned entries become +0.0 (weight × 0 is -0.0 for a negative weight), so that a pruned weight is all-zero
+    bits: what sparse weight files leave out.
+    """
     for module in model.modules():
-        if mask_of(module) is not None:
+        mask = mask_of(module)
+        if mask is not None:
+            pruned = mask.mask == 0
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            with torch.no_grad():
+                module.weight.masked_fill_(pruned, 0.0)
     return model
 
 
