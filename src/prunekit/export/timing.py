@@ -1,0 +1,43 @@
+"""Latency measured fairly on a shared machine: alternatives timed in turn, each the median of its rounds."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Mapping
+
+import torch
+
+# Times a set of alternatives for one thing (`what`: a layer's name, or "model"): {label: seconds per call}.
+Timer = Callable[[str, Mapping[str, Callable[[], Any]]], dict[str, float]]
+
+
+def interleaved_seconds(candidates: Mapping[str, Callable[[], Any]], rounds: int = 5,
+                        min_seconds: float = 0.01) -> dict[str, float]:
+    """Median seconds per call of each candidate, over `rounds` rounds that time every candidate in turn.
+
+    Turns alternate so that load from other processes falls on every candidate alike; each turn repeats the
+    call until it lasts `min_seconds`, with the count fixed per candidate by a warm-up call.
+    """
+    with torch.no_grad():
+        calls = {label: _calls_lasting(fn, min_seconds) for label, fn in candidates.items()}
+        times: dict[str, list[float]] = {label: [] for label in candidates}
+        for _ in range(rounds):
+            for label, fn in candidates.items():
+                started = time.perf_counter()
+                for _ in range(calls[label]):
+                    fn()
+                times[label].append((time.perf_counter() - started) / calls[label])
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
+def measure(what: str, candidates: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
+    """The default `Timer`: `interleaved_seconds` (what is measured does not change how)."""
+    return interleaved_seconds(candidates)
+
+
+def _calls_lasting(fn: Callable[[], Any], min_seconds: float) -> int:
+    fn()  # warm-up: first-call allocations and lazy initialisation are not latency
+    started = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - started, 1e-7)
+    return max(1, round(min_seconds / once))
