@@ -9,6 +9,7 @@ from torch import nn
 
 from . import hparams as hparams_lib
 from .budgets import Budget, Plan, check_sparsity
+from .channels import ChannelGroups, channel_groups
 from .cost import Cost, CostMeter
 from .errors import PrunekitError
 from .masks import attach_masks, mask_sparsity
@@ -107,11 +108,12 @@ def prune(
     budget = _budget(budget, structure=structure, n=n, m=m, layer_sparsity=layer_sparsity)
     sparsity = _resolve_sparsity(sparsity, budget)
     targets, skipped = _prunable(model, budget, include, exclude)
-    plan = budget.plan({t.name: t.shape for t in targets}, sparsity, {t.name: t.layout for t in targets})
     if spec.needs_data and data is None:
         raise PrunekitError(f"method {method!r} needs data: pass data=<iterable of (inputs, targets) batches> "
                             "(from the CLI: --dataset and --data-dir)")
     device = targets[0].dense.device
+    plan = budget.plan({t.name: t.shape for t in targets}, sparsity, {t.name: t.layout for t in targets},
+                       _coupling(model, budget, targets, data, device))
     meter = CostMeter(model, device)
     ctx = PruneContext(model, targets, sparsity, budget, data, seed, meter, device, observer=observer, plan=plan)
     if spec.check is not None:
@@ -137,6 +139,32 @@ def _objective(loss: Loss, model: nn.Module, data: Any, device: torch.device) ->
     with model_mode(model, training=False):
         probe(objective, model, first)
     return objective
+
+
+def _coupling(model: nn.Module, budget: Budget, targets: list[Target], data: Any,
+              device: torch.device) -> ChannelGroups | None:
+    """The model's coupled channel groups, which structure `groups` ranks (None for the other structures)."""
+    if budget.structure != "groups":
+        return None
+    return channel_groups(model, _example_inputs(model, data, device), [t.name for t in targets])
+
+
+def _example_inputs(model: nn.Module, data: Any, device: torch.device) -> Any:
+    """What the channel trace runs the model on: the first batch's inputs, else zeros of `model.input_shape`."""
+    if data is not None:
+        batch = next(iter(data), None)
+        batch = None if batch is None else to_device(batch, device)
+        if isinstance(batch, Mapping):
+            return {key: value for key, value in batch.items() if key != "labels"}
+        if isinstance(batch, (tuple, list)) and batch:
+            return batch[0]
+        if isinstance(batch, torch.Tensor):
+            return batch
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        raise PrunekitError("structure 'groups' runs the model once to find which channels are coupled: pass "
+                            "data (batches of inputs) or give the model an input_shape attribute, e.g. (3, 32, 32)")
+    return torch.zeros(2, *shape, device=device)
 
 
 def _budget(budget: str | Budget, **parts: Any) -> Budget:

@@ -3,14 +3,16 @@
 Every selection sorts by score with a stable sort and cuts at an exact index, so ties are broken
 by position and a requested count is always met exactly (never a threshold that ties can shift).
 Sparsity is counted over the tensors given: unstructured budgets prune round(s * weights),
-structured budgets prune round(s * groups), N:M keeps N of every M.
+structured budgets prune round(s * groups), N:M keeps N of every M. `groups` counts coupled channel
+groups (`channels.py`): a channel with every weight slice that carries it, so that its masks can
+be removed physically (`prunekit.compact`).
 """
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 
@@ -18,8 +20,11 @@ from .errors import PrunekitError
 from .hparams import integer, one_of, setting, validate
 from .targets import OUT_IN, Layout, Target
 
+if TYPE_CHECKING:
+    from .channels import ChannelGroups
+
 ALLOCATIONS = ("global", "uniform", "erk")
-STRUCTURES = ("unstructured", "nm", "filters", "channels")
+STRUCTURES = ("unstructured", "nm", "filters", "channels", "groups")
 
 
 @dataclass(frozen=True)
@@ -30,7 +35,8 @@ class Budget:
                               "tensor; erk: Erdős–Rényi-kernel densities (RigL)", one_of(*ALLOCATIONS),
                               flag="--budget")
     structure: str = setting("unstructured", "unstructured | nm (N of every M along the input dimension) | "
-                             "filters (whole output filters) | channels (whole input channels)", one_of(*STRUCTURES))
+                             "filters (whole output filters) | channels (whole input channels) | groups (coupled "
+                             "channels: every slice that carries one, physically removable)", one_of(*STRUCTURES))
     n: int = setting(2, "N of N:M sparsity (kept weights per group)", integer(1))
     m: int = setting(4, "M of N:M sparsity (group size)", integer(2))
     layer_sparsity: Mapping[str, float] | None = setting(
@@ -63,13 +69,24 @@ class Budget:
         return None
 
     def plan(self, shapes: Mapping[str, torch.Size], sparsity: float,
-             layouts: Mapping[str, Layout] | None = None) -> Plan:
+             layouts: Mapping[str, Layout] | None = None, coupling: ChannelGroups | None = None) -> Plan:
         """The per-tensor counts of a prune of these tensors at `sparsity`: checked and matched once.
 
         `layouts` says where a tensor keeps its outputs and inputs (`Target.layout`); out × in when not given.
+        `coupling` is the model's channel groups (`channels.channel_groups`), which structure `groups` ranks.
         """
         check_sparsity(sparsity)
-        return Plan(self, dict(shapes), sparsity, self._overrides(shapes), dict(layouts or {}))
+        if self.structure == "groups" and coupling is None:
+            raise PrunekitError("structure 'groups' needs the model's coupled channels: prune() finds them by "
+                                "running the model once; a plan made by hand needs "
+                                "coupling=prunekit.channels.channel_groups(model, example_inputs)")
+        if self.structure == "groups" and not coupling.size:
+            raise PrunekitError("no channel of this model can be removed as a whole coupled group ("
+                                f"{coupling.describe_pinned() or 'no layer makes channels'}); use structure "
+                                "filters or unstructured")
+        # Under `groups` the overrides name families (by their first producer's weight), not tensors.
+        ranked = coupling.family_sizes if self.structure == "groups" else shapes
+        return Plan(self, dict(shapes), sparsity, self._overrides(ranked), dict(layouts or {}), coupling)
 
     def select(self, scores: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
         """Masks of one selection (a plan made for it); repeated selections should keep the plan."""
@@ -100,6 +117,7 @@ class Plan:
     sparsity: float
     overrides: dict[str, float]
     layouts: dict[str, Layout] = field(default_factory=dict)  # out × in where a tensor has none
+    coupling: ChannelGroups | None = None  # the channel groups that structure `groups` ranks
     counts: dict[str | None, int] = field(init=False)
     _stages: dict[float, Plan] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -108,8 +126,11 @@ class Plan:
 
     @property
     def group_sizes(self) -> dict[str, int]:
-        """Groups per tensor: weights (unstructured), output filters or input channels."""
+        """Groups per tensor: weights (unstructured), output filters or input channels; for structure `groups`,
+        coupled channel groups per family (named by its first producer's weight)."""
         structure = self.budget.structure
+        if structure == "groups":
+            return self.coupling.family_sizes
         return {name: _group_count(shape, structure, self.layout(name)) for name, shape in self.shapes.items()}
 
     @property
@@ -123,7 +144,7 @@ class Plan:
             return self
         if sparsity not in self._stages:
             self._stages[sparsity] = Plan(self.budget, self.shapes, check_sparsity(sparsity), self.overrides,
-                                          self.layouts)
+                                          self.layouts, self.coupling)
         return self._stages[sparsity]
 
     def select(self, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -133,6 +154,9 @@ class Plan:
         if structure == "nm":
             return {name: _n_of_m(score, self.budget.n, self.budget.m, self.layout(name))
                     for name, score in scores.items()}
+        if structure == "groups":
+            keep = _keep_groups(self.coupling.family_scores(scores), self.counts, keep_one_per_tensor=True)
+            return self.coupling.masks(keep, {name: score.shape for name, score in scores.items()})
         group_scores = {name: _group_scores(score, structure, self.layout(name)) for name, score in scores.items()}
         keep = _keep_groups(group_scores, self.counts, keep_one_per_tensor=structure != "unstructured")
         return {name: _expand(keep[name], scores[name].shape, structure, self.layout(name)) for name in scores}
@@ -141,9 +165,11 @@ class Plan:
         return self.layouts.get(name, OUT_IN)
 
     def requested(self) -> dict[str, float | None]:
-        """Requested sparsity per tensor (None where a global ranking decides)."""
+        """Requested sparsity per tensor (None where a global ranking or, for coupled groups, the groups decide)."""
         if self.budget.fixed_sparsity is not None:
             return {name: self.budget.fixed_sparsity for name in self.shapes}
+        if self.budget.structure == "groups":
+            return {name: None for name in self.shapes}
         sizes = self.group_sizes
         return {name: self.counts[name] / sizes[name] if name in self.counts else None for name in self.shapes}
 

@@ -1,6 +1,7 @@
 """Masks as parametrizations: attach, read, make permanent, measure, save and load."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -185,6 +186,26 @@ def make_permanent(model: nn.Module) -> nn.Module:
             with torch.no_grad():
                 module.weight.masked_fill_(pruned, 0.0)
     return model
+
+
+def folded_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` with its masks folded into plain weights (pruned entries +0.0); `model` keeps them.
+
+    Not make_permanent on a deep copy: parametrize generates one class per masked module, which the copy
+    shares, and removing the parametrization from the copy would delete the original's `weight` with it.
+    """
+    copied = copy.deepcopy(model)
+    for module in copied.modules():
+        mask = mask_of(module)
+        if mask is not None:
+            with torch.no_grad():
+                weight = module.weight.detach().clone().masked_fill_(mask.mask == 0, 0.0)
+            requires_grad = unmasked(module).requires_grad
+            plain_class = parametrize.type_before_parametrizations(module)
+            del module.parametrizations
+            module.__class__ = plain_class
+            module.weight = nn.Parameter(weight, requires_grad)
+    return copied
 
 
 def _targets_by_name(model: nn.Module, names) -> dict[str, Target]:

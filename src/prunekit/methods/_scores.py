@@ -23,7 +23,7 @@ from ..training import Callback, TrainConfig, Trainer
 from . import PruneContext
 from ._training import train_under_masks
 
-STRUCTURES_BY_GROUP = ("filters", "channels")
+STRUCTURES_BY_GROUP = ("filters", "channels", "groups")
 
 
 class Scores:

@@ -14,17 +14,20 @@ SHORTCUTS: tuple[str, ...] = ("projection", "identity")
 
 
 class PaddedIdentity(nn.Module):
-    """Parameter-free shortcut (option A): subsample spatially and zero-pad the new channels."""
+    """Parameter-free shortcut (option A): subsample spatially and zero-pad the new channels.
 
-    def __init__(self, planes: int, stride: int) -> None:
+    The zero channels before and after the input's are attributes, so that compaction can resize them.
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
         super().__init__()
-        self.planes = planes
         self.stride = stride
+        extra = planes - in_planes
+        self.pad_before, self.pad_after = extra // 2, extra - extra // 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x[:, :, :: self.stride, :: self.stride]
-        extra = self.planes - x.shape[1]
-        return F.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2))
+        return F.pad(x, (0, 0, 0, 0, self.pad_before, self.pad_after))
 
 
 def _downsample(in_planes: int, planes: int, stride: int, shortcut: Shortcut) -> nn.Module | None:
@@ -32,7 +35,7 @@ def _downsample(in_planes: int, planes: int, stride: int, shortcut: Shortcut) ->
     if stride == 1 and in_planes == planes:
         return None
     if shortcut == "identity":
-        return PaddedIdentity(planes, stride)
+        return PaddedIdentity(in_planes, planes, stride)
     return nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
 
 
