@@ -187,6 +187,21 @@ def test_distill_needs_no_labels_and_training_brings_the_outputs_back(method):
     assert evaluate(dense, data, objective=distill)["cosine"] == pytest.approx(1.0)
 
 
+def test_distill_frozen_on_examples_gives_the_same_loss_without_running_the_reference_again():
+    torch.manual_seed(0)
+    model, dense = KeywordClassifier(), KeywordClassifier()
+    distill = as_objective("distill", dense)
+    batch = keyword_batches(labels=False)[0]
+    calls = []
+    distill.reference.register_forward_hook(lambda *_: calls.append(1))
+    objective, frozen = distill.frozen(batch)
+    assert len(calls) == 1
+    for _ in range(3):
+        torch.testing.assert_close(objective.loss(model, frozen)[0], distill.loss(model, batch)[0])
+    assert len(calls) == 1 + 3  # only the plain loss ran the reference
+    assert CrossEntropy().frozen(batch) == (CrossEntropy(), batch)
+
+
 def test_causal_lm_shifts_and_ignores_padding():
     vocabulary = 11
     model = nn.Sequential(nn.Embedding(vocabulary, 8), nn.Linear(8, vocabulary))

@@ -27,6 +27,10 @@ Batch = Any  # an (inputs, targets) tuple or a mapping of tensors
 
 
 OBJECTIVES = ("cross-entropy", "causal-lm", "model", "distill")
+# The objectives whose evaluation has a graded metric (higher is better) that a benchmark can rank by, and the key
+# of that metric in `training.evaluate`'s result: top-1 for classification, the cosine similarity of the mean-pooled
+# outputs to the dense model's for distillation. The language-model objectives grade by loss (lower is better).
+GRADES = {"cross-entropy": "accuracy", "distill": "cosine"}
 LABELS = "labels"  # the key of the targets in a Hugging Face style mapping batch
 
 
@@ -48,6 +52,11 @@ class Objective:
     def curvature(self, examples: Batch) -> tuple[Objective, Batch]:
         """The loss whose per-example gradients g make E[g gᵀ] the curvature the second-order methods model,
         and the examples it takes. The empirical Fisher: the objective itself on the examples."""
+        return self, examples
+
+    def frozen(self, examples: Batch) -> tuple[Objective, Batch]:
+        """The same loss on examples that will be scored many times, with what does not depend on the pruned
+        model computed once (a reference's outputs); by default the objective itself."""
         return self, examples
 
 
@@ -143,15 +152,15 @@ class Distill(Objective):
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = without_labels(batch)
-        outputs = output_tensor(call_model(model, inputs))
+        return _Matching(self.kind).loss(model, {"inputs": inputs, "dense": self._dense(inputs)})
+
+    def frozen(self, examples: Batch) -> tuple[Objective, Batch]:
+        inputs = without_labels(examples)
+        return _Matching(self.kind), {"inputs": inputs, "dense": self._dense(inputs)}
+
+    def _dense(self, inputs: Batch) -> torch.Tensor:
         with torch.no_grad():
-            dense = output_tensor(call_model(self.reference, inputs))
-        if self.kind == "kl":
-            loss = F.kl_div(F.log_softmax(outputs, -1).flatten(0, -2), F.log_softmax(dense, -1).flatten(0, -2),
-                            log_target=True, reduction="batchmean")
-        else:
-            loss = F.mse_loss(outputs, dense)
-        return loss, (outputs, dense)
+            return output_tensor(call_model(self.reference, inputs))
 
     def measures(self, outputs: tuple[torch.Tensor, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         pruned, dense = (pooled(tensor, batch) for tensor in outputs)
@@ -163,14 +172,29 @@ class Distill(Objective):
         the D outputs): the second moment of Jᵀu for random directions u ~ N(0, I/D), one per example,
         drawn from a fixed seed (padding positions get none). The rows are the gradients of ⟨f(x), u⟩."""
         inputs = without_labels(examples)
-        with torch.no_grad():
-            dense = output_tensor(call_model(self.reference, inputs))
+        dense = self._dense(inputs)
         generator = torch.Generator().manual_seed(0)
         direction = torch.randn(dense.shape, generator=generator).to(dense.device) / math.sqrt(dense[0].numel())
         mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
         if mask is not None and dense.dim() == 3:
             direction = direction * mask.unsqueeze(-1).to(direction.dtype)
         return _Projection(), {"inputs": inputs, "direction": direction}
+
+
+@dataclass(frozen=True)
+class _Matching(Objective):
+    """Distill's loss against dense outputs given in the batch: {"inputs": ..., "dense": ...}."""
+
+    kind: str
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        outputs, dense = output_tensor(call_model(model, batch["inputs"])), batch["dense"]
+        if self.kind == "kl":
+            loss = F.kl_div(F.log_softmax(outputs, -1).flatten(0, -2), F.log_softmax(dense, -1).flatten(0, -2),
+                            log_target=True, reduction="batchmean")
+        else:
+            loss = F.mse_loss(outputs, dense)
+        return loss, (outputs, dense)
 
 
 class _Projection(Objective):

@@ -83,6 +83,7 @@ AUTO = "auto"
 # On MLPNet the held-out slice prefers 1e-4..1e-3 at 0.5-0.9 without the first-order term, more near 0.98,
 # and the upper end with the first-order term (its step along the gradient needs holding back).
 RIDGE_PATH = (1e2, 1e1, 1e0, 1e-1, 1e-2, 1e-3, 1e-4)
+HELD_OUT_CHUNK = 256  # held-out examples per forward pass when scoring a candidate (no gradients: cheap)
 
 
 @dataclass
@@ -235,7 +236,7 @@ def solve_stages(ctx: PruneContext, hp: ChitaHparams, sparsities: list[float]) -
         g = gradient_matrix(ctx.model, ctx.targets, examples, ctx.objective, batch=hp.fisher_batch,
                             chunk=hp.fisher_chunk, dtype=PRECISIONS[hp.precision], meter=ctx.meter)
         anchor = layout.flatten({t.name: t.weight for t in ctx.targets}).to(g.rows.dtype)
-        scorer = None if held_out is None else HeldOut(ctx, layout, held_out, hp.fisher_chunk)
+        scorer = None if held_out is None else HeldOut(ctx, layout, held_out, HELD_OUT_CHUNK)
         solved = solve(ctx, hp, g, anchor, sparsity, scorer)
         # The solver's support already holds the plan's counts: it is the stage's mask as it is.
         masks = stages.accept(layout.unflatten(solved.solution.support))
@@ -257,24 +258,25 @@ def _calibration(ctx: PruneContext, hp: ChitaHparams) -> tuple[Batch, Batch | No
     return slice_batch(examples, 0, count), held_out
 
 
-@dataclass
 class HeldOut:
-    """The objective's mean loss on held-out examples with the targets' weights set to a flat vector."""
+    """The objective's mean loss on held-out examples with the targets' weights set to a flat vector.
 
-    ctx: PruneContext
-    layout: WeightLayout
-    examples: Batch
-    chunk: int  # examples per forward pass
+    The examples are cut into chunks once, with what the loss needs that does not depend on the weights
+    (distill's dense outputs) computed once: a stage scores a dozen candidates on them."""
+
+    def __init__(self, ctx: PruneContext, layout: WeightLayout, examples: Batch, chunk: int) -> None:
+        self.ctx, self.layout = ctx, layout
+        count = batch_examples(examples)
+        self.count = count
+        self.chunks = [(*ctx.objective.frozen(slice_batch(examples, start, start + chunk)),
+                        min(chunk, count - start)) for start in range(0, count, chunk)]
 
     def loss(self, w: torch.Tensor) -> float:
         weights = self.layout.unflatten(w)
-        count = batch_examples(self.examples)
         total = 0.0
-        for start in range(0, count, self.chunk):
-            part = slice_batch(self.examples, start, start + self.chunk)
-            loss = loss_with_weights(self.ctx.model, self.ctx.targets, weights, self.ctx.objective, part)
-            total += float(loss) * batch_examples(part)
-        return total / count
+        for objective, part, size in self.chunks:
+            total += float(loss_with_weights(self.ctx.model, self.ctx.targets, weights, objective, part)) * size
+        return total / self.count
 
 
 @dataclass
