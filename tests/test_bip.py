@@ -12,6 +12,7 @@ from prunekit.data import Loader, TensorSplit
 from prunekit.errors import PrunekitError
 from prunekit.masks import get_masks
 from prunekit.methods import PruneContext
+from prunekit.methods import _scores as scores_module
 from prunekit.methods._scores import Scores, grad_at_masked_weight, straight_through
 from prunekit.hparams import build
 from prunekit.methods.bip import BilevelStep, BipHparams, upper_gradient
@@ -147,6 +148,18 @@ def test_same_seed_same_masks_and_weights_and_each_epoch_recorded(tiny_net):
     forward = [e["cost"]["forward_examples"] for e in first.history]
     assert forward == [2 * 64, 4 * 64, 6 * 64]  # two passes per epoch: one per level
     assert first.history[-1]["train_loss"] < first.history[0]["train_loss"]
+
+
+def test_each_iteration_writes_the_new_mask_into_the_attached_one_without_walking_the_model(tiny_net, monkeypatch):
+    attached = []
+    attach = scores_module.attach_masks
+    monkeypatch.setattr(scores_module, "attach_masks", lambda *args: attached.append(args) or attach(*args))
+    seen = []
+    result = prunekit.prune(tiny_net, "bip", 0.8, synthetic_loader(), epochs=2, score_lr=1.0,
+                            observer=lambda model, event: seen.append(get_masks(model)))
+    assert len(attached) == 1  # the first projection; the 2 × 8 that follow copy into its mask buffers
+    assert all(torch.equal(seen[-1][n], result.masks[n]) for n in result.masks)
+    assert sum(event["mask_flips"] for event in result.history) > 0  # the model saw masks that changed
 
 
 def test_finetune_trains_kept_weights_under_the_final_mask(tiny_net):

@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
-from ..masks import STRAIGHT_THROUGH, attach_masks
+from ..masks import STRAIGHT_THROUGH, Mask, attach_masks, mask_of
 from ..targets import Target
 from ..training import Callback, TrainConfig, Trainer
 from . import PruneContext
+from ._topk import TrackedTopK
 from ._training import train_under_masks
 
 STRUCTURES_BY_GROUP = ("filters", "channels", "groups")
@@ -29,7 +30,9 @@ STRUCTURES_BY_GROUP = ("filters", "channels", "groups")
 class Scores:
     """A score tensor with the shape of each target weight; the mask keeps the budget's top-k of |score|.
 
-    `masks` is the mask the model computes with, recomputed from the scores by `project()`.
+    `masks` is the mask the model computes with, recomputed from the scores by `project()`, which
+    attaches it straight-through the first time; `multipliers` are the same masks as the model
+    multiplies by them (in the weights' dtype).
     """
 
     def __init__(self, ctx: PruneContext, initial: Mapping[str, torch.Tensor]):
@@ -37,11 +40,29 @@ class Scores:
         self.tensors = {t.name: initial[t.name].detach().clone().to(t.dense.device).requires_grad_(True)
                         for t in ctx.targets}
         self.masks: dict[str, torch.Tensor] = {}
+        unstructured = ctx.budget.structure == "unstructured"
+        self._select = TrackedTopK(ctx.plan.at(ctx.sparsity)).select if unstructured else ctx.select
+        self._parametrizations: dict[str, Mask] = {}
 
     def project(self) -> None:
         """Recompute the exact top-k mask from the scores and make the model compute with it."""
-        self.masks = self.ctx.select(self._ranking())
-        attach_masks(self.ctx.model, self.masks, STRAIGHT_THROUGH)
+        self.masks = self._select(self._ranking())
+        if not self._parametrizations:
+            attach_masks(self.ctx.model, self.masks, STRAIGHT_THROUGH)
+            self._parametrizations = {t.name: mask_of(t.module) for t in self.ctx.targets}
+            return
+        # Every iteration: write into the masks attached at the first, without walking the model again.
+        for name, parametrization in self._parametrizations.items():
+            parametrization.mask.copy_(self.masks[name])
+
+    def set_gradient_mode(self, mode: str) -> None:
+        """Switch the attached masks between masked and straight-through gradients (`masks.GRADIENT_MODES`)."""
+        for parametrization in self._parametrizations.values():
+            parametrization.mode = mode
+
+    @property
+    def multipliers(self) -> dict[str, torch.Tensor]:
+        return {name: parametrization.mask for name, parametrization in self._parametrizations.items()}
 
     def _ranking(self) -> dict[str, torch.Tensor]:
         if self.ctx.budget.structure in STRUCTURES_BY_GROUP:
@@ -63,7 +84,7 @@ def grad_at_masked_weight(target: Target) -> torch.Tensor:
 
 def straight_through(score: torch.Tensor, grad_mask: torch.Tensor) -> torch.Tensor:
     """∂ℓ/∂s when the top-k is the identity on the way back: ∂ℓ/∂m reaches |s|, then times sign(s)."""
-    return score.detach().sign() * grad_mask
+    return score.detach().sign().mul_(grad_mask)
 
 
 class RecordEpochs(Callback):

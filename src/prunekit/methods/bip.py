@@ -27,7 +27,11 @@ Choices, and where the official code (OPTML-Group/BiP) differs:
   the scores (the official one also steps BatchNorm). Both levels run the network in training mode,
   so BatchNorm statistics follow the current mask, as in the official code.
 - The upper level needs one backward pass (the official code makes two identical ones), so an
-  iteration costs two forward and backward passes.
+  iteration costs two forward and backward passes. The lower level runs the masks with masked
+  gradients (autograd gives z* ⊙ ∂ℓ/∂z), the upper level straight-through (∂ℓ/∂z of every weight);
+  the projection finds the exact top-k near the last one (`_topk.py`) and writes it into the
+  masks already attached. On LeNet-300 an iteration's two passes cost about 1.3× two steps of
+  plain masked training (benchmarks/RESULTS.md, `benchmarks/bip_step_cost.py`).
 - The upper level's batches come from a second pass over the data per epoch (see `_upper_level_pass`),
   like the official code's second loader over the training set.
 - Learning rates and schedules follow the official CIFAR config as it runs: 0.1 for both, cosine for
@@ -42,6 +46,7 @@ import torch
 
 from ..errors import PrunekitError
 from ..hparams import Check, group, integer, number, one_of, setting
+from ..masks import MASKED, STRAIGHT_THROUGH
 from ..objectives import to_device
 from ..training import LR_SCHEDULES, Callback, TrainConfig, Trainer, lr_multiplier
 from . import PruneContext, register
@@ -121,12 +126,19 @@ class BilevelStep(Callback):
     def on_step_begin(self, trainer: Trainer, batch) -> None:
         if self.upper_batches is None:
             self.upper_batches = _upper_level_pass(self.ctx.data, self.hp.training.epochs + trainer.epoch)
+        # Lower level: autograd through the binary mask gives ∇_θ ℓ(z* ⊙ θ) = z* ⊙ ∂ℓ/∂z itself.
+        self.scores.set_gradient_mode(MASKED)
 
     def on_before_optimizer_step(self, trainer: Trainer, loss: torch.Tensor) -> None:
-        """Lower level: ∇_θ ℓ(z* ⊙ θ) = z* ⊙ ∂ℓ/∂z (the straight-through mask left all of ∂ℓ/∂z on θ)."""
         for target in self.ctx.targets:
-            target.dense.grad = grad_at_masked_weight(target) * self.scores.masks[target.name]
-            self.weights_before_step[target.name] = target.dense.detach().clone()
+            self._remember(target.name, target.dense.detach())
+
+    def _remember(self, name: str, weight: torch.Tensor) -> None:
+        before = self.weights_before_step.get(name)
+        if before is None:
+            self.weights_before_step[name] = weight.clone()
+        else:
+            before.copy_(weight)  # into last step's copy: no allocation per step
 
     def on_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None:
         self._restore_pruned_weights()
@@ -142,16 +154,18 @@ class BilevelStep(Callback):
         with torch.no_grad():
             for target in self.ctx.targets:
                 kept = self.scores.masks[target.name]
-                target.dense.copy_(torch.where(kept, target.dense, self.weights_before_step[target.name]))
+                torch.where(kept, target.dense, self.weights_before_step[target.name], out=target.dense)
 
     def _upper_level(self, trainer: Trainer) -> None:
         """One SGD step on the scores at θ_{t+1}, on a batch independent of the lower level's."""
         batch = to_device(next(self.upper_batches), trainer.device)
+        self.scores.set_gradient_mode(STRAIGHT_THROUGH)  # ∂ℓ/∂z of every weight, pruned ones included
         self.ctx.model.zero_grad(set_to_none=True)
         trainer.objective.loss(self.ctx.model, batch)[0].backward()  # the lower level's objective
+        multipliers = self.scores.multipliers
         for target in self.ctx.targets:
             score = self.scores.tensors[target.name]
-            score.grad = upper_gradient(score, target.dense.detach(), self.scores.masks[target.name],
+            score.grad = upper_gradient(score, target.dense.detach(), multipliers[target.name],
                                         grad_at_masked_weight(target), self.hp.implicit_gradient, self.hp.ig_scale)
         self.optimizer.step()
         self.scheduler.step()
@@ -160,12 +174,12 @@ class BilevelStep(Callback):
 def upper_gradient(score: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, grad_z: torch.Tensor,
                    implicit_gradient: str, ig_scale: float) -> torch.Tensor:
     """∂ℓ/∂s of the upper level, given ∂ℓ/∂z at z = m ⊙ θ, with the chosen implicit-gradient term."""
-    grad_mask = weight * grad_z                                        # ∇_m ℓ(m ⊙ θ)
+    grad_mask = weight * grad_z                                          # ∇_m ℓ(m ⊙ θ)
     if implicit_gradient == "paper":
-        grad_mask = grad_mask - ig_scale * grad_z * (mask * grad_z)    # − (1/γ) ∇_z ℓ ⊙ ∇_θ ℓ
+        grad_mask.addcmul_(mask * grad_z, grad_z, value=-ig_scale)       # − (1/γ) ∇_z ℓ ⊙ ∇_θ ℓ
     grad_score = straight_through(score, grad_mask)
     if implicit_gradient == "code":
-        grad_score = grad_score - ig_scale * grad_score.square()       # − lr2 (∂ℓ/∂s)²
+        grad_score.addcmul_(grad_score, grad_score, value=-ig_scale)     # − lr2 (∂ℓ/∂s)²
     return grad_score
 
 
