@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_command(commands)
     _report_command(commands)
     _demo_command(commands)
+    _export_command(commands)
     return parser
 
 
@@ -322,6 +323,33 @@ def _run_demo(args) -> None:
     summary = _bench(load_suite("demo"), args.db, None)
     _report(args.db, args.out, "demo", "markdown")  # failed runs are listed in it
     _fail_on_failed_runs(summary, args.db)
+
+
+def _export_command(commands) -> None:
+    parser = commands.add_parser("export", help="write a pruned model as a compact model, a sparse weight file or "
+                                 "ONNX; print its size and latency against the dense model", description=(
+        "compact: the pruned channels removed (.safetensors weights, or .onnx); sparse: zeros left out of the file "
+        "(.safetensors, loads into the dense model bit for bit; latency with CSR linear layers where measured "
+        "faster); onnx: the model as ONNX (.onnx), checked in onnxruntime (pip install 'prunekit[onnx]')."))
+    parser.add_argument("--model", required=True, help="zoo model name or a Hugging Face model folder")
+    parser.add_argument("--checkpoint", help="the pruned weights (.safetensors or a torch file; a sparse file too) "
+                        "(default: a Hugging Face folder's own weights; a zoo model needs one)")
+    parser.add_argument("--format", required=True, help="what to write: compact, sparse or onnx")
+    parser.add_argument("--out", required=True, help="the file to write: .safetensors (compact, sparse) or .onnx "
+                        "(onnx, compact)")
+    parser.add_argument("--dataset", help="examples to check and time the export on (default: none; a zoo model "
+                        "needs one, a Hugging Face model gets random tokens)")
+    parser.add_argument("--data-dir", help="folder holding the datasets (default: $PRUNEKIT_DATA)")
+    parser.add_argument("--batch-size", type=int, default=8, help="examples per timed call")
+    parser.add_argument("--threads", type=int, help="CPU threads for the timing (default: torch's default)")
+    parser.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> None:
+    from .export.command import ExportRequest, run_export
+
+    print(run_export(ExportRequest(args.model, args.checkpoint, args.format, args.out, args.dataset, args.data_dir,
+                                   args.batch_size, args.threads)))
 
 
 # ---------------------------------------------------------------- flag generation

@@ -1,0 +1,123 @@
+"""`prunekit export`: each format written, sized and timed; bad input refused in one line before any work."""
+from __future__ import annotations
+
+import builtins
+import re
+import shutil
+
+import pytest
+import torch
+
+from prunekit import workflow
+from prunekit.checkpoints import read_state_dict
+from prunekit.cli import main
+from prunekit.export.sparse_files import SPARSE_FILE_FORMAT
+
+MODEL = ["--model", "lenet300", "--dataset", "synthetic"]
+
+
+def run(capsys, *argv):
+    code = main([str(arg) for arg in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(capsys, *argv) -> str:
+    code, _, err = run(capsys, *argv)
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("prunekit: error: "), err
+    return lines[0]
+
+
+def started_work(*args, **kwargs):
+    raise AssertionError("the command loaded the model before finding the error")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """lenet300 on synthetic data pruned 90% unstructured, and 50% in coupled channel groups."""
+    folder = tmp_path_factory.mktemp("pruned")
+    for name, flags in (("unstructured", []), ("groups", ["--structure", "groups", "--sparsity", "0.5"])):
+        argv = ["prune", *MODEL, "--sparsity", "0.9", *flags, "--no-eval", "--out", str(folder / f"{name}.safetensors")]
+        assert main(argv) == 0
+    return folder
+
+
+def export(capsys, checkpoint, fmt, out, *extra):
+    return run(capsys, "export", *MODEL, "--checkpoint", checkpoint, "--format", fmt, "--out", out,
+               "--threads", "1", *extra)
+
+
+def test_sparse_export_is_a_quarter_of_the_dense_file_and_loads_back_bit_exactly(capsys, checkpoints, tmp_path):
+    code, out, err = export(capsys, checkpoints / "unstructured.safetensors", "sparse", tmp_path / "s.safetensors")
+    assert code == 0, err
+    ratio = float(out.split("safetensors (")[1].split("×")[0])
+    assert ratio <= 0.25 and "latency on 8 test examples of synthetic" in out and "sparse linear layers" in out
+    written, metadata = read_state_dict(tmp_path / "s.safetensors")
+    original, _ = read_state_dict(checkpoints / "unstructured.safetensors")
+    assert metadata["format"] == SPARSE_FILE_FORMAT and written.keys() == original.keys()
+    for key, tensor in original.items():
+        assert torch.equal(written[key].view(torch.uint8), tensor.view(torch.uint8)), key
+
+
+def test_compact_export_writes_fewer_parameters(capsys, checkpoints, tmp_path):
+    code, out, err = export(capsys, checkpoints / "groups.safetensors", "compact", tmp_path / "c.safetensors")
+    assert code == 0, err
+    written, _ = read_state_dict(tmp_path / "c.safetensors")
+    original, _ = read_state_dict(checkpoints / "groups.safetensors")
+    assert sum(t.numel() for t in written.values()) < sum(t.numel() for t in original.values())
+    assert "compact:" in out and "dense / export" in out
+
+
+def test_compact_of_an_unstructured_checkpoint_is_refused_before_anything_is_written(capsys, checkpoints, tmp_path):
+    line = error_line(capsys, "export", *MODEL, "--checkpoint", checkpoints / "unstructured.safetensors",
+                      "--format", "compact", "--out", tmp_path / "c.safetensors")
+    assert "--structure groups" in line or "--format sparse" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_export_is_checked_in_onnxruntime(capsys, checkpoints, tmp_path):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is absent: pip install 'prunekit[onnx]'")
+    code, out, err = export(capsys, checkpoints / "unstructured.safetensors", "onnx", tmp_path / "m.onnx")
+    assert code == 0, err
+    assert "checked in onnxruntime" in out and (tmp_path / "m.onnx").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "{tmp}/missing.safetensors", "--format", "sparse", "--out", "{tmp}/s.safetensors"],
+     "checkpoint .*missing.safetensors does not exist"),
+    (["--format", "sparse", "--out", "{tmp}/s.safetensors"], "pass --checkpoint"),
+    (["--checkpoint", "{ckpt}", "--format", "zip", "--out", "{tmp}/s.safetensors"], "--format zip is unknown"),
+    (["--checkpoint", "{ckpt}", "--format", "sparse", "--out", "{tmp}/s.onnx"], r"name --out \*\.safetensors"),
+    (["--checkpoint", "{ckpt}", "--format", "onnx", "--out", "{tmp}/m.safetensors"], r"name --out \*\.onnx"),
+    (["--checkpoint", "{ckpt}", "--format", "sparse", "--out", "{tmp}"], "is a folder"),
+    (["--checkpoint", "{ckpt}", "--format", "sparse", "--out", "{tmp}/no/s.safetensors"], "does not exist"),
+    (["--checkpoint", "{ckpt}", "--format", "sparse", "--out", "{ckpt}"], "is the checkpoint being exported"),
+    (["--checkpoint", "{ckpt}", "--format", "sparse", "--out", "{tmp}/dense.safetensors"],
+     "exists and holds another kind of file"),
+    (["--checkpoint", "{ckpt}", "--format", "sparse", "--out", "{tmp}/s.safetensors", "--batch-size", "0"],
+     "--batch-size"),
+])
+def test_bad_input_is_one_line_before_the_model_is_loaded(capsys, monkeypatch, checkpoints, tmp_path, argv, message):
+    shutil.copy(checkpoints / "unstructured.safetensors", tmp_path / "dense.safetensors")  # a dense checkpoint
+    before = sorted(tmp_path.iterdir())
+    monkeypatch.setattr(workflow, "setup", started_work)
+    ckpt = checkpoints / "unstructured.safetensors"
+    line = error_line(capsys, "export", *MODEL, *(arg.format(tmp=tmp_path, ckpt=ckpt) for arg in argv))
+    assert re.search(message, line), line
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_onnx_without_the_extra_names_it_before_the_model_is_loaded(capsys, monkeypatch, checkpoints, tmp_path):
+    real_import = builtins.__import__
+
+    def without_onnx(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "onnx" and level == 0:  # the package, not prunekit.export.onnx
+            raise ImportError("No module named 'onnx'")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", without_onnx)
+    monkeypatch.setattr(workflow, "setup", started_work)
+    line = error_line(capsys, "export", *MODEL, "--checkpoint", checkpoints / "unstructured.safetensors",
+                      "--format", "onnx", "--out", tmp_path / "m.onnx")
+    assert "pip install 'prunekit[onnx]'" in line and list(tmp_path.iterdir()) == []
