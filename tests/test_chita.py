@@ -13,17 +13,17 @@ from prunekit.cost import CostMeter
 from prunekit.fisher import GradientMatrix, WeightLayout
 from prunekit.methods import PruneContext
 from prunekit.methods._chita_solvers import (
-    BlockFits,
+    Blocks,
     FullFits,
     NearbyRefits,
     Pools,
     Quadratic,
     active_set_iht,
-    block_backsolve,
     iterate_at,
     refit_pursuit,
     ridge_solve,
 )
+from prunekit.methods import chita as chita_module
 from prunekit.methods.chita import RIDGE_PATH, ChitaHparams, solve
 from prunekit.models import create_model_for
 from prunekit.targets import find_targets
@@ -115,31 +115,44 @@ def test_refit_pursuit_swaps_from_the_magnitude_support_to_the_planted_one():
     assert torch.equal(refit_pursuit(FullFits(q, k), pools, truth, rounds=10, trace=[]).support, truth)  # fixed point
 
 
-def test_block_fits_are_the_block_backsolve_with_the_block_diagonal_objective():
+def test_blocks_fit_each_block_as_its_own_backsolve_and_their_values_add_up():
     q = random_problem(10, 30, linear=True)
-    blocks = [slice(0, 12), slice(12, 30)]
-    fits = BlockFits(q.g, q.anchor, blocks, q.ridge, q.linear)
+    blocks = Blocks.of_columns(q.g, q.anchor, 12, q.ridge, q.linear)  # 12, 12 and 6 weights (6 of padding)
+    assert blocks.hessian.shape == (3, 12, 12) and int(blocks.present.sum()) == 30
     support = q.anchor.abs() > 0.8
-    found = fits.fit(support)
-    torch.testing.assert_close(found.w, block_backsolve(q.g, q.anchor, support, blocks, q.ridge, q.linear))
-    parts = [Quadratic.on_columns(q.g[:, c], q.anchor[c], q.ridge, q.linear[c]) for c in blocks]
-    assert found.value == pytest.approx(sum(part.value(found.w[c]) for part, c in zip(parts, blocks)), rel=1e-10)
-    assert fits.gradient(found)[support].abs().max() < 1e-8  # a refit: stationary on its support
+    kept = torch.zeros(blocks.present.shape, dtype=torch.bool)
+    kept[blocks.present] = support
+    w, value = blocks.fit(kept)
+    parts = [slice(0, 12), slice(12, 24), slice(24, 30)]
+    for i, columns in enumerate(parts):
+        part = Quadratic.on_columns(q.g[:, columns], q.anchor[columns], q.ridge, q.linear[columns])
+        expected = part.refit(support[columns])
+        torch.testing.assert_close(w[i, :columns.stop - columns.start], expected)
+        assert float(value[i]) == pytest.approx(part.value(expected), rel=1e-10)
+    assert (w[~blocks.present] == 0).all()
+    assert blocks.gradient(w)[kept].abs().max() < 1e-8  # a refit: stationary on its support
 
 
-def test_block_pursuit_finds_planted_supports_in_every_block():
+def test_one_block_is_the_backsolve():
+    q = random_problem(10, 30)
+    support = q.anchor.abs() > 0.8
+    w, _ = Blocks.of_columns(q.g, q.anchor, 30, q.ridge).fit(support.unsqueeze(0))
+    torch.testing.assert_close(w[0], q.refit(support))
+
+
+def test_block_pursuit_finds_planted_supports_in_every_block_and_never_raises_a_block():
     first, truth_a, k = planted_problem()
     second, truth_b, _ = planted_problem()
     g = torch.block_diag(first.g, second.g)  # a truly block-diagonal Fisher: the block model is exact
-    q = Quadratic.on_columns(g, torch.cat([first.anchor, 0.5 * second.anchor]), first.ridge)
-    truth = torch.cat([truth_a, truth_b])
-    pools = Pools(torch.zeros(len(truth), dtype=torch.long), [2 * k])
-    blocks = [slice(0, len(truth_a)), slice(len(truth_a), len(truth))]
-    trace = []
-    found = refit_pursuit(BlockFits(q.g, q.anchor, blocks, q.ridge), pools, pools.top(q.anchor), 10, trace)
-    assert torch.equal(found.support, truth)
-    assert found.value == pytest.approx(q.value(found.w), abs=1e-9) and found.value < 1e-3
-    assert all(b < a for a, b in itertools.pairwise(trace))
+    anchor = torch.cat([first.anchor, 0.5 * second.anchor])
+    blocks = Blocks.of_columns(g, anchor, len(truth_a), first.ridge)
+    start = blocks.select(blocks.anchor, torch.tensor([k, k]))
+    _, start_value = blocks.fit(start)
+    w, found, value = blocks.pursuit(start, rounds=10)
+    assert torch.equal(blocks.flat(found), torch.cat([truth_a, truth_b]))
+    assert (value <= start_value).all() and (value < 1e-3).all()
+    assert torch.equal(found.sum(1), start.sum(1))  # each block keeps its count
+    assert torch.equal(blocks.pursuit(found, rounds=10)[1], found)  # a fixed point
 
 
 def planted_context(p, sparsity):
@@ -252,15 +265,6 @@ def test_support_change_step_is_where_the_hard_threshold_first_changes(seed):
     assert not torch.equal(pools.top(w - step * (1 + 1e-6) * g), support)
 
 
-def test_block_backsolve_with_one_block_is_the_backsolve():
-    q = random_problem(10, 30)
-    support = q.anchor.abs() > 0.8
-    torch.testing.assert_close(block_backsolve(q.g, q.anchor, support, [slice(0, 30)], q.ridge), q.refit(support))
-    blocks = block_backsolve(q.g, q.anchor, support, [slice(0, 12), slice(12, 30)], q.ridge)
-    first = Quadratic.on_columns(q.g[:, :12], q.anchor[:12], q.ridge).refit(support[:12])
-    torch.testing.assert_close(blocks[:12], first)
-
-
 # ---------------------------------------------------------------- through prunekit.prune
 
 
@@ -283,6 +287,30 @@ def test_exact_sparsity_and_solved_weights(tiny_net, tiny_batches, solver, budge
     objective = result.history[-1]["objective"]
     assert len(objective) >= 2 and objective[-1] < objective[0]  # below magnitude pruning without an update
     assert result.cost.backward_examples == 32
+
+
+def test_the_block_solver_streamed_tensor_by_tensor_gives_what_one_group_gives(tiny_net, tiny_batches, monkeypatch):
+    settings = dict(solver="block", block_size=20, fisher_samples=24, holdout=24, seed=0)
+    together = copy.deepcopy(tiny_net)
+    whole = prunekit.prune(together, "chita", 0.7, tiny_batches, **settings)
+    monkeypatch.setattr(chita_module, "_group_budget", lambda targets, hp: 1.0)  # every tensor a group of its own
+    streamed = prunekit.prune(tiny_net, "chita", 0.7, tiny_batches, **settings)
+    tensors = len(find_targets(tiny_net)[0])
+    assert tensors > 1
+    for name, mask in whole.masks.items():
+        assert torch.equal(streamed.masks[name], mask)
+    for (name, a), b in zip(together.state_dict().items(), tiny_net.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    # G once for both passes when it fits as one group; each group's twice otherwise
+    assert whole.cost.backward_examples == 24
+    assert streamed.cost.backward_examples == 2 * tensors * 24
+    assert whole.history[-1]["objective"][-1] < whole.history[-1]["objective"][0]
+
+
+def test_the_memory_planner_counts_one_group_of_tensors_for_the_block_solver(tiny_net, tiny_batches):
+    with pytest.raises(PrunekitError, match=r"chita \(block solver, n=100000, .*G of one group of tensors"):
+        prunekit.prune(tiny_net, "chita", 0.7, tiny_batches, solver="block", fisher_samples=100_000,
+                       max_memory=0.01)
 
 
 def test_iht_objective_never_increases_through_prune(tiny_net, tiny_batches):

@@ -93,16 +93,19 @@ class WeightLayout:
         return [slice(a, b) for a, b in pairwise(offsets)]
 
 
+def block_width(size: int, block_size: int) -> int:
+    """The width of a tensor's blocks: ⌊size/block_size⌋ blocks (at least 1) of equal width, the last one shorter."""
+    return math.ceil(size / max(1, size // block_size))
+
+
 def block_slices(layout: WeightLayout, block_size: int) -> list[slice]:
-    """A block-diagonal Fisher's blocks: each tensor is a block, cut into ⌊size/block_size⌋ contiguous
-    chunks of near-equal size when it holds at least `block_size` weights (CHITA's block approximation,
-    WoodFisher's blockwise inverse)."""
+    """A block-diagonal Fisher's blocks: each tensor is a block, cut into ⌊size/block_size⌋ consecutive chunks
+    of equal width (`block_width`; the last one shorter) when it holds at least `block_size` weights (CHITA's
+    block approximation, WoodFisher's blockwise inverse)."""
     blocks = []
     for columns in layout.slices():
-        size = columns.stop - columns.start
-        count = max(1, size // block_size)
-        bounds = [columns.start + round(i * size / count) for i in range(count + 1)]
-        blocks.extend(slice(a, b) for a, b in pairwise(bounds))
+        width = block_width(columns.stop - columns.start, block_size)
+        blocks.extend(slice(a, min(a + width, columns.stop)) for a in range(columns.start, columns.stop, width))
     return blocks
 
 

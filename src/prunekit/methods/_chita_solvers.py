@@ -464,72 +464,127 @@ def _best_swap(problem: Fits, pools: Pools, x: Iterate, gradient: torch.Tensor, 
 
 # ---------------------------------------------------------------- block approximation
 
-def block_backsolve(g: torch.Tensor, anchor: torch.Tensor, support: torch.Tensor, blocks: list[slice],
-                    ridge: float, linear: torch.Tensor | None = None) -> torch.Tensor:
-    """The backsolve with the Fisher taken block-diagonal: each block refits its kept weights alone."""
-    w = torch.zeros(anchor.shape, dtype=torch.float64, device=anchor.device)
-    for columns in blocks:
-        block = Quadratic.on_columns(g[:, columns], anchor[columns], ridge,
-                                     None if linear is None else linear[columns])
-        w[columns] = block.refit(support[columns]).to(torch.float64)
-    return w
+@dataclass
+class Blocks:
+    """Equal-size blocks of consecutive weights, batched: the block-diagonal Fisher's diagonal blocks.
 
-
-class BlockFits:
-    """f under a block-diagonal Fisher, for the pursuit: Σ_b ½ d_bᵀ H_b d_b + λ'‖d‖² + αᵀw with d = w − w̄.
-
-    Each block's Hessian H_b = G_bᵀG_b is formed once (a block holds at most about twice the block
-    size, far below p); a fit then solves (H_SS + 2λ'I) d_S = H_SS̄ w̄_S̄ − α_S on the kept rows of
-    each block, and only blocks whose support differs from a recent fit are solved again.
+    Row i is one block's b weights (the last block of a tensor padded with weights that are not there:
+    `present` False, anchor 0, Hessian rows 0), and its Hessian H_i = G_iᵀG_i (m×b×b, float64).
     """
 
-    def __init__(self, g: torch.Tensor, anchor: torch.Tensor, blocks: list[slice], ridge: float,
-                 linear: torch.Tensor | None = None) -> None:
-        self.anchor = anchor.to(torch.float64)
-        self.linear = None if linear is None else linear.to(torch.float64)
-        self.blocks, self.ridge = blocks, ridge
-        self.hessians = []
-        for columns in blocks:
-            rows = g[:, columns].to(torch.float64)
-            self.hessians.append(rows.T @ rows)
-        self.recent: list[dict[bytes, tuple[torch.Tensor, float]]] = [{} for _ in blocks]
+    hessian: torch.Tensor  # (m, b, b)
+    anchor: torch.Tensor  # (m, b) w̄
+    present: torch.Tensor  # (m, b) bool
+    ridge: torch.Tensor  # (m,) λ' of each block
+    linear: torch.Tensor | None = None  # (m, b) α
 
-    def fit(self, support: torch.Tensor) -> Iterate:
-        w = torch.zeros_like(self.anchor)
-        value = 0.0
-        for b, columns in enumerate(self.blocks):
-            w[columns], block_value = self._fit_block(b, support[columns])
-            value += block_value
-        return Iterate(w, support, None, value)
+    @classmethod
+    def of_columns(cls, g: torch.Tensor, anchor: torch.Tensor, size: int, ridge: torch.Tensor | float,
+                   linear: torch.Tensor | None = None) -> Blocks:
+        """The blocks of `size` consecutive columns of G (n×q) and of the weights on them."""
+        count = math.ceil(anchor.numel() / size)
+        padding = count * size - anchor.numel()
 
-    def gradient(self, x: Iterate) -> torch.Tensor:
-        shift = x.w - self.anchor
-        gradient = torch.cat([h @ shift[columns] for h, columns in zip(self.hessians, self.blocks)])
-        gradient += 2 * self.ridge * shift
+        def blocked(vector: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(vector.to(torch.float64), (0, padding)).reshape(count, size)
+
+        rows = torch.nn.functional.pad(g, (0, padding)).reshape(g.shape[0], count, size).transpose(0, 1)
+        rows = rows.to(torch.float64)
+        present = blocked(torch.ones_like(anchor)).bool()
+        ridges = torch.as_tensor(ridge, dtype=torch.float64, device=anchor.device).expand(count)
+        return cls(rows.transpose(1, 2) @ rows, blocked(anchor), present, ridges,
+                   None if linear is None else blocked(linear))
+
+    def fit(self, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each block's exact minimiser with its weights off `kept` (m×b bool) at zero, and its f.
+
+        With d = w − w̄: pruned d = −w̄; kept (H_SS + 2λ'I) d_S = H_SS̄ w̄_S̄ − α_S. The pruned rows of the
+        batched system are the identity, so one Cholesky solves every block at once."""
+        k = kept.to(torch.float64)
+        pruned_anchor = self.anchor * (1 - k)
+        system = self.hessian * k.unsqueeze(2) * k.unsqueeze(1)
+        system.diagonal(dim1=1, dim2=2).add_(2 * self.ridge.unsqueeze(1) * k + (1 - k))
+        rhs = k * (self.hessian @ pruned_anchor.unsqueeze(2)).squeeze(2)
+        if self.linear is not None:
+            rhs = rhs - k * self.linear
+        shift = torch.cholesky_solve(rhs.unsqueeze(2), torch.linalg.cholesky(system)).squeeze(2)
+        d = shift - pruned_anchor
+        return self.anchor + d, self.value(d)
+
+    def value(self, d: torch.Tensor) -> torch.Tensor:
+        """f of each block at w = w̄ + d: ½dᵀHd + λ'‖d‖² + αᵀw."""
+        value = 0.5 * (d * (self.hessian @ d.unsqueeze(2)).squeeze(2)).sum(1) + self.ridge * d.square().sum(1)
+        return value if self.linear is None else value + (self.linear * (self.anchor + d)).sum(1)
+
+    def gradient(self, w: torch.Tensor) -> torch.Tensor:
+        d = w - self.anchor
+        gradient = (self.hessian @ d.unsqueeze(2)).squeeze(2) + 2 * self.ridge.unsqueeze(1) * d
         return gradient if self.linear is None else gradient + self.linear
 
-    def _fit_block(self, b: int, kept: torch.Tensor) -> tuple[torch.Tensor, float]:
-        key = kept.cpu().numpy().tobytes()
-        recent = self.recent[b]
-        if key not in recent:
-            if len(recent) >= PURSUIT_STEPS:
-                recent.clear()  # the fits of older iterates are not asked for again
-            recent[key] = self._solve_block(b, kept)
-        return recent[key]
+    def select(self, values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """In each block, its `counts` largest |values| among the weights present (ties by position)."""
+        scores = values.abs().masked_fill(~self.present, -1.0)
+        order = scores.argsort(dim=1, descending=True, stable=True)
+        ranks = torch.empty_like(order)
+        ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        return ranks < counts.unsqueeze(1)
 
-    def _solve_block(self, b: int, kept: torch.Tensor) -> tuple[torch.Tensor, float]:
-        hessian, columns = self.hessians[b], self.blocks[b]
-        anchor = self.anchor[columns]
-        shift = -anchor.clone()  # pruned: w = 0
-        if kept.any():
-            system = hessian[kept][:, kept].clone()
-            system.diagonal().add_(2 * self.ridge)
-            rhs = hessian[kept][:, ~kept] @ anchor[~kept]
-            if self.linear is not None:
-                rhs = rhs - self.linear[columns][kept]
-            shift[kept] = torch.cholesky_solve(rhs.unsqueeze(1), torch.linalg.cholesky(system)).squeeze(1)
-        w = anchor + shift
-        value = 0.5 * float(shift @ (hessian @ shift)) + self.ridge * float(shift @ shift)
-        if self.linear is not None:
-            value += float(self.linear[columns] @ w)
-        return w, value
+    def support_change_steps(self, w: torch.Tensor, gradient: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """Each block's smallest τ > 0 at which its top counts of |w − τg| stop being `kept` (Pools' step, per block):
+        a kept |w_i − τg_i| falls to τ·m, m the largest |g| outside; inf where nothing can change."""
+        outside = ~kept & self.present
+        largest = gradient.abs().masked_fill(~outside, -1.0).amax(dim=1, keepdim=True)
+        roots = torch.stack([w / (gradient + largest), w / (gradient - largest)])
+        usable = (roots > 0) & kept & (largest >= 0)
+        return torch.where(usable, roots, torch.full_like(roots, math.inf)).amin(dim=(0, 2))
+
+    def pursuit(self, kept: torch.Tensor, rounds: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`refit_pursuit` in every block at once, each keeping its own count: (w, kept, f per block).
+
+        A block takes a round's best swap only when it lowers its f, so no block's f ever rises; the blocks
+        stop together once a round lowers the sum by less than PURSUIT_TOLERANCE of it."""
+        w, value = self.fit(kept)
+        counts = kept.sum(1)
+        for _ in range(rounds):
+            gradient = self.gradient(w)
+            step = self.support_change_steps(w, gradient, kept) * (1 + 1e-6)
+            best_w, best_kept, best_value = self._best_swaps(w, kept, value, gradient, step, counts)
+            better = best_value < value
+            if not better.any():
+                break
+            total, new_total = float(value.sum()), float(torch.where(better, best_value, value).sum())
+            w = torch.where(better.unsqueeze(1), best_w, w)
+            kept = torch.where(better.unsqueeze(1), best_kept, kept)
+            value = torch.where(better, best_value, value)
+            if total - new_total <= PURSUIT_TOLERANCE * abs(total):
+                break
+        return w, kept, value
+
+    def _best_swaps(self, w: torch.Tensor, kept: torch.Tensor, value: torch.Tensor, gradient: torch.Tensor,
+                    step: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`_best_swap` per block: steps from the support-change step up by √10 each, while refits improve;
+        only the blocks still searching, whose support the step changes, are refitted."""
+        best_w, best_kept = w.clone(), kept.clone()
+        best_value = torch.full_like(value, math.inf)
+        searching = torch.isfinite(step)
+        finite_step = torch.where(searching, step, torch.zeros_like(step))
+        for i in range(PURSUIT_STEPS):
+            swapped = self.select(w - (finite_step * 10 ** (i / 2)).unsqueeze(1) * gradient, counts)
+            trying = (searching & (swapped != best_kept).any(1)).nonzero().squeeze(1)
+            if trying.numel() == 0:
+                break
+            trial_w, trial_value = self.subset(trying).fit(swapped[trying])
+            improved = trial_value < best_value[trying]
+            accepted = trying[improved]
+            best_w[accepted], best_kept[accepted] = trial_w[improved], swapped[accepted]
+            best_value[accepted] = trial_value[improved]
+            searching[trying[~improved]] = False  # longer steps swap more weights, and are costlier to refit
+        return best_w, best_kept, best_value
+
+    def subset(self, rows: torch.Tensor) -> Blocks:
+        return Blocks(self.hessian[rows], self.anchor[rows], self.present[rows], self.ridge[rows],
+                      None if self.linear is None else self.linear[rows])
+
+    def flat(self, blocked: torch.Tensor) -> torch.Tensor:
+        """A (m, b) tensor of these blocks back as the vector of the weights present."""
+        return blocked[self.present]

@@ -43,11 +43,12 @@ import torch
 
 from ..errors import PrunekitError
 from ..fisher import (
+    GIB,
     PRECISIONS,
     FisherHparams,
     GradientMatrix,
     WeightLayout,
-    block_slices,
+    block_width,
     fisher_examples,
     gradient_call_bytes,
     gradient_matrix,
@@ -63,14 +64,13 @@ from ..training import TrainConfig
 from . import PruneContext, register
 from ._chita_solvers import (
     ACTIVE_SET_WIDTH,
-    BlockFits,
+    Blocks,
     FullFits,
     Iterate,
     NearbyRefits,
     Pools,
     Quadratic,
     active_set_iht,
-    block_backsolve,
     iterate_at,
     refit_pursuit,
 )
@@ -83,6 +83,7 @@ AUTO = "auto"
 # On MLPNet the held-out slice prefers 1e-4..1e-3 at 0.5-0.9 without the first-order term, more near 0.98,
 # and the upper end with the first-order term (its step along the gradient needs holding back).
 RIDGE_PATH = (1e2, 1e1, 1e0, 1e-1, 1e-2, 1e-3, 1e-4)
+BLOCK_CHUNK_BYTES = 2**27  # block Hessians (float64) formed and solved at once; the solve holds about 3× as much
 HELD_OUT_CHUNK = 256  # held-out examples per forward pass when scoring a candidate (no gradients: cheap)
 
 
@@ -233,16 +234,15 @@ def solve_stages(ctx: PruneContext, hp: ChitaHparams, sparsities: list[float]) -
     for stage, sparsity in enumerate(sparsities):
         # Each stage takes the next examples the data gives (a shuffling loader gives new ones each pass).
         examples, held_out = _calibration(ctx, hp)
-        g = gradient_matrix(ctx.model, ctx.targets, examples, ctx.objective, batch=hp.fisher_batch,
-                            chunk=hp.fisher_chunk, dtype=PRECISIONS[hp.precision], meter=ctx.meter)
-        anchor = layout.flatten({t.name: t.weight for t in ctx.targets}).to(g.rows.dtype)
+        anchor = layout.flatten({t.name: t.weight for t in ctx.targets}).to(PRECISIONS[hp.precision])
         scorer = None if held_out is None else HeldOut(ctx, layout, held_out, HELD_OUT_CHUNK)
-        solved = solve(ctx, hp, g, anchor, sparsity, scorer)
+        solve_with = solve_blockwise if hp.solver == "block" else solve_whole
+        solved = solve_with(ctx, hp, examples, anchor, sparsity, scorer)
         # The solver's support already holds the plan's counts: it is the stage's mask as it is.
         masks = stages.accept(layout.unflatten(solved.solution.support))
         _install(ctx, layout, solved.solution.w, masks)
         stages.record(stage=stage, scheduled=sparsity, solver=hp.solver, objective=solved.trace,
-                      swapped=solved.swapped, gradients=g.route, ridge=solved.model.ridge,
+                      swapped=solved.swapped, gradients=solved.route, ridge=solved.model.ridge,
                       first_order=solved.model.first_order, held_out=solved.held_out, safeguard=solved.safeguard)
     return stages.masks
 
@@ -287,6 +287,15 @@ class Solved:
     model: LocalModel
     held_out: float | None  # the held-out loss of the solution's weights (None: nothing held out)
     safeguard: bool  # the solution is the backsolve on the magnitude support, which did better held out
+    route: str  # how the gradients were computed (fisher.RowGradients.route)
+
+
+def solve_whole(ctx: PruneContext, hp: ChitaHparams, examples: Batch, anchor: torch.Tensor, sparsity: float,
+                held_out: HeldOut | None) -> Solved:
+    """The iht or backsolve solver, on G of all the targets at once."""
+    g = gradient_matrix(ctx.model, ctx.targets, examples, ctx.objective, batch=hp.fisher_batch, chunk=hp.fisher_chunk,
+                        dtype=PRECISIONS[hp.precision], meter=ctx.meter)
+    return solve(ctx, hp, g, anchor.to(g.rows.dtype), sparsity, held_out)
 
 
 def solve(ctx: PruneContext, hp: ChitaHparams, g: GradientMatrix, anchor: torch.Tensor, sparsity: float,
@@ -304,9 +313,7 @@ def solve(ctx: PruneContext, hp: ChitaHparams, g: GradientMatrix, anchor: torch.
         if hp.solver == "iht" and int(magnitude.sum()) > g.n:  # the pursuit's refits start from it, by swaps
             gram = _quadratic(g, anchor, model).gram(magnitude)
             nearby = magnitude, gram
-        model, floor = min(((m, Candidate(w, held_out.loss(w))) for m, w in
-                            zip(models, _fits(hp, g, anchor, magnitude, models, gram))),
-                           key=lambda pair: pair[1].loss)
+        model, floor = _choose(held_out, models, _fits(g, anchor, magnitude, models, gram))
     # A weight whose column of G is zero is one the sampled loss never sees (e.g. a dead unit's): only the
     # ridge's pull would keep it, and at high sparsity such weights take a large share of the budget
     # (61 of the 647 kept at 0.98 on MLPNet). It starts pruned, as the reference code drops such columns.
@@ -316,18 +323,24 @@ def solve(ctx: PruneContext, hp: ChitaHparams, g: GradientMatrix, anchor: torch.
     solution = _search(ctx, hp, g, q, first_step, start, sparsity, trace, nearby)
     swapped = int((solution.support & ~start).sum())
     if floor is None:
-        return Solved(solution, trace, swapped, model, None, False)
+        return Solved(solution, trace, swapped, model, None, False, g.route)
     loss = held_out.loss(solution.w)
     if floor.loss < loss:
         return Solved(iterate_at(_quadratic(g, anchor, model), floor.w, magnitude), trace,
-                      int((magnitude & ~start).sum()), model, floor.loss, True)
-    return Solved(solution, trace, swapped, model, loss, False)
+                      int((magnitude & ~start).sum()), model, floor.loss, True, g.route)
+    return Solved(solution, trace, swapped, model, loss, False, g.route)
+
+
+def _choose(held_out: HeldOut, models: list[LocalModel], fits: list[torch.Tensor]) -> tuple[LocalModel, Candidate]:
+    """The local model whose backsolve on the magnitude support does best on the held-out examples, with it."""
+    return min(((m, Candidate(w, held_out.loss(w))) for m, w in zip(models, fits)), key=lambda pair: pair[1].loss)
 
 
 @dataclass(frozen=True)
 class LocalModel:
-    ridge: float  # λ
+    ridge: float  # λ (per_tensor: a factor of each tensor's scale ‖G_t‖²/(n·p_t))
     first_order: bool  # the gradient term kept
+    per_tensor: bool = False
 
 
 @dataclass
@@ -359,14 +372,10 @@ def _start(ctx: PruneContext, g: GradientMatrix, q: Quadratic, sparsity: float) 
     return first_step, g.layout.flatten(ctx.select(g.layout.unflatten(first_step.abs()), sparsity))
 
 
-def _fits(hp: ChitaHparams, g: GradientMatrix, anchor: torch.Tensor, support: torch.Tensor,
-          models: list[LocalModel], gram: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """The backsolve on `support` for each local model: with the whole G (one factorisation per ridge path;
-    `gram`: G_S G_Sᵀ if at hand), or block by block for the block solver."""
-    if hp.solver == "block":
-        blocks = block_slices(g.layout, hp.block_size)
-        return [block_backsolve(g.rows, anchor, support, blocks, q.ridge, q.linear).to(anchor.dtype)
-                for q in (_quadratic(g, anchor, model) for model in models)]
+def _fits(g: GradientMatrix, anchor: torch.Tensor, support: torch.Tensor, models: list[LocalModel],
+          gram: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The backsolve on `support` for each local model (one factorisation per ridge path; `gram`: G_S G_Sᵀ if at
+    hand)."""
     weights = {}
     for first_order in dict.fromkeys(model.first_order for model in models):
         path = [model for model in models if model.first_order == first_order]
@@ -388,25 +397,171 @@ def _search(ctx: PruneContext, hp: ChitaHparams, g: GradientMatrix, q: Quadratic
                                  lipschitz=q.lipschitz(ctx.generator()), trace=trace).support
         refits = None if nearby is None else NearbyRefits(q, *nearby)
         return refit_pursuit(FullFits(q, sum(pools.keep), refits), pools, support, hp.pursuit_rounds, trace)
-    if hp.solver == "block":
-        blocks = block_slices(g.layout, hp.block_size)
-        if _block_pursuit(ctx, hp):
-            # The pursuit's objective is the block-diagonal one: its values stay out of the trace of f.
-            found = refit_pursuit(BlockFits(g.rows, q.anchor, blocks, q.ridge, q.linear),
-                                  Pools.from_plan(ctx.plan.at(sparsity), g.layout), start, hp.pursuit_rounds, [])
-            w, support = found.w, found.support
-        else:
-            w, support = block_backsolve(g.rows, q.anchor, start, blocks, q.ridge, q.linear), start
-        solution = iterate_at(q, w.to(q.anchor.dtype), support)
-    else:
-        solution = iterate_at(q, q.refit(start), start)
+    solution = iterate_at(q, q.refit(start), start)
     trace.append(solution.value)
     return solution
 
 
-def _block_pursuit(ctx: PruneContext, hp: ChitaHparams) -> bool:
-    """The block solver swaps single weights only under an unstructured budget (groups stay as selected)."""
-    return hp.solver == "block" and hp.pursuit_rounds > 0 and ctx.budget.structure == "unstructured"
+# ---------------------------------------------------------------- the block solver, streamed
+
+def solve_blockwise(ctx: PruneContext, hp: ChitaHparams, examples: Batch, anchor: torch.Tensor, sparsity: float,
+                    held_out: HeldOut | None) -> Solved:
+    """The block solver (Alg. 6) at any scale: G is computed for one group of tensors at a time (the memory plan's
+    groups) and each group's block Hessians formed, solved and dropped a chunk at a time; nothing of size n×p or
+    p×block is ever held. Two passes: the first backsolves every local model on the magnitude support (the
+    held-out examples choose one, and it is the safeguard's floor), the second runs the chosen model's pursuit
+    in every block from the magnitude support of the weights the sampled loss sees. The pursuit swaps weights
+    within a block, each block keeping the start's count (the allocation across blocks is the budget's
+    magnitude selection): swaps across blocks would need every block at once. A single group's G is computed
+    once for both passes."""
+    layout = WeightLayout.of(ctx.targets)
+    fisher = StreamedFisher(ctx, hp, examples, tensor_groups(ctx.targets, hp))
+    magnitude = layout.flatten(ctx.select(layout.unflatten(anchor.abs()), sparsity))
+    models = _block_models(hp)
+    fits, seen = fisher.first_pass(anchor, magnitude, models, hp.block_size)
+    model, floor = models[0], None
+    if held_out is not None:
+        model, floor = _choose(held_out, models, fits)
+    start = layout.flatten(ctx.select(layout.unflatten(anchor.abs() * seen), sparsity))
+    pursue = hp.pursuit_rounds if ctx.budget.structure == "unstructured" else 0
+    w, support, trace = fisher.second_pass(anchor, start, model, hp.block_size, pursue)
+    solution = Iterate(w, support, None, trace[-1])
+    swapped = int((support & ~start).sum())
+    if floor is None:
+        return Solved(solution, trace, swapped, model, None, False, fisher.route)
+    loss = held_out.loss(w)
+    if floor.loss < loss:
+        return Solved(Iterate(floor.w.to(w.dtype), magnitude, None, math.nan), trace,
+                      int((magnitude & ~start).sum()), model, floor.loss, True, fisher.route)
+    return Solved(solution, trace, swapped, model, loss, False, fisher.route)
+
+
+def _block_models(hp: ChitaHparams) -> list[LocalModel]:
+    """As `_local_models`, but an auto ridge is a factor of each tensor's own scale ‖G_t‖²/(n·p_t): the blocks are
+    solved a group of tensors at a time, never with all of G at hand."""
+    orders = (False, True) if hp.first_order == AUTO else (hp.first_order,)
+    if hp.ridge != AUTO:
+        return [LocalModel(hp.ridge, first_order) for first_order in orders]
+    return [LocalModel(factor, first_order, per_tensor=True) for first_order in orders for factor in RIDGE_PATH]
+
+
+def tensor_groups(targets, hp: ChitaHparams) -> list[list[int]]:
+    """Consecutive targets grouped so that each group's G (n × its weights) stays within half of --max-memory
+    less the solver's other parts (a tensor larger than that is a group of its own)."""
+    budget, groups, size = _group_budget(targets, hp), [], 0
+    row_bytes = matrix_bytes(hp.fisher_samples, 1, PRECISIONS[hp.precision])
+    for index, target in enumerate(targets):
+        if groups and size + target.numel * row_bytes <= budget:
+            groups[-1].append(index)
+            size += target.numel * row_bytes
+        else:
+            groups.append([index])
+            size = target.numel * row_bytes
+    return groups
+
+
+class StreamedFisher:
+    """G of the targets a group at a time, each group's columns cut into the block solver's blocks."""
+
+    def __init__(self, ctx: PruneContext, hp: ChitaHparams, examples: Batch, groups: list[list[int]]) -> None:
+        self.ctx, self.hp, self.examples, self.groups = ctx, hp, examples, groups
+        self.layout = WeightLayout.of(ctx.targets)
+        self.kept: GradientMatrix | None = None  # the one group's G, when there is one group
+        self.route = "vmap"
+
+    def group_matrices(self):
+        """(offset of the group's first column in the layout, the group's G), group by group."""
+        columns = self.layout.slices()
+        for members in self.groups:
+            if self.kept is not None:
+                g = self.kept
+            else:
+                targets = [self.ctx.targets[i] for i in members]
+                g = gradient_matrix(self.ctx.model, targets, self.examples, self.ctx.objective,
+                                    batch=self.hp.fisher_batch, chunk=self.hp.fisher_chunk,
+                                    dtype=PRECISIONS[self.hp.precision], meter=self.ctx.meter)
+                self.route = g.route
+                if len(self.groups) == 1:
+                    self.kept = g
+            yield columns[members[0]].start, g
+
+    def chunks(self, g: GradientMatrix, block_size: int):
+        """(columns of G, columns of the layout, block size, the tensor's ridge scale) of each chunk of blocks:
+        each tensor in ⌊size/block_size⌋ blocks of equal size (at least 1), chunks of blocks whose Hessians
+        take at most BLOCK_CHUNK_BYTES."""
+        for local in g.layout.slices():
+            size = local.stop - local.start
+            block = block_width(size, block_size)
+            rows = g.rows[:, local]
+            scale = float(torch.linalg.vector_norm(rows)) ** 2 / (g.n * size)
+            step = block * max(1, BLOCK_CHUNK_BYTES // matrix_bytes(block, block, torch.float64))
+            for start in range(0, size, step):
+                yield slice(local.start + start, local.start + min(start + step, size)), block, scale
+
+    def first_pass(self, anchor: torch.Tensor, support: torch.Tensor, models: list[LocalModel],
+                   block_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The block backsolve on `support` for every local model, and which weights' columns of G are nonzero."""
+        fits = [torch.zeros_like(anchor) for _ in models]
+        seen = torch.zeros_like(support)
+        for offset, g in self.group_matrices():
+            for local, block, scale in self.chunks(g, block_size):
+                columns = slice(offset + local.start, offset + local.stop)
+                seen[columns] = g.rows[:, local].ne(0).any(dim=0)
+                blocks = Blocks.of_columns(g.rows[:, local], anchor[columns], block, 0.0)
+                kept = _blocked(blocks, support[columns])
+                for fit, model in zip(fits, models):
+                    w, _ = self._with_model(blocks, g, local, model, scale).fit(kept)
+                    fit[columns] = blocks.flat(w).to(fit.dtype)
+        return fits, seen
+
+    def second_pass(self, anchor: torch.Tensor, support: torch.Tensor, model: LocalModel, block_size: int,
+                    rounds: int) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+        """The chosen model's pursuit (a backsolve when `rounds` is 0) from `support` in every block: weights,
+        support, and f of the block-diagonal model at the pruned start and at the end."""
+        w, found = torch.zeros_like(anchor), torch.zeros_like(support)
+        before = after = 0.0
+        for offset, g in self.group_matrices():
+            for local, block, scale in self.chunks(g, block_size):
+                columns = slice(offset + local.start, offset + local.stop)
+                blocks = self._with_model(Blocks.of_columns(g.rows[:, local], anchor[columns], block, 0.0),
+                                          g, local, model, scale)
+                kept = _blocked(blocks, support[columns])
+                before += float(blocks.value(-blocks.anchor * ~kept).sum())
+                solved, kept, value = blocks.pursuit(kept, rounds)
+                w[columns], found[columns] = blocks.flat(solved).to(w.dtype), blocks.flat(kept)
+                after += float(value.sum())
+        return w, found, [before, after]
+
+    def _with_model(self, blocks: Blocks, g: GradientMatrix, local: slice, model: LocalModel,
+                    scale: float) -> Blocks:
+        """The blocks under a local model: its ridge λ' = λn/2 (λ a factor of the tensor's scale when per-tensor)
+        and its first-order term α = Gᵀ1/B."""
+        ridge = model.ridge * (scale if model.per_tensor else 1.0) * g.n / 2
+        linear = None
+        if model.first_order:
+            linear = _blocked(blocks, g.rows[:, local].sum(dim=0) / g.batch).to(torch.float64)
+        return replace(blocks, ridge=torch.full_like(blocks.ridge, ridge), linear=linear)
+
+
+def _blocked(blocks: Blocks, vector: torch.Tensor) -> torch.Tensor:
+    """A vector over the blocks' weights laid out as the blocks are (padding: zero / False)."""
+    out = torch.zeros(blocks.present.shape, dtype=vector.dtype, device=vector.device)
+    out[blocks.present] = vector
+    return out
+
+
+def _group_budget(targets, hp: ChitaHparams) -> float:
+    p = sum(t.numel for t in targets)
+    largest = max(t.numel for t in targets) * matrix_bytes(hp.fisher_samples, 1, PRECISIONS[hp.precision])
+    return max(largest, (hp.max_memory * GIB - sum(_block_fixed_parts(hp, p).values())) / 2)
+
+
+def _block_fixed_parts(hp: ChitaHparams, p: int) -> dict[str, int]:
+    """What the block solver holds besides G: the gradient calls, a chunk of block Hessians with the solve's copies,
+    and the candidates' weights (one vector per local model, and a few more)."""
+    models = len(_block_models(hp))
+    return {"gradient calls": gradient_call_bytes(hp, p), "block Hessians": 4 * BLOCK_CHUNK_BYTES,
+            "candidates": matrix_bytes(models + 4, p, torch.float64)}
 
 
 def check_before_work(ctx: PruneContext, hp: ChitaHparams, lowest_sparsity: float) -> None:
@@ -415,20 +570,22 @@ def check_before_work(ctx: PruneContext, hp: ChitaHparams, lowest_sparsity: floa
         raise PrunekitError(f"chita's iht solver selects single weights; for {ctx.budget.structure} sparsity "
                             "use --solver backsolve or --solver block")
     n, p = hp.fisher_samples, sum(t.numel for t in ctx.targets)
-    kept = p - round(lowest_sparsity * p)
     dtype = PRECISIONS[hp.precision]
+    if hp.solver == "block":
+        widest = max(sum(ctx.targets[i].numel for i in members) for members in tensor_groups(ctx.targets, hp))
+        parts = {"G of one group of tensors": matrix_bytes(n, widest, dtype), **_block_fixed_parts(hp, p)}
+        require_memory(f"chita (block solver, n={n}, p={p})", parts, hp,
+                       f"--fisher-samples (n={n}), --precision float32 or --block-size")
+        return
+    kept = p - round(lowest_sparsity * p)
     # A refit holds G's kept columns in float64 and an n×n (or kept×kept) system.
-    refit_width = min(p, 2 * hp.block_size) if hp.solver == "block" else kept
-    side = min(n, refit_width)
+    side = min(n, kept)
     parts = {"G": matrix_bytes(n, p, dtype), "gradient calls": gradient_call_bytes(hp, p),
-             "refit": matrix_bytes(n, refit_width, torch.float64) + matrix_bytes(side, side, torch.float64)}
+             "refit": matrix_bytes(n, kept, torch.float64) + matrix_bytes(side, side, torch.float64)}
     if hp.solver == "iht":
         parts["active set"] = matrix_bytes(n, min(p, math.ceil(ACTIVE_SET_WIDTH * kept) + kept), dtype)
-    if _block_pursuit(ctx, hp):
-        sizes = [b.stop - b.start for b in block_slices(WeightLayout.of(ctx.targets), hp.block_size)]
-        parts["block Hessians"] = sum(matrix_bytes(size, size, torch.float64) for size in sizes)
     require_memory(f"chita ({hp.solver} solver, n={n}, p={p})", parts, hp,
-                   f"--fisher-samples (n={n}), --precision float32 or --solver block with a smaller --block-size")
+                   f"--fisher-samples (n={n}), --precision float32 or --solver block")
 
 
 def _install(ctx: PruneContext, layout: WeightLayout, w: torch.Tensor, masks: dict[str, torch.Tensor]) -> None:
