@@ -11,6 +11,7 @@ import torch
 from prunekit import workflow
 from prunekit.checkpoints import read_state_dict
 from prunekit.cli import main
+from prunekit.export import timing
 from prunekit.export.sparse_files import SPARSE_FILE_FORMAT
 
 MODEL = ["--model", "lenet300", "--dataset", "synthetic"]
@@ -31,6 +32,14 @@ def error_line(capsys, *argv) -> str:
 
 def started_work(*args, **kwargs):
     raise AssertionError("the command loaded the model before finding the error")
+
+
+@pytest.fixture(autouse=True)
+def quick_timing(monkeypatch):
+    """One short turn per candidate: these tests check what is written and printed, not the timing itself
+    (tests/test_export_sparse_layers.py checks the decisions; the benchmarks measure)."""
+    monkeypatch.setattr(timing, "ROUNDS", 1)
+    monkeypatch.setattr(timing, "MIN_SECONDS", 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +130,19 @@ def test_onnx_without_the_extra_names_it_before_the_model_is_loaded(capsys, monk
     line = error_line(capsys, "export", *MODEL, "--checkpoint", checkpoints / "unstructured.safetensors",
                       "--format", "onnx", "--out", tmp_path / "m.onnx")
     assert "pip install 'prunekit[onnx]'" in line and list(tmp_path.iterdir()) == []
+
+
+def test_a_hugging_face_folder_exports_timed_on_random_tokens(capsys, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=160)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    assert main(["prune", "--model", str(tmp_path / "bert"), "--sparsity", "0.9", "--out",
+                 str(tmp_path / "pruned.safetensors")]) == 0
+    code, out, err = run(capsys, "export", "--model", tmp_path / "bert", "--checkpoint", tmp_path / "pruned.safetensors",
+                         "--format", "sparse", "--out", tmp_path / "s.safetensors", "--batch-size", "2")
+    assert code == 0, err
+    assert "2 × 128 random tokens" in out
+    written, _ = read_state_dict(tmp_path / "s.safetensors")
+    pruned, _ = read_state_dict(tmp_path / "pruned.safetensors")
+    assert all(torch.equal(written[key], tensor) for key, tensor in pruned.items())

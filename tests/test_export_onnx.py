@@ -10,6 +10,7 @@ from torch import nn
 
 import prunekit
 from prunekit.errors import PrunekitError
+from prunekit.export import compact
 from prunekit.export import onnx as onnx_export
 from prunekit.export.onnx import export_onnx, require_onnx, session
 
@@ -84,3 +85,16 @@ def test_a_model_the_exporter_cannot_trace_is_refused_in_one_line(tmp_path):
     with pytest.raises(PrunekitError, match="could not export DataDependent") as caught:
         export_onnx(DataDependent(), torch.randn(3), tmp_path / "x.onnx")
     assert "\n" not in str(caught.value) and not (tmp_path / "x.onnx").exists()
+
+
+def test_a_compacted_model_exports_with_outputs_equal_to_pytorch(tmp_path):
+    from prunekit.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet20")
+    prunekit.prune(model, "magnitude", 0.5, structure="groups", budget="uniform")
+    x = torch.randn(4, 3, 32, 32)
+    compacted = compact(model, x).eval()
+    assert sum(p.numel() for p in compacted.parameters()) < sum(p.numel() for p in model.parameters())
+    result = export_onnx(compacted, x, tmp_path / "compact.onnx")
+    assert result.relative_error <= 1e-5

@@ -11,13 +11,18 @@ import torch
 Timer = Callable[[str, Mapping[str, Callable[[], Any]]], dict[str, float]]
 
 
-def interleaved_seconds(candidates: Mapping[str, Callable[[], Any]], rounds: int = 5,
-                        min_seconds: float = 0.01) -> dict[str, float]:
+ROUNDS = 5  # turns per candidate: the median of 5 shrugs off a turn or two slowed by another process
+MIN_SECONDS = 0.01  # each turn lasts at least this long, so that the clock's resolution is negligible
+
+
+def interleaved_seconds(candidates: Mapping[str, Callable[[], Any]], rounds: int | None = None,
+                        min_seconds: float | None = None) -> dict[str, float]:
     """Median seconds per call of each candidate, over `rounds` rounds that time every candidate in turn.
 
     Turns alternate so that load from other processes falls on every candidate alike; each turn repeats the
     call until it lasts `min_seconds`, with the count fixed per candidate by a warm-up call.
     """
+    rounds, min_seconds = rounds or ROUNDS, MIN_SECONDS if min_seconds is None else min_seconds
     with torch.no_grad():
         calls = {label: _calls_lasting(fn, min_seconds) for label, fn in candidates.items()}
         times: dict[str, list[float]] = {label: [] for label in candidates}
