@@ -13,21 +13,19 @@ from prunekit.checkpoints import read_state_dict
 from prunekit.cli import main
 from prunekit.export import timing
 from prunekit.export.sparse_files import SPARSE_FILE_FORMAT
+from test_cli import error_line as cli_error_line
+from test_cli import run as cli_run
 
 MODEL = ["--model", "lenet300", "--dataset", "synthetic"]
 
 
 def run(capsys, *argv):
-    code = main([str(arg) for arg in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+    """test_cli's run with paths as strings."""
+    return cli_run(capsys, *map(str, argv))
 
 
 def error_line(capsys, *argv) -> str:
-    code, _, err = run(capsys, *argv)
-    lines = err.splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("prunekit: error: "), err
-    return lines[0]
+    return cli_error_line(capsys, *map(str, argv))
 
 
 def started_work(*args, **kwargs):
