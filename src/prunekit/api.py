@@ -15,7 +15,7 @@ from .errors import PrunekitError
 from .masks import attach_masks, mask_sparsity
 from .methods import PruneContext, get_method
 from .modes import model_mode
-from .objectives import Loss, Objective, as_objective, infer_objective, probe, to_device
+from .objectives import Loss, Objective, as_objective, infer_objective, probe, to_device, without_labels
 from .tables import render_table
 from .targets import Skipped, Target, describe_skipped, find_targets
 
@@ -151,15 +151,9 @@ def _coupling(model: nn.Module, budget: Budget, targets: list[Target], data: Any
 
 def _example_inputs(model: nn.Module, data: Any, device: torch.device) -> Any:
     """What the channel trace runs the model on: the first batch's inputs, else zeros of `model.input_shape`."""
-    if data is not None:
-        batch = next(iter(data), None)
-        batch = None if batch is None else to_device(batch, device)
-        if isinstance(batch, Mapping):
-            return {key: value for key, value in batch.items() if key != "labels"}
-        if isinstance(batch, (tuple, list)) and batch:
-            return batch[0]
-        if isinstance(batch, torch.Tensor):
-            return batch
+    batch = None if data is None else next(iter(data), None)
+    if batch is not None:
+        return without_labels(to_device(batch, device))
     shape = getattr(model, "input_shape", None)
     if shape is None:
         raise PrunekitError("structure 'groups' runs the model once to find which channels are coupled: pass "

@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import PrunekitError
 from .modes import model_mode
+from .objectives import call_model
 from .targets import IN_OUT, OUT_IN, Layout, weight_layout
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -41,7 +42,7 @@ ELEMENTWISE = frozenset({
     "relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardtanh", "hardtanh_", "hardswish", "leaky_relu",
     "elu", "selu", "mish", "softplus", "dropout", "dropout1d", "dropout2d", "dropout3d", "contiguous", "clone",
     "detach", "to", "float", "half", "double", "__neg__", "neg", "abs", "clamp", "clamp_min", "exp", "log", "sqrt",
-    "rsqrt", "square", "erf", "sin", "cos", "reciprocal",
+    "rsqrt", "square", "erf", "sin", "cos", "reciprocal", "type_as",
 })
 # Functions that reduce space within each channel (channels on dim 1).
 POOLS = frozenset({
@@ -54,6 +55,9 @@ BINARY = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "su
                     "__isub__", "mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__",
                     "__rtruediv__", "__itruediv__", "pow", "__pow__", "__rpow__"})
 RESHAPES = frozenset({"flatten", "view", "reshape"})
+TRANSPOSES = frozenset({"transpose", "transpose_", "swapaxes", "swapdims", "permute"})
+MATMULS = frozenset({"matmul", "__matmul__", "bmm"})
+SOFTMAXES = frozenset({"softmax", "log_softmax", "_softmax"})
 CONCATENATIONS = frozenset({"cat", "concat", "concatenate"})
 
 
@@ -302,6 +306,12 @@ class _Tracer(TorchFunctionMode):
             self._pad(first, args, kwargs, out)
         elif name in RESHAPES and args[0] is first:
             self._reshape(first, label, out)
+        elif name in TRANSPOSES and args[0] is first:
+            self._transpose(name, label, args[1:], out)
+        elif name in MATMULS and len(args) >= 2 or name == "scaled_dot_product_attention":
+            self._batched_product(list(args[:2] if name in MATMULS else args[:3]), out)
+        elif name in SOFTMAXES and args[0] is first:
+            self._softmax(first, label, args[1] if len(args) > 1 else kwargs.get("dim"), out)
         elif name == "__getitem__" and args[0] is first:
             self._getitem(first, label, args[1], out)
         elif name in CONCATENATIONS:
@@ -348,8 +358,48 @@ class _Tracer(TorchFunctionMode):
         elif out.dim() == dim + 1 and out.shape[:dim] == x.shape[:dim]:
             spread = math.prod(x.shape[dim + 1:])  # flattened: each channel becomes `spread` features
             self.set_label(out, dim, [i for i in label.ids for _ in range(spread)])
+        elif out.shape[:dim] == x.shape[:dim] and out.shape[dim + 2:] == x.shape[dim + 1:]:
+            self._split_heads(label, out.shape[dim], out)
         else:
             self.pin(label.ids, f"a reshape that splits or moves channels in {self.where()}")
+
+    def _split_heads(self, label: _Label, heads: int, out: torch.Tensor) -> None:
+        """Channels viewed as (heads, head width), as attention splits them: a head's channels go together."""
+        width = len(label.ids) // heads
+        for head in range(heads):
+            for channel in label.ids[head * width + 1:(head + 1) * width]:
+                self.uf.union(label.ids[head * width], channel)
+        self.set_label(out, label.dim, label.ids[::width])
+
+    def _transpose(self, name: str, label: _Label, dims: tuple, out: torch.Tensor) -> None:
+        if name == "permute":
+            order = [d % out.dim() for d in (dims[0] if len(dims) == 1 else dims)]
+            self.set_label(out, order.index(label.dim), label.ids)
+            return
+        first, second = (d % out.dim() for d in dims[:2])
+        swapped = {first: second, second: first}
+        self.set_label(out, swapped.get(label.dim, label.dim), label.ids)
+
+    def _batched_product(self, operands: list[Any], out: torch.Tensor) -> None:
+        """matmul and attention over batches of matrices: a channel on a batch dimension stays a batch (a head)."""
+        labels = [self.label(x) for x in operands]
+        offsets = {x.dim() - label.dim for x, label in zip(operands, labels) if label is not None}
+        lengths = {len(label.ids) for label in labels if label is not None}
+        batch = len(offsets) == 1 and min(offsets) > 2 and len(lengths) == 1
+        if batch and all(label is not None or x.shape[x.dim() - min(offsets)] == 1
+                         for x, label in zip(operands, labels)):
+            known = [label for label in labels if label is not None]
+            for label in known[1:]:
+                self.union_all(known[0].ids, label.ids)
+            self.set_label(out, out.dim() - min(offsets), known[0].ids)
+        else:
+            self.pin_inputs(operands, f"a product over channels in {self.where()}")
+
+    def _softmax(self, x: torch.Tensor, label: _Label, dim: Any, out: torch.Tensor) -> None:
+        if isinstance(dim, int) and dim % x.dim() != label.dim and out.shape == x.shape:
+            self.set_label(out, label.dim, label.ids)
+        else:
+            self.pin(label.ids, f"a softmax over channels in {self.where()}")
 
     def _getitem(self, x: torch.Tensor, label: _Label, index: Any, out: torch.Tensor) -> None:
         index = index if isinstance(index, tuple) else (index,)
@@ -436,6 +486,12 @@ class ChannelGroups:
                                         None if layer.depthwise else self.index(layer.in_ids))
         return self._slices[layer.name]
 
+    def root(self, family: str) -> Layer:
+        """The first layer that makes the family's channels: its output rows hold every group of the family."""
+        members = set(self.families[family].tolist())
+        return next(layer for layer in self.layers.values()
+                    if not layer.depthwise and members <= set(self.rows_and_columns(layer)[0].tolist()))
+
     def family_scores(self, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each group's score: the mean of the scores of every weight it removes (its rows and its columns).
 
@@ -496,9 +552,9 @@ def _out_in_shape(shape: torch.Size, layout: Layout) -> torch.Size:
 def channel_groups(model: nn.Module, example_inputs: Any, targets: Iterable[str] | None = None) -> ChannelGroups:
     """Run `model` once (eval mode) on `example_inputs` and return its coupled channel groups.
 
-    `example_inputs` is a tensor, a tuple of positional inputs, or a mapping of keyword inputs
-    (`model(**batch)`). `targets` are the weight names that may be pruned (default: every weight the
-    trace sees); a group touching any other weight is pinned.
+    `example_inputs` is a tensor, or a mapping of keyword inputs (`model(**batch)`). `targets` are the
+    weight names that may be pruned (default: every weight the trace sees); a group touching any
+    other weight is pinned.
     """
     tracer = _Tracer(model)
     try:
@@ -509,21 +565,12 @@ def channel_groups(model: nn.Module, example_inputs: Any, targets: Iterable[str]
     except Exception as error:
         raise PrunekitError(f"running {type(model).__name__} on the example inputs to find its channel groups "
                             f"failed in {tracer.where()}: {type(error).__name__}: {error}; pass inputs that "
-                            "model(...) accepts (a tensor, a tuple of arguments or a mapping of keyword arguments)"
+                            "model(...) accepts (a tensor, or a mapping of keyword arguments)"
                             ) from None
     finally:
         tracer.remove_hooks()
     tracer.pin_inputs(tensors_in(output), "the model's output")
     return _groups(tracer, None if targets is None else set(targets))
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """`model` called on a tensor, a tuple of arguments or a mapping of keyword arguments."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
 
 
 def _groups(tracer: _Tracer, targets: set[str] | None) -> ChannelGroups:

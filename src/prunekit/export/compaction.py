@@ -22,10 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..channels import CONVOLUTIONS, ChannelGroups, Layer, call_model, channel_groups, out_in, tensors_in
+from ..channels import CONVOLUTIONS, ChannelGroups, Layer, channel_groups, out_in, tensors_in
 from ..errors import PrunekitError
 from ..masks import folded_copy, get_masks
 from ..modes import model_mode
+from ..objectives import call_model
 
 OUTPUT_TOLERANCE = 1e-4  # relative to the largest output: removing zero terms only reorders sums
 
@@ -33,8 +34,8 @@ OUTPUT_TOLERANCE = 1e-4  # relative to the largest output: removing zero terms o
 def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
     """A physically smaller copy of `model` with its pruned channels removed; `model` is left as it is.
 
-    `example_inputs` is what `model` is called with (a tensor, a tuple of arguments or a mapping of
-    keyword arguments); the copy's outputs on them equal the masked model's in eval mode.
+    `example_inputs` is what `model` is called with (a tensor, or a mapping of keyword arguments as in
+    `model(**batch)`); the copy's outputs on them equal the masked model's in eval mode.
     """
     if not isinstance(model, nn.Module):
         raise PrunekitError(f"compact takes a torch.nn.Module, got {type(model).__name__}")
@@ -44,7 +45,7 @@ def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
     masks = get_masks(model)
     compacted = folded_copy(model)
     groups = channel_groups(compacted, example_inputs)
-    kept = _kept_groups(groups, masks)
+    kept = kept_groups(groups, masks)
     with torch.no_grad():
         for layer in groups.layers.values():
             _resize_layer(layer, *_kept_slices(groups, layer, kept))
@@ -66,8 +67,9 @@ class _Slices:
     any_dead: torch.Tensor
 
 
-def _kept_groups(groups: ChannelGroups, masks: dict[str, torch.Tensor]) -> torch.Tensor:
-    """True for each group that stays (and for index `groups.size`, the channels in no group)."""
+def kept_groups(groups: ChannelGroups, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """True for each group that stays (and for index `groups.size`, the channels in no group); masks that remove
+    part of a group are refused."""
     slices = _Slices(*(torch.zeros(groups.size + 1, dtype=torch.long) for _ in range(3)))
     for layer in groups.layers.values():
         _count_dead(groups, layer, masks.get(layer.name), slices)

@@ -1,0 +1,107 @@
+"""Latency of compacted CNNs against the dense model and against Torch-Pruning's compaction of the same channels.
+
+    .venv/bin/python benchmarks/compaction_speed.py [--fractions 0.3 0.5 0.7] [--batches 128 1] [--threads 2]
+                                                    [--rounds 7] [--models resnet56 resnet20 ...]
+
+For each zoo CNN and fraction p of channels removed: magnitude pruning with structure="groups" and a
+uniform budget (p of every family of coupled channels), then `prunekit.compact` and Torch-Pruning
+cutting the very same channels (`prunekit.export.reference`). Printed per row: MACs and parameters of
+the compact model over the dense one (against the (1 - p)^2 of removing p on both sides of a layer),
+and the speed-up dense / compact at each batch size, with Torch-Pruning's beside it where it can cut
+the model. Dense, prunekit and Torch-Pruning are timed in turn within one process (the median of
+`--rounds` rounds), so load from other processes falls on all three alike; the load average is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import warnings
+
+import torch
+from torch import nn
+
+import prunekit
+from prunekit.export.reference import torch_pruning_compact
+from prunekit.export.timing import interleaved_seconds
+from prunekit.metrics import count_macs
+from prunekit.models import create_model
+
+MODELS = {
+    "resnet56": ("resnet56", {}),
+    "resnet56-A": ("resnet56", {"shortcut": "identity"}),
+    "resnet20": ("resnet20", {}),
+    "resnet20-A": ("resnet20", {"shortcut": "identity"}),
+    "vgg16_bn": ("vgg16_bn", {}),
+    "mobilenet_v1": ("mobilenet_v1", {}),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--fractions", nargs="+", type=float, default=[0.3, 0.5, 0.7])
+    parser.add_argument("--batches", nargs="+", type=int, default=[128, 1])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7)
+    return parser.parse_args()
+
+
+def compacted_pair(dense: nn.Module, fraction: float) -> tuple[nn.Module, nn.Module | None]:
+    """prunekit's compact model and Torch-Pruning's cut of the same channels (None where it cannot cut it)."""
+    masked = copy.deepcopy(dense)
+    prunekit.prune(masked, "magnitude", fraction, structure="groups", budget="uniform")
+    example = torch.zeros(2, *dense.input_shape)
+    ours = prunekit.compact(masked, example).eval()
+    try:
+        theirs = torch_pruning_compact(masked, example).eval()
+        theirs(example)
+    except Exception:  # Torch-Pruning 1.6.1 cuts option-A ResNets into a broken model (measured)
+        theirs = None
+    return ours, theirs
+
+
+def parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def row(name: str, dense: nn.Module, fraction: float, batches: list[int], rounds: int) -> str:
+    ours, theirs = compacted_pair(dense, fraction)
+    macs = count_macs(ours, dense.input_shape).dense / count_macs(dense, dense.input_shape).dense
+    cells = [name, f"{fraction:.1f}", f"{(1 - fraction) ** 2:.3f}", f"{macs:.3f}",
+             f"{parameters(ours) / parameters(dense):.3f}"]
+    for batch in batches:
+        inputs = torch.randn(batch, *dense.input_shape)
+        candidates = {"dense": lambda: dense(inputs), "prunekit": lambda: ours(inputs)}
+        if theirs is not None:
+            candidates["torch-pruning"] = lambda: theirs(inputs)
+        seconds = interleaved_seconds(candidates, rounds=rounds)
+        cells.append(f"{seconds['dense'] * 1e3:.1f}")
+        cells.append(f"{seconds['dense'] / seconds['prunekit']:.2f}×")
+        cells.append(f"{seconds['dense'] / seconds['torch-pruning']:.2f}×" if theirs is not None else "n/a")
+    return "| " + " | ".join(cells) + " |"
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")  # Torch-Pruning's notices about unwrapped parameters
+    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads; "
+          f"load average at start {os.getloadavg()[0]:.2f}")
+    header = ["model", "p", "(1-p)²", "MACs", "params"]
+    for batch in args.batches:
+        header += [f"b{batch} dense ms", f"b{batch} prunekit", f"b{batch} Torch-Pruning"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name in args.models:
+        model_name, options = MODELS[name]
+        torch.manual_seed(0)
+        dense = create_model(model_name, **options).eval()
+        for fraction in args.fractions:
+            print(row(name, dense, fraction, args.batches, args.rounds), flush=True)
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
