@@ -133,9 +133,11 @@ def session(path: str | os.PathLike, threads: int | None = None):
 
 
 def feeds(onnx_session, example_inputs: Batch) -> dict[str, np.ndarray]:
-    """The examples as onnxruntime inputs, matched to the file's inputs by position."""
-    values = list(example_inputs.values()) if isinstance(example_inputs, Mapping) else [example_inputs]
+    """The examples as onnxruntime inputs: keyword inputs by name (the exporter keeps them), others by position."""
     names = [entry.name for entry in onnx_session.get_inputs()]
+    if isinstance(example_inputs, Mapping) and set(names) <= set(example_inputs):
+        return {name: example_inputs[name].detach().cpu().numpy() for name in names}
+    values = list(example_inputs.values()) if isinstance(example_inputs, Mapping) else [example_inputs]
     if len(names) != len(values):
         raise PrunekitError(f"the ONNX file takes {len(names)} inputs ({', '.join(names)}), given {len(values)}")
     return {name: value.detach().cpu().numpy() for name, value in zip(names, values)}
