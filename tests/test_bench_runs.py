@@ -445,11 +445,11 @@ def test_a_variants_runs_are_its_own_suite_and_an_unknown_one_is_refused_first(t
 def test_dpf_lenet300_quick_runs_from_scratch_beside_its_dense_reference(tmp_path, data_dir):
     suite = load_suite("dpf_lenet300", quick=True, data_dir=data_dir)
     summary = run_suite(suite, tmp_path / "runs.db", data_dir=data_dir, progress=False, echo=lambda line: None)
-    assert (summary.ran, summary.failures) == (3, [])
+    assert (summary.ran, summary.failures) == (4, [])
     with Store(tmp_path / "runs.db") as store:
         runs = store.runs()
         reference = store.dense(summary.plan.dense_key)
-    assert sorted(run.label for run in runs) == ["dpf", "gmp", "oneshot-ft"]
+    assert sorted(run.label for run in runs) == ["dpf", "gmp", "gmp-uniform", "oneshot-ft"]
     assert all(run.config["from_scratch"] and run.config["hparams"]["epochs"] == suite.dense.epochs for run in runs)
     assert all(abs(run.points[-1].sparsity - 0.98) < 1e-4 for run in runs)
     assert reference["train_seconds"] > 0 and reference["accuracy"] > 0.2  # ten classes: above chance
@@ -497,17 +497,27 @@ def test_the_bip_suites_plan_the_issues_comparisons(data_dir):
 
 
 def test_the_dpf_and_chita_suites_plan_the_issues_comparisons(data_dir):
-    for name, epochs in (("dpf_lenet300", 30), ("dpf_lenet5", 20)):
+    # DPF as the references run it (mask frozen after the schedule) beside both GMP forms: global, as DPF
+    # ranks, and Zhu & Gupta's per-layer "incremental"; on LeNet-5 also DPF with its remedy (clipping).
+    for name, epochs, extra in (("dpf_lenet300", 30, ()), ("dpf_lenet5", 20, ("dpf-clip",))):
         assert planned(name, data_dir) == {label: grid([0.9, 0.95, 0.98, 0.99], (0, 1, 2))
-                                           for label in ("dpf", "gmp", "oneshot-ft")}
+                                           for label in ("dpf", "gmp", "gmp-uniform", "oneshot-ft", *extra)}
         suite = load_suite(name, data_dir=data_dir)
         assert suite.from_scratch and suite.dense.epochs == epochs
         assert all(e.hparams["epochs"] == epochs for e in suite.methods)  # the dense row's epochs for every method
-    for variant, epochs, seeds in ((None, 5, (0,)), ("full", 300, (0, 1, 2))):
-        assert planned("dpf_resnet20", data_dir, variant) == {"dpf": grid([0.9], seeds), "gmp": grid([0.9], seeds)}
+        entries = {e.label: e for e in suite.methods}
+        assert entries["dpf"].hparams["freeze"] and entries["dpf"].hparams["grad_clip"] is None
+        assert (entries["gmp"].budget.allocation, entries["gmp-uniform"].budget.allocation) == ("global", "uniform")
+    assert load_suite("dpf_lenet5", data_dir=data_dir).methods[1].hparams["grad_clip"] == 1.0
+    for variant, epochs, seeds in ((None, 5, (0,)), ("conv-only", 5, (0,)), ("full", 300, (0, 1, 2))):
+        assert planned("dpf_resnet20", data_dir, variant) == {label: grid([0.9], seeds)
+                                                              for label in ("dpf", "gmp", "gmp-uniform")}
         suite = load_suite("dpf_resnet20", variant=variant, data_dir=data_dir)
         assert dict(suite.model_options) == {"shortcut": "identity"} and suite.dense.epochs == epochs
         assert all(e.hparams["epochs"] == epochs for e in suite.methods)
+        # every layer by default; the reference's convolutions only (fc dense) in conv-only and full
+        fc = None if variant is None else {r"^fc\.": 0.0}
+        assert all(e.budget.layer_sparsity == fc for e in suite.methods)
     full = load_suite("dpf_resnet20", variant="full", data_dir=data_dir)
     assert full.dense.nesterov and full.device == "cuda" and full.dense.lr_milestones == (0.5, 0.75)
     chita = planned("chita_resnet20", data_dir)

@@ -76,9 +76,9 @@ def test_dense_weights_receive_the_gradient_taken_at_the_masked_weights():
                for _ in range(2)]
     snapshots = Snapshots()
     lr = 0.5
-    # start = end = 0: the target mask from step 0 on; p = 1 shows the dense weights after step 0.
-    prunekit.prune(model, "dpf", 0.5, batches, observer=snapshots, epochs=1, p=1, start=0.0, end=0.0, lr=lr,
-                   momentum=0.0, weight_decay=0.0, lr_schedule="constant")
+    # start = end = 0: the target mask from step 0 on; p = 1 without freezing shows the dense weights after step 0.
+    prunekit.prune(model, "dpf", 0.5, batches, observer=snapshots, epochs=1, p=1, start=0.0, end=0.0, freeze=False,
+                   lr=lr, momentum=0.0, weight_decay=0.0, lr_schedule="constant")
     mask, w0, w1 = snapshots.masks[0]["weight"], snapshots.dense[0]["weight"], snapshots.dense[1]["weight"]
     assert int((~mask).sum()) == 9
     masked = (mask * w0).requires_grad_()
@@ -102,7 +102,7 @@ def test_schedule_hits_the_target_exactly_at_its_end_and_sparsity_follows_it():
     loader = synthetic_loader()
     # 3 epochs x 20 steps; the end, step 36, is not a multiple of p = 5 and is still an update.
     result = prunekit.prune(mlp(), "dpf", 0.95, loader, observer=snapshots, epochs=3, p=5, start=0.1, end=0.6,
-                            **FAST)
+                            freeze=False, **FAST)
     schedule = StepSchedule(0.95, start=6, end=36, shape="cubic")
     total = sum(m.numel() for m in result.masks.values())
     steps = [event["step"] for event in result.history]
@@ -133,12 +133,47 @@ def test_churn_and_pruning_error_account_for_every_change_of_the_mask():
     assert max(event["pruning_error"] for event in result.history) > 0  # pruned weights keep their values
 
 
-def test_freeze_stops_the_updates_at_the_end_of_the_schedule():
+def test_by_default_the_mask_freezes_when_the_schedule_ends_as_the_references_do():
     snapshots = Snapshots()
     result = prunekit.prune(mlp(), "dpf", 0.9, synthetic_loader(), observer=snapshots, epochs=2, p=4, end=0.5,
-                            freeze=True, **FAST)
-    assert result.history[-1]["step"] == 20
+                            **FAST)
+    assert [event["step"] for event in result.history] == list(range(0, 21, 4))  # the end is step 20
     assert all(torch.equal(result.masks[n], snapshots.masks[-1][n]) for n in result.masks)
+
+
+def test_freeze_false_keeps_recomputing_the_mask_at_the_target_after_the_schedule():
+    snapshots = Snapshots()
+    result = prunekit.prune(mlp(), "dpf", 0.9, synthetic_loader(), observer=snapshots, epochs=2, p=4, end=0.5,
+                            freeze=False, **FAST)
+    steps = [event["step"] for event in result.history]
+    assert steps == list(range(0, 21, 4)) + list(range(24, 40, 4))
+    assert all(event["scheduled"] == 0.9 for event in result.history[steps.index(20):])
+    assert sum(event["reactivated"] for event in result.history[steps.index(20) + 1:]) > 0  # it still changes
+
+
+def test_gradient_clipping_bounds_the_step_of_the_dense_weights():
+    def first_step(**clip):
+        snapshots = Snapshots()
+        prunekit.prune(mlp(), "dpf", 0.9, synthetic_loader(), observer=snapshots, epochs=1, p=1, end=0.0,
+                       freeze=False, lr=1.0, momentum=0.0, weight_decay=0.0, lr_schedule="constant", **clip)
+        before, after = snapshots.dense[0], snapshots.dense[1]
+        return float(torch.cat([(after[n] - before[n]).flatten() for n in before]).norm())
+
+    assert first_step() > 0.1
+    # The norm over every parameter is clipped; the pruned weights' straight-through gradients count too.
+    assert first_step(grad_clip=0.01) <= 0.01 * (1 + 1e-5)
+
+
+def test_conv_only_preset_leaves_the_linear_layer_dense_at_every_update(tiny_net, tiny_batches):
+    snapshots = Snapshots()
+    prunekit.prune(tiny_net, "dpf", 0.5, tiny_batches, observer=snapshots, layer_sparsity={r"^fc\.": 0.0},
+                   epochs=2, p=1, **FAST)
+    convolutions = ("conv.weight", "depthwise.weight")
+    weights = sum(snapshots.masks[0][n].numel() for n in convolutions)
+    for event, masks in zip(snapshots.events, snapshots.masks):
+        assert masks["fc.weight"].all()
+        assert sum(int((~masks[n]).sum()) for n in convolutions) == round(event["scheduled"] * weights)
+    assert snapshots.events[-1]["scheduled"] == 0.5
 
 
 def test_schedule_ending_with_training_still_finishes_at_the_target():
