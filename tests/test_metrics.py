@@ -75,3 +75,23 @@ def test_transformers_conv1d_counts_its_in_by_out_weight_once_per_token():
         model[0].weight[:2] = 0  # 2 of the 4 inputs gone: 6 of 12 weights
     macs = count_macs(model, (5, 4))  # 5 tokens of 4 features
     assert [(layer.name, layer.dense, layer.masked) for layer in macs.layers] == [("0.weight", 12 * 5, 6 * 5)]
+
+
+class TokenModel(nn.Module):
+    """Hugging Face style: called with a mapping (`model(**batch)`), token ids embedded, one Linear per token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, input_ids, attention_mask):
+        return self.fc(self.embed(input_ids)) * attention_mask.unsqueeze(-1)
+
+
+def test_a_mapping_batch_of_one_is_counted_per_token_and_a_tensor_example_like_its_shape():
+    example = {"input_ids": torch.tensor([[1, 2, 3, 4, 5]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    macs = count_macs(TokenModel(), example)
+    assert [(layer.name, layer.dense) for layer in macs.layers] == [("fc.weight", 12 * 5)]  # the lookup: no MACs
+    model = ConvThenLinear()
+    assert count_macs(model, torch.zeros(1, 1, 4, 4)) == count_macs(model, (1, 4, 4))

@@ -57,6 +57,13 @@ class Setup:
         return Loader.for_dataset(self.dataset, split, batch_size, mean=self.mean, std=self.std,
                                   **{"device": self.device, **kwargs})
 
+    def macs_example(self) -> tuple[int, ...] | dict[str, torch.Tensor]:
+        """What `metrics.count_macs` counts one example's MACs on: an image's input shape (fed as zeros), or the
+        first test text tokenised, a batch of one (MACs are then per that text's tokens)."""
+        if isinstance(self.dataset, TextDataset):
+            return next(iter(self.loader("test", 1)))
+        return self.dataset.input_shape
+
     def fresh_model(self, seed: int) -> nn.Module:
         """The zoo model as `seed` initialises it, on the set-up's device."""
         return _new_model(self.model_name, self.dataset, self.model_options, seed).to(self.device)
