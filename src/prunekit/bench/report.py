@@ -1,8 +1,10 @@
 """Reports from a runs database: markdown tables, PNG plots, CSV.
 
-Results are grouped by suite and setting (model, data, dense start, calibration batch): tables
-never mix settings. Within a setting each (method, sparsity, seed) counts once, its latest
-finished run, and cells are mean ± std over seeds. Plots use the object-oriented matplotlib API,
+Results are grouped by suite and setting (model, data, dense start, calibration batch, objective):
+tables never mix settings. The result column holds the objective's graded metric (top-1, or the cosine
+to the dense outputs under `distill`), named in every header, axis and the preface. Within a setting
+each (method, sparsity, seed) counts once, its latest finished run, and cells are mean ± std over
+seeds. Plots use the object-oriented matplotlib API,
 so no global backend is touched.
 """
 from __future__ import annotations
@@ -20,21 +22,49 @@ from typing import Any
 
 from ..errors import PrunekitError
 from ..methods import FAMILIES, get_method
+from ..objectives import GRADES
 from ..tables import render_table
-from .store import DONE, FAILED, PENDING, RUNNING, Store, StoredRun, settings_text
+from .store import DONE, FAILED, PENDING, RUNNING, Store, StoredRun, measured_dense_key, objective_of, settings_text
 
 FORMATS = ("markdown", "csv")
 MIB = 2 ** 20
 CSV_COLUMNS = ("suite", "setting", "run", "label", "method", "target_sparsity", "seed", "point", "final", "event",
-               "sparsity", "accuracy", "loss", "macs_dense", "macs", "seconds", "forward_passes", "forward_examples",
-               "backward_passes", "backward_examples", "peak_memory_bytes", "hparams", "budget", "code_version",
-               "finished", "mask_path")
+               "sparsity", "objective", "accuracy", "loss", "macs_dense", "macs", "seconds", "forward_passes",
+               "forward_examples", "backward_passes", "backward_examples", "peak_memory_bytes", "hparams", "budget",
+               "code_version", "finished", "mask_path")
 FAMILY_TITLES = {"one-shot": "one-shot methods", "training": "methods that train",
                  "at-init": "methods for pruning at initialisation"}
 MARKERS = "osD^vPX"  # seven, against ten colours: see _styles
 LINESTYLES = ("-", "--", "-.")  # ":" is left for the points recorded on the way
 PANEL_INCHES = 3.6
 LEGEND_ROW_INCHES = 0.2  # at legend font size 8
+
+
+@dataclass(frozen=True)
+class GradeName:
+    """How a graded metric (a value of objectives.GRADES) is named in reports and the bench's output."""
+
+    short: str  # "top-1"
+    name: str  # "top-1 accuracy"
+    unit: str  # of the tables' numbers, which are the metric × 100
+    meaning: str  # for the report's preface
+
+    @property
+    def header(self) -> str:
+        return f"{self.name} ({self.unit})"
+
+    def text(self, value: float) -> str:
+        """One value, e.g. the dense model's: `top-1 93.97%`, `cosine 100.00 (×100)`."""
+        number = f"{100 * value:.2f}"
+        return f"{self.short} {number}%" if self.unit == "%" else f"{self.short} {number} ({self.unit})"
+
+
+GRADE_NAMES = {
+    "accuracy": GradeName("top-1", "top-1 accuracy", "%", "top-1 accuracy on the test split"),
+    "cosine": GradeName("cosine", "cosine to the dense outputs", "×100",
+                        "the cosine similarity of the pruned model's outputs to the dense model's on each test "
+                        "example (mean-pooled over its tokens for sequences), averaged"),
+}
 
 
 @dataclass
@@ -59,6 +89,11 @@ class SettingResults:
     @property
     def config(self) -> dict[str, Any]:
         return self.runs[0].config
+
+    @property
+    def grade(self) -> GradeName:
+        """The name of the metric the results hold: the graded metric of the setting's objective."""
+        return GRADE_NAMES[GRADES[objective_of(self.config)]]
 
     @property
     def labels(self) -> list[str]:
@@ -95,14 +130,16 @@ class SettingResults:
         start = config["start"]
         if "checkpoint" in start:
             origin = f"checkpoint {Path(start['checkpoint']).name}"
+        elif "pretrained" in start:
+            origin = f"pretrained weights of {Path(start['pretrained']).name}"
         elif "dense" in start:
             recipe = start["dense"]
             origin = f"dense model trained here ({recipe['epochs']} epochs, {recipe['optimizer']} lr {recipe['lr']})"
         else:
             origin = "fresh weights from each seed"
         sizes = "".join(f", {name} {config[name]}" for name in ("train_size", "test_size") if config.get(name))
-        return (f"{config['model']} on {config['dataset']}{sizes}; start: {origin}; "
-                f"calibration batch {config['batch_size']}; setting {self.setting}")
+        return (f"{config['model']} on {config['dataset']}{sizes}; start: {origin}; objective "
+                f"{objective_of(config)}; calibration batch {config['batch_size']}; setting {self.setting}")
 
 
 def _family(method: str) -> str:
@@ -130,8 +167,10 @@ def collect(store: Store, suite: str | None = None) -> list[SettingResults]:
         info = suites.get(name, {"description": "", "published": []})
         for index, setting in enumerate(settings):
             members = [run for run in own if run.setting == setting]
+            config = members[0].config
+            dense = store.dense(measured_dense_key(config["dense_key"], objective_of(config)))
             results.append(SettingResults(name, info["description"], info["published"], setting, index == 0,
-                                          members, store.dense(members[0].config["dense_key"])))
+                                          members, dense))
     return results
 
 
@@ -163,7 +202,7 @@ def _cost(key: str) -> Callable[[StoredRun], float]:
 
 
 def accuracy_table(results: SettingResults) -> tuple[list[str], list[list[str]]]:
-    """Top-1 (%) per method and sparsity, mean ± std over seeds."""
+    """The graded metric (× 100) per method and sparsity, mean ± std over seeds."""
     headers = ["method"] + [f"{s:g}" for s in results.sparsities] + ["seeds"]
     rows = []
     for label in results.labels:
@@ -177,10 +216,11 @@ def terminal_summary(store: Store, suite: str, setting: str) -> str:
     """The accuracy table of one setting, for the end of `prunekit bench`."""
     results = next(r for r in collect(store, suite) if r.setting == setting)
     headers, rows = accuracy_table(results)
+    grade = results.grade
     lines = [f"{suite}: {results.headline()}"]
     if results.dense:
-        lines.append(f"dense top-1 {100 * results.dense['accuracy']:.2f}%")
-    lines += ["top-1 accuracy (%), mean ± std over seeds, by sparsity:", render_table(headers, rows)]
+        lines.append(f"dense {grade.text(results.dense['accuracy'])}")
+    lines += [f"{grade.header}, mean ± std over seeds, by sparsity:", render_table(headers, rows)]
     return "\n".join(lines)
 
 
@@ -205,10 +245,13 @@ def write_report(db: str | Path, out: str | Path, suite: str | None = None, fmt:
 
 def _write_markdown(all_results: list[SettingResults], out: Path, db: Path) -> list[Path]:
     written = []
-    preface = (f"From `{db}`, written {time.strftime('%Y-%m-%d %H:%M:%S')}. Accuracy is top-1 on the test split; "
-               "sparsity is the fraction of zero weights over all Conv and Linear weights; cost is what "
-               "`prunekit.prune` used (measuring is not counted); MACs are multiply–accumulates per example "
-               "with zero weights skipped (FLOPs ≈ 2 × MACs).")
+    grades = "; ".join(f"{grade.short} is {grade.meaning}"
+                       for grade in dict.fromkeys(results.grade for results in all_results))
+    preface = (f"From `{db}`, written {time.strftime('%Y-%m-%d %H:%M:%S')}. Each suite's results are its "
+               f"objective's graded metric: {grades}. Sparsity is the fraction of zero weights over all Conv and "
+               "Linear weights; cost is what `prunekit.prune` used (measuring is not counted); MACs are "
+               "multiply–accumulates per example (for text: per the first test example's tokens) with zero weights "
+               "skipped (FLOPs ≈ 2 × MACs).")
     lines = ["# prunekit bench report", "", preface, ""]
     for results in all_results:
         stem = _file_stem(results)
@@ -227,14 +270,15 @@ def _suite_section(results: SettingResults, plots: list[Path | None]) -> list[st
     if results.description:
         lines += [results.description, ""]
     lines += [results.headline() + ".", ""]
+    grade = results.grade
     if results.dense:
         dense = results.dense
-        lines += [f"Dense model: top-1 {100 * dense['accuracy']:.2f}%, {dense['macs']:,} MACs per example.", ""]
+        lines += [f"Dense model: {grade.text(dense['accuracy'])}, {dense['macs']:,} MACs per example.", ""]
     status = [f"{results.count(s)} {s}" for s in (PENDING, RUNNING) if results.count(s)]
     if status:
         lines += [f"Not finished: {', '.join(status)} (run the same `prunekit bench` command to complete them).", ""]
     headers, rows = accuracy_table(results)
-    lines += ["### Top-1 accuracy (%) by sparsity", "", "mean ± std over seeds", "",
+    lines += [f"### {grade.header[0].upper()}{grade.header[1:]} by sparsity", "", "mean ± std over seeds", "",
               *_markdown_table(headers, rows), ""]
     if plots[0] is not None:
         lines += [f"![accuracy vs sparsity]({plots[0].name})", ""]
@@ -263,7 +307,7 @@ def _published_section(results: SettingResults) -> list[str]:
         rows.append([number["label"], f"{number['sparsity']:g}", cell, _mean_std(ours, 100), difference,
                      number["source"]])
     return ["### Published numbers beside ours", "",
-            *_markdown_table(["method", "sparsity", "published top-1 (%)", "ours (%)", "ours − published",
+            *_markdown_table(["method", "sparsity", f"published {results.grade.header}", "ours", "ours − published",
                               "source"], rows), ""]
 
 
@@ -275,9 +319,11 @@ def _search_section(results: SettingResults) -> list[str]:
     rows = [[run.label, f"{run.sparsity:g}", str(run.seed), settings_text(run.search["chosen"]),
              "; ".join(f"{settings_text(c['hparams'])}: {100 * c['accuracy']:.2f}" for c in run.search["candidates"])]
             for run in searched]
-    explained = (f"Each candidate was pruned and scored by top-1 on {searched[0].search['holdout']:,} training "
-                 "examples held out of every run (never the test set); the chosen one is the run in the tables.")
-    headers = ["method", "sparsity", "seed", "chosen", "held-out top-1 (%) of each candidate"]
+    grade = results.grade
+    explained = (f"Each candidate was pruned and scored by {grade.short} on {searched[0].search['holdout']:,} "
+                 "training examples held out of every run (never the test set); the chosen one is the run in the "
+                 "tables.")
+    headers = ["method", "sparsity", "seed", "chosen", f"held-out {grade.header} of each candidate"]
     return ["### Hyperparameters searched on held-out data", "", explained, "", *_markdown_table(headers, rows), ""]
 
 
@@ -337,7 +383,7 @@ def _rounds_section(results: SettingResults) -> list[str]:
             for (label, target, reached), points in groups.items()]
     return ["### Results recorded during runs", "",
             "Methods that record sparsities on their way (rounds, stages) are measured at each; cost is cumulative.",
-            "", *_markdown_table(["method", "target", "reached", "top-1 (%)", "seconds so far"], rows), ""]
+            "", *_markdown_table(["method", "target", "reached", results.grade.header, "seconds so far"], rows), ""]
 
 
 def _failures_section(results: SettingResults) -> list[str]:
@@ -384,7 +430,7 @@ def _plot(make_figure: Callable[[SettingResults], Any], results: SettingResults,
 
 
 def accuracy_figure(results: SettingResults):
-    """Top-1 against sparsity, one panel per method family, with the dense model and published numbers."""
+    """The graded metric against sparsity, one panel per method family, with the dense model and published numbers."""
     families = results.families
     figure, legends, grid = _panels(families, rows=1)
     for labels, (axes,) in zip(families.values(), grid):
@@ -401,7 +447,7 @@ def accuracy_figure(results: SettingResults):
             if number["label"] in styles:
                 axes.scatter([number["sparsity"]], [100 * number["accuracy"]], marker="x", s=60, zorder=3,
                              color=styles[number["label"]]["color"], label=f"{number['label']} (published)")
-    grid[0][0].set_ylabel("top-1 accuracy (%)")
+    grid[0][0].set_ylabel(results.grade.header)
     _finish(figure, legends, grid, results, "accuracy vs sparsity")
     return figure
 
@@ -523,8 +569,8 @@ def _write_csv(all_results: list[SettingResults], path: Path) -> Path:
                     writer.writerow([
                         run.suite, run.setting, run.hash, run.label, run.method, run.sparsity, run.seed, index,
                         int(point.final), "" if point.event is None else json.dumps(point.event), point.sparsity,
-                        point.accuracy, point.loss, point.macs_dense, point.macs, cost["seconds"],
-                        cost["forward_passes"], cost["forward_examples"], cost["backward_passes"],
+                        objective_of(run.config), point.accuracy, point.loss, point.macs_dense, point.macs,
+                        cost["seconds"], cost["forward_passes"], cost["forward_examples"], cost["backward_passes"],
                         cost["backward_examples"], cost["peak_memory_bytes"], json.dumps(run.config["hparams"]),
                         json.dumps(run.config["budget"]), run.code_version,
                         time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(run.finished)), run.mask_path])

@@ -1,9 +1,11 @@
 """Run a suite: plan its runs, prepare the dense model once, prune, measure, store each result.
 
-Every run gets the same start (the suite's checkpoint, its cached dense model, or fresh weights
-from the run's seed), the same calibration data for the seed (the training split less the seed's
-held-out examples, when the suite holds some out), and the same measurements (top-1 and loss on
-the test split, sparsity per layer, MACs dense and masked), on the device the bench was given.
+Every run gets the same start (the suite's checkpoint, its cached dense model, a pretrained model's
+own weights, or fresh weights from the run's seed), the same calibration data for the seed (the
+training split less the seed's held-out examples, when the suite holds some out), the same objective
+(the suite's `loss:`, built from the dense start), and the same measurements (the objective's graded
+metric — top-1, or the cosine to the dense outputs — and loss on the test split, sparsity per layer,
+MACs dense and masked, on one example), on the device the bench was given.
 Only `prunekit.prune`'s cost is the method's cost; measuring is not counted, nor is a search:
 an entry with `search:` prunes once per candidate, scores each on the held-out examples, and its
 run is the best candidate's prune. Isolated runs each run in a fresh Python process (nothing of this
@@ -44,8 +46,12 @@ from ..errors import PrunekitError
 from ..io import atomic_path
 from ..masks import save_masks, sparsity_report
 from ..metrics import count_macs
+from ..models.hf import CONFIG, check_model_folder
+from ..objectives import GRADES, Objective, as_objective
+from ..targets import find_targets
 from ..training import reestimate_batch_norm
-from .store import DONE, Outcome, Owner, PlannedRun, Point, Store, settings_text
+from .report import GRADE_NAMES
+from .store import DONE, Outcome, Owner, PlannedRun, Point, Store, measured_dense_key, settings_text
 from .suite import MethodEntry, Suite
 
 # Files that only present results: editing them must not invalidate stored runs.
@@ -117,7 +123,7 @@ def plan(suite: Suite, device: str = "cpu", isolate: bool = False) -> Plan:
     # Runs on another device, with other batches or other held-out data, or measured in their own process
     # (another peak memory) are not compared in one table: another setting.
     shared = {"batch_size": suite.batch_size, "augment": suite.augment, "device": device, "variant": suite.variant,
-              "holdout": suite.holdout, "isolated": isolate or suite.isolate}
+              "holdout": suite.holdout, "isolated": isolate or suite.isolate, "objective": suite.loss}
     setting = content_hash({"suite": suite.stored_name, "dense": dense_key, **shared})
     version = code_version()
     runs = []
@@ -127,7 +133,8 @@ def plan(suite: Suite, device: str = "cpu", isolate: bool = False) -> Plan:
                 config = {"suite": suite.stored_name, **data, "start": start, "dense_key": dense_key, **shared,
                           "from_scratch": suite.from_scratch or entry.from_scratch, "method": entry.method,
                           "hparams": entry.hparams, "search": {key: list(grid) for key, grid in entry.search.items()},
-                          "budget": dataclasses.asdict(entry.budget), "measure_recorded": entry.measure_recorded,
+                          "budget": dataclasses.asdict(entry.budget), "exclude": list(entry.exclude),
+                          "measure_recorded": entry.measure_recorded,
                           "sparsity": sparsity, "seed": seed, "code_version": version}
                 runs.append(PlannedRun(content_hash(config), suite.stored_name, setting, entry.label, entry.method,
                                        sparsity, seed, config, version))
@@ -135,6 +142,10 @@ def plan(suite: Suite, device: str = "cpu", isolate: bool = False) -> Plan:
 
 
 def _start(suite: Suite, device: str) -> dict[str, Any]:
+    if suite.pretrained:  # its weights' and config's content: runs are invalidated when they change
+        folder = check_model_folder(suite.model)
+        files = sorted([folder / CONFIG, *folder.glob("*.safetensors")])
+        return {"pretrained": suite.model, "sha256": {path.name: _file_hash(path) for path in files}}
     if suite.checkpoint is not None:
         return {"checkpoint": str(suite.checkpoint), "sha256": _file_hash(suite.checkpoint)}
     # Keyed by the recipe, not the source hash: retraining on every code edit would cost the most
@@ -155,6 +166,31 @@ def check_device(suite: Suite, device: str) -> None:
             f"suite {suite.path}, line {suite.lines.get('device', 1)}: {suite.stored_name} is a full budget meant for a "
             "GPU (`device: cuda`: a paper's full recipe, days on a CPU); run it on a machine with CUDA: `prunekit bench "
             f"--suite {suite.argument} --device cuda`, or add --quick for a short smoke run on the CPU")
+
+
+# ---------------------------------------------------------------- the objective and its grade
+
+@dataclass(frozen=True)
+class Grading:
+    """The suite's objective, built from the dense start (distill keeps a frozen copy of it), and the metric of
+    its evaluation that the results hold in their `accuracy` column (higher is better)."""
+
+    name: str  # a key of objectives.GRADES
+    objective: Objective
+
+    @classmethod
+    def of(cls, name: str, dense: torch.nn.Module) -> Grading:
+        return cls(name, as_objective(name, dense))
+
+    @property
+    def metric(self) -> str:
+        """The graded metric's key in workflow.evaluate's result."""
+        return GRADES[self.name]
+
+    def evaluate(self, setup: workflow.Setup) -> tuple[float, float]:
+        """(graded metric, mean loss) of the set-up's model on its test split."""
+        metrics = workflow.evaluate(setup, self.objective)
+        return metrics[self.metric], metrics["loss"]
 
 
 # ---------------------------------------------------------------- running
@@ -213,8 +249,10 @@ def _executor(bench_plan: Plan, base: workflow.Setup, data_dir) -> Iterator[Exec
         yield functools.partial(_execute, bench_plan=bench_plan, base=base)
         return
     with tempfile.TemporaryDirectory(prefix="prunekit-isolated-") as folder:
-        weights = Path(folder) / "start.safetensors"
-        workflow.save_weights(base, weights, {"bench": "the prepared start of every isolated run"})
+        weights = None  # a pretrained model's start is its own weights, which each process loads itself
+        if not bench_plan.suite.pretrained:
+            weights = Path(folder) / "start.safetensors"
+            workflow.save_weights(base, weights, {"bench": "the prepared start of every isolated run"})
         yield functools.partial(_execute_isolated, bench_plan=bench_plan, weights=weights, data_dir=data_dir,
                                 device=base.device.type)
 
@@ -254,13 +292,15 @@ def _run_all(todo: list[PlannedRun], store: Store, db: Path, summary: Summary, e
 def _one_line(run: PlannedRun, outcome: Outcome, seconds: float) -> str:
     final = outcome.points[-1]
     chosen = f", chose {settings_text(outcome.search['chosen'])} on the held-out data" if outcome.search else ""
-    return (f"{run.label} s={run.sparsity:g} seed {run.seed}: top-1 {final.accuracy:.4f}, achieved sparsity "
+    grade = GRADE_NAMES[GRADES[run.config["objective"]]].short
+    return (f"{run.label} s={run.sparsity:g} seed {run.seed}: {grade} {final.accuracy:.4f}, achieved sparsity "
             f"{final.sparsity:.4f}, pruning {outcome.cost['seconds']:.2f} s{chosen} (run {seconds:.1f} s)")
 
 
 def _execute(run: PlannedRun, masks_dir: Path, env: dict[str, Any], bar: tqdm, *, bench_plan: Plan,
              base: workflow.Setup) -> Outcome:
     suite, entry = bench_plan.suite, bench_plan.entries[run.label]
+    grading = Grading.of(run.config["objective"], base.model)  # before any pruning: the dense reference
     model = base.fresh_model(run.seed) if run.config["from_scratch"] else copy.deepcopy(base.model)
     setup, held_out = _held_out(dataclasses.replace(base, model=model), suite.holdout, run.seed)
     points: list[Point] = []
@@ -271,23 +311,23 @@ def _execute(run: PlannedRun, masks_dir: Path, env: dict[str, Any], bar: tqdm, *
         bar.set_postfix_str(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                       for k, v in details.items() if isinstance(v, (int, float, str))), refresh=True)
         if entry.measure_recorded and "sparsity" in event:
-            points.append(_measure(setup, final=False, cost=event["cost"], event=details))
+            points.append(_measure(setup, grading, final=False, cost=event["cost"], event=details))
 
     def prune_with(model: torch.nn.Module, candidate: dict[str, Any]) -> PruneResult:
         """Prune `model` with the entry's hyperparameters, and `candidate`'s over them."""
         # Every method gets the data: a data-free one that trains afterwards (SynFlow) needs it too. A new
         # loader each time, so that every candidate sees the same batches.
         data = workflow.calibration_loader(setup, suite.batch_size, run.seed, augment=suite.augment)
-        return prune(model, run.method, run.sparsity, data, budget=entry.budget, seed=run.seed, observer=observe,
-                     **{**entry.method_hparams, **candidate})
+        return prune(model, run.method, run.sparsity, data, budget=entry.budget, exclude=list(entry.exclude) or None,
+                     seed=run.seed, loss=grading.objective, observer=observe, **{**entry.method_hparams, **candidate})
 
     search = None
     if entry.search:
-        model, result, search = _search(entry, setup, prune_with, held_out, suite.holdout)
+        model, result, search = _search(entry, setup, prune_with, held_out, suite.holdout, grading)
         setup = dataclasses.replace(setup, model=model)
     else:
         result = prune_with(setup.model, {})
-    points.append(_measure(setup, final=True, cost=result.cost.to_dict()))
+    points.append(_measure(setup, grading, final=True, cost=result.cost.to_dict()))
     mask_path = masks_dir / f"{run.hash}.safetensors"
     save_masks(setup.model, mask_path, {**result.metadata(), "suite": run.suite, "run": run.hash, "seed": run.seed})
     return Outcome(points, result.cost.to_dict(), result.history, env, str(mask_path.resolve()), search)
@@ -303,28 +343,27 @@ def _held_out(setup: workflow.Setup, holdout: int | None, seed: int) -> tuple[wo
 
 
 def _search(entry: MethodEntry, setup: workflow.Setup, prune_with: Callable, held_out: workflow.Setup,
-            holdout: int) -> tuple[torch.nn.Module, PruneResult, dict[str, Any]]:
-    """Every candidate prunes a copy of the start and is scored by top-1 on the held-out examples; the best (the
-    first of equals) wins. Returns its model, its prune's result and the record of the search."""
+            holdout: int, grading: Grading) -> tuple[torch.nn.Module, PruneResult, dict[str, Any]]:
+    """Every candidate prunes a copy of the start and is scored by the graded metric on the held-out examples; the
+    best (the first of equals) wins. Returns its model, its prune's result and the record of the search."""
     best, scores = None, []
     for candidate in entry.candidates:
         model = copy.deepcopy(setup.model)
         result = prune_with(model, candidate)
-        metrics = workflow.evaluate(dataclasses.replace(held_out, model=model))
-        scores.append({"hparams": candidate, "accuracy": metrics["accuracy"], "loss": metrics["loss"],
-                       "seconds": result.cost.seconds})
-        if best is None or metrics["accuracy"] > best[2]["accuracy"]:
+        grade, loss = grading.evaluate(dataclasses.replace(held_out, model=model))
+        scores.append({"hparams": candidate, "accuracy": grade, "loss": loss, "seconds": result.cost.seconds})
+        if best is None or grade > best[2]["accuracy"]:
             best = (model, result, scores[-1])
     model, result, chosen = best
-    record = {"holdout": holdout, "metric": "top-1 on the held-out training examples", "chosen": chosen["hparams"],
-              "candidates": scores}
+    record = {"holdout": holdout, "metric": f"{GRADE_NAMES[grading.metric].short} on the held-out training examples",
+              "chosen": chosen["hparams"], "candidates": scores}
     return model, result, record
 
 
 # ---------------------------------------------------------------- a run in its own process
 
 def _execute_isolated(run: PlannedRun, masks_dir: Path, env: dict[str, Any], bar: tqdm, *, bench_plan: Plan,
-                      weights: Path, data_dir, device: str) -> Outcome:
+                      weights: Path | None, data_dir, device: str) -> Outcome:
     """The run in a fresh Python process: its peak memory is this run's alone. Its errors come back as ours."""
     with tempfile.TemporaryDirectory(prefix="prunekit-run-") as folder:
         request, reply = Path(folder) / "request.pickle", Path(folder) / "reply.pickle"
@@ -342,7 +381,8 @@ def _execute_isolated(run: PlannedRun, masks_dir: Path, env: dict[str, Any], bar
 
 
 def isolated_run(request: str, reply: str) -> None:
-    """In the run's own process: the suite's model from the prepared start, the run, its outcome written back."""
+    """In the run's own process: the suite's model from the prepared start (a pretrained model's own weights when
+    `weights` is None), the run, its outcome written back."""
     suite, run, weights, data_dir, device, masks_dir, env, threads = pickle.loads(Path(request).read_bytes())
     torch.set_num_threads(threads)
     try:
@@ -360,11 +400,12 @@ def isolated_run(request: str, reply: str) -> None:
         partial.write_bytes(pickle.dumps(answer))
 
 
-def _measure(setup: workflow.Setup, *, final: bool, cost: dict[str, Any], event: dict[str, Any] | None = None) -> Point:
-    metrics = workflow.evaluate(setup)
+def _measure(setup: workflow.Setup, grading: Grading, *, final: bool, cost: dict[str, Any],
+             event: dict[str, Any] | None = None) -> Point:
+    grade, loss = grading.evaluate(setup)
     report = sparsity_report(setup.model)
-    macs = count_macs(setup.model, setup.dataset.input_shape)
-    return Point(final, report.sparsity, metrics["accuracy"], metrics["loss"],
+    macs = count_macs(setup.model, setup.macs_example())
+    return Point(final, report.sparsity, grade, loss,
                  {layer.name: layer.sparsity for layer in report.layers}, macs.dense, macs.masked, cost, event)
 
 
@@ -385,6 +426,7 @@ def _prepare(suite: Suite, bench_plan: Plan, store: Store, db: Path, data_dir, d
     if suite.holdout is not None and suite.holdout >= len(setup.dataset.train):
         raise PrunekitError(f"suite {suite.path}, line {suite.lines.get('holdout', 1)}: `holdout: {suite.holdout}` "
                             f"leaves nothing of the {len(setup.dataset.train)} training examples; hold out fewer")
+    _check_excludes(suite, setup.model)
     if suite.from_scratch and suite.dense is None:
         return setup
     key = bench_plan.dense_key
@@ -394,15 +436,27 @@ def _prepare(suite: Suite, bench_plan: Plan, store: Store, db: Path, data_dir, d
         train_seconds = _train_or_load(setup, suite, cached, show_bar, echo)
     if suite.reestimate_bn:
         _reestimate_batch_norm(setup, suite)
-    known = store.dense(key)
+    measured = measured_dense_key(key, suite.loss)
+    known = store.dense(measured)
     if known is None or train_seconds is not None:
-        metrics = workflow.evaluate(setup)
-        macs = count_macs(setup.model, setup.dataset.input_shape).dense
-        store.save_dense(key, bench_plan.runs[0].config["start"], None if cached is None else str(cached.resolve()),
-                         metrics["accuracy"], metrics["loss"], macs, train_seconds)
-        known = store.dense(key)
-    echo(f"dense {suite.model} on {suite.dataset}: top-1 {known['accuracy']:.4f}")
+        grade, loss = Grading.of(suite.loss, setup.model).evaluate(setup)
+        macs = count_macs(setup.model, setup.macs_example()).dense
+        store.save_dense(measured, bench_plan.runs[0].config["start"],
+                         None if cached is None else str(cached.resolve()), grade, loss, macs, train_seconds)
+        known = store.dense(measured)
+    grade_name = GRADE_NAMES[GRADES[suite.loss]].short
+    echo(f"dense {suite.model} on {suite.dataset}: {grade_name} {known['accuracy']:.4f}")
     return setup
+
+
+def _check_excludes(suite: Suite, model: torch.nn.Module) -> None:
+    """Every entry's `exclude:` must name tensors of the model: said once now, not by each of its runs."""
+    for entry in suite.methods:
+        if entry.exclude:
+            try:
+                find_targets(model, exclude=list(entry.exclude))
+            except PrunekitError as exc:
+                raise PrunekitError(f"suite {suite.path}, entry {entry.label!r}: {exc}") from None
 
 
 def _reestimate_batch_norm(setup: workflow.Setup, suite: Suite) -> None:

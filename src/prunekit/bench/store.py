@@ -32,6 +32,7 @@ SCHEMA_VERSION = 2
 # Each schema version's changes to the one before, applied in order to an older database.
 MIGRATIONS = {2: "ALTER TABLE runs ADD COLUMN search TEXT"}
 BUSY_TIMEOUT_SECONDS = 60
+DEFAULT_LOSS = "cross-entropy"  # a suite's objective when it names none (a key of objectives.GRADES)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -88,6 +89,17 @@ CREATE TABLE IF NOT EXISTS suites (
     updated REAL NOT NULL
 );
 """
+
+
+def objective_of(config: dict[str, Any]) -> str:
+    """The objective a run pruned and was measured with; runs stored before suites named one used the default."""
+    return config.get("objective", DEFAULT_LOSS)
+
+
+def measured_dense_key(dense_key: str, objective: str) -> str:
+    """The key of the dense model's measurement under `objective`: one dense start is measured once per objective.
+    The default objective's keeps the dense key itself, as it had before suites named an objective."""
+    return dense_key if objective == DEFAULT_LOSS else f"{dense_key}:{objective}"
 
 
 @dataclass(frozen=True)

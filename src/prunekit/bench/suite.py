@@ -6,9 +6,15 @@ loader below builds dicts and lists that remember the line of each key and item.
 
     name: demo
     description: every registered method on digits
-    model: lenet300
+    model: lenet300            # a zoo model; or a packaged pretrained one (all-minilm-l6-v2) or the path of a
+                               # Hugging Face model folder (relative to the suite), which start from their own
+                               # weights: no checkpoint, dense, from_scratch or model_options then
     model_options: {}          # keyword options of the zoo model, e.g. {shortcut: identity} for a ResNet
     dataset: digits            # train_size / test_size keep a fixed random subset
+    loss: cross-entropy        # the objective every method prunes with and every measurement evaluates under,
+                               # built once per run from the dense start; the result column is its graded
+                               # metric: cross-entropy -> top-1 (the default), distill -> cosine similarity of
+                               # the mean-pooled outputs to the dense model's. Text (kjv) needs `loss: distill`
     dense: {epochs: 30, lr: 0.05}   # trained once (seed 0, in batches of `batch_size`) and cached; or
                                # checkpoint: PATH, or from_scratch: true (with dense: the recipe is
                                # trained only as the dense reference)
@@ -34,6 +40,7 @@ loader below builds dicts and lists that remember the line of each key and item.
                                # the best one is the run (test accuracy), the scores are stored with it
                                # (not with measure_recorded: the recorded points would be every candidate's)
         budget: {allocation: uniform}
+        exclude: [pooler]      # regexes searched in tensor names, left dense (prune's `exclude`)
         sparsities: [0.9]      # this entry only
         optional: true         # skip (with a note) while the method is not registered
       - method: snip
@@ -71,21 +78,24 @@ from ..budgets import Budget, check_sparsity
 from ..data import DATA_DIR_ENV, DATASETS, resolve_data_dir
 from ..errors import PrunekitError
 from ..methods import Method, all_methods
-from ..models import create_model, list_models
+from ..models import MODELS, create_model, list_models
+from ..models.hf import CONFIG, PACKAGED
+from ..objectives import GRADES
 from ..training import TrainConfig
 from ..workflow import DEVICES
+from .store import DEFAULT_LOSS
 
 SHIPPED = resources.files("prunekit.bench") / "suites"
 ALL = "all"
 DEFAULT_BATCH_SIZE = 128
 
-TOP_LEVEL_KEYS = ("name", "description", "model", "model_options", "dataset", "train_size", "test_size",
+TOP_LEVEL_KEYS = ("name", "description", "model", "model_options", "dataset", "train_size", "test_size", "loss",
                   "checkpoint", "dense", "from_scratch", "device", "reestimate_bn", "batch_size", "augment",
                   "holdout", "isolate", "training", "sparsities", "seeds", "methods", "published", "quick",
                   "variants")
 STARTS = ("checkpoint", "dense", "from_scratch")
-ENTRY_KEYS = ("method", "label", "hparams", "search", "budget", "sparsities", "optional", "measure_recorded",
-              "from_scratch")
+ENTRY_KEYS = ("method", "label", "hparams", "search", "budget", "exclude", "sparsities", "optional",
+              "measure_recorded", "from_scratch")
 PUBLISHED_KEYS = ("method", "sparsity", "accuracy", "std", "source")
 NOT_QUICK = ("name", "description", "quick", "published", "device", "variants")
 NOT_IN_VARIANTS = ("name", "variants")
@@ -98,6 +108,7 @@ COUNT = hparams_lib.integer(1)
 SEED = hparams_lib.integer(0)
 FLAG = hparams_lib.Check("true or false", lambda value: isinstance(value, bool))
 FRACTION = hparams_lib.optional(hparams_lib.number(0, 1))
+TEXT_LOSS = "distill"  # text comes without labels: the one graded objective that needs none
 
 
 @dataclass(frozen=True)
@@ -112,6 +123,7 @@ class MethodEntry:
     measure_recorded: bool = False  # a result row at every sparsity the method records (rounds, stages)
     from_scratch: bool = False  # runs start from fresh weights of their seed, not the suite's dense model
     search: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # hyperparameter -> values tried
+    exclude: tuple[str, ...] = ()  # regexes of tensor names left dense (prune's `exclude`)
 
     @property
     def method_hparams(self) -> dict[str, Any]:
@@ -168,6 +180,12 @@ class Suite:
     isolate: bool = False  # every run in a fresh process (its own peak memory)
     variant: str | None = None  # the `variants:` entry loaded, if any
     variants: tuple[str, ...] = ()  # every variant the file declares
+    loss: str = DEFAULT_LOSS  # the objective of every prune and measurement (a key of objectives.GRADES)
+
+    @property
+    def pretrained(self) -> bool:
+        """A packaged model or a Hugging Face folder: it starts from its own weights."""
+        return self.model not in MODELS
 
     @property
     def sparsities(self) -> tuple[float, ...]:
@@ -323,10 +341,12 @@ class _Checker:
         for key in ("name", "model", "dataset", "sparsities", "methods"):
             if key not in document:
                 raise self.fail(document, None, f"the suite has no `{key}:`; add it")
-        model = self.choice(document, "model", list_models())
+        model = self.model(document)
         dataset = self.choice(document, "dataset", list(DATASETS))
         if DATASETS[dataset].needs_files:
             self.data_folder(document)
+        loss = self.loss(document, dataset)
+        checkpoint, dense, from_scratch, model_options = self.start(document, model)
         default_sparsities = self.sparsities(document, "sparsities")
         methods, notes = self.methods(document["methods"], default_sparsities, self.training(document))
         run_seeds = self.seeds(document)
@@ -344,16 +364,16 @@ class _Checker:
             dataset=dataset,
             train_size=self.checked(document, "train_size", hparams_lib.optional(COUNT)),
             test_size=self.checked(document, "test_size", hparams_lib.optional(COUNT)),
-            checkpoint=self.checkpoint(document),
-            dense=self.dense(document),
-            from_scratch=bool(document.get("from_scratch", False)),
+            checkpoint=checkpoint,
+            dense=dense,
+            from_scratch=from_scratch,
             batch_size=self.checked(document, "batch_size", COUNT, DEFAULT_BATCH_SIZE),
             seeds=run_seeds,
             methods=methods,
             published=self.published(document),
             notes=notes,
             lines=dict(document.lines),
-            model_options=self.model_options(document, model),
+            model_options=model_options,
             augment=self.augment(document, dataset),
             device=self.choice(document, "device", list(DEVICES)) if "device" in document else "cpu",
             reestimate_bn=self.flag(document, "reestimate_bn"),
@@ -362,6 +382,7 @@ class _Checker:
             isolate=self.flag(document, "isolate"),
             variant=variant,
             variants=variants,
+            loss=loss,
         )
 
     # ---- general shapes
@@ -447,7 +468,57 @@ class _Checker:
         except PrunekitError as exc:
             raise self.fail(mapping, None, str(exc)) from None
 
-    # ---- where the model starts
+    # ---- the model, where it starts, and its objective
+
+    def model(self, document: _LineDict) -> str:
+        """A zoo model's name, a packaged pretrained model's, or a Hugging Face folder's absolute path."""
+        name = self.text(document, "model")
+        if name in MODELS or name in PACKAGED:
+            return name
+        if os.sep in name or name.startswith(("$", "~", ".")):
+            folder = self.suite_path(document, "model")
+            if not (folder / CONFIG).is_file():
+                raise self.fail(document, "model", f"{folder} is no Hugging Face model folder (it has no {CONFIG}); "
+                                                   "fix the path or write the model there with save_pretrained")
+            return str(folder)
+        raise self.fail(document, "model", f"unknown model {name!r}; use a zoo model ({', '.join(list_models())}), "
+                                           f"a packaged pretrained one ({', '.join(PACKAGED)}) or the path of a "
+                                           "Hugging Face model folder")
+
+    def start(self, document: _LineDict, model: str) -> tuple[Path | None, TrainConfig | None, bool, dict[str, Any]]:
+        """(checkpoint, dense recipe, from_scratch, model_options): a zoo model's start, or none for a pretrained
+        model, which starts from its own weights and config."""
+        if model in MODELS:
+            return (self.checkpoint(document), self.dense(document), bool(document.get("from_scratch", False)),
+                    self.model_options(document, model))
+        given = [key for key in (*STARTS, "model_options") if key in document]
+        if given:
+            raise self.fail(document, given[0], f"{document['model']} is pretrained and starts from its own weights "
+                                                f"and config; remove `{given[0]}` (it is for zoo models)")
+        entries = document["methods"] if isinstance(document["methods"], _LineList) else []
+        for entry in entries:
+            if isinstance(entry, _LineDict) and entry.get("from_scratch"):
+                raise self.fail(entry, "from_scratch", f"{document['model']} is pretrained: its runs start from its "
+                                                       "own weights, not fresh ones; remove `from_scratch`")
+        return None, None, False, {}
+
+    def loss(self, document: _LineDict, dataset: str) -> str:
+        """The objective's name, one with a graded metric; text, which has no labels, must name `distill`."""
+        text = DATASETS[dataset].text
+        if "loss" not in document:
+            if text:
+                raise self.fail(document, "dataset", f"{dataset} is text without labels, which cross-entropy (the "
+                                                     f"default objective) needs; add `loss: {TEXT_LOSS}`")
+            return DEFAULT_LOSS
+        name = document["loss"]
+        graded = ", ".join(f"{objective} (graded by {metric})" for objective, metric in GRADES.items())
+        if name not in GRADES:
+            raise self.fail(document, "loss", f"`loss` must be an objective whose results have a graded metric: "
+                                              f"{graded}; got {name!r}")
+        if text and name != TEXT_LOSS:
+            raise self.fail(document, "loss", f"{dataset} is text without labels, which {name} needs; use "
+                                              f"`loss: {TEXT_LOSS}`")
+        return name
 
     def checkpoint(self, document: _LineDict) -> Path | None:
         starts = [key for key in STARTS if document.get(key) is not None and document[key] is not False]
@@ -461,15 +532,17 @@ class _Checker:
             raise self.fail(document, "from_scratch", "`from_scratch` can only be true; remove the line otherwise")
         if starts[0] != "checkpoint":
             return None
-        raw = self.text(document, "checkpoint")
-        path = Path(self.expand(document, "checkpoint", raw)).expanduser()
-        if not path.is_absolute():
-            path = self.path.parent / path
+        path = self.suite_path(document, "checkpoint")
         if not path.is_file():
             raise self.fail(document, "checkpoint", f"checkpoint {path} does not exist; fix the path "
                                                     f"(relative paths start at the suite's folder, ${{{DATA_DIR_ENV}}} "
                                                     "and other environment variables are expanded)")
         return path
+
+    def suite_path(self, document: _LineDict, key: str) -> Path:
+        """The path `key` names, with environment variables expanded, relative to the suite's folder."""
+        path = Path(self.expand(document, key, self.text(document, key))).expanduser()
+        return path if path.is_absolute() else self.path.parent / path
 
     def expand(self, mapping: _LineDict, key: str, text: str) -> str:
         variables = dict(os.environ)
@@ -583,11 +656,12 @@ class _Checker:
             if key in PRUNE_ARGUMENTS:
                 raise self.fail(values, key, f"`{key}` is an argument of prune() that the bench sets itself (seeds "
                                              "from `seeds:`, the budget from `budget:`, the batch size from "
-                                             "`batch_size:`); remove it here")
+                                             "`batch_size:`, the objective from `loss:`, the tensors left dense "
+                                             "from the entry's `exclude:`); remove it here")
         budget = self.budget(item, sparsities)
         hparams = self.hparams(method, values, training)
         return MethodEntry(label, method.name, hparams, budget, sparsities, item.get("measure_recorded", False),
-                           item.get("from_scratch", False), self.search(item, method, hparams))
+                           item.get("from_scratch", False), self.search(item, method, hparams), self.exclude(item))
 
     def search(self, item: _LineDict, method: Method, hparams: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
         """The grid {hyperparameter: values}; every combination over the entry's hyperparameters is checked now."""
@@ -613,9 +687,10 @@ class _Checker:
             if key in item:
                 raise self.fail(item, key, f"`method: all` takes no {key}; give a method its own entry "
                                            "(`- method: NAME` with `hparams:`) to change it")
-        budget = self.budget(item, sparsities)
+        budget, exclude = self.budget(item, sparsities), self.exclude(item)
         defaults = self.mapping(item, "hparams", "`hparams`")  # empty: `all` takes none
-        return [MethodEntry(method.name, method.name, self.hparams(method, defaults, training), budget, sparsities)
+        return [MethodEntry(method.name, method.name, self.hparams(method, defaults, training), budget, sparsities,
+                            exclude=exclude)
                 for method in registered.values() if method.name not in explicit]
 
     def hparams(self, method: Method, values: _LineDict, training: _LineDict | None) -> dict[str, Any]:
@@ -633,6 +708,23 @@ class _Checker:
             raise self.fail(item, "budget", f"{budget.n}:{budget.m} sparsity is always {fixed:g}; give this entry "
                                             f"`sparsities: [{fixed:g}]`")
         return budget
+
+    def exclude(self, item: _LineDict) -> tuple[str, ...]:
+        """The entry's `exclude:` (a regex or a list of them, searched in tensor names), each one valid."""
+        value = item.get("exclude")
+        if value is None:
+            return ()
+        patterns = [value] if isinstance(value, str) else value
+        if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) and p for p in patterns):
+            raise self.fail(item, "exclude", "`exclude` takes a regex or a list of regexes searched in tensor names "
+                                             f"(e.g. [pooler]), left dense; got {value!r}")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise self.fail(item, "exclude", f"`exclude` pattern {pattern!r} is not a valid regular expression "
+                                                 f"({exc}); fix it") from None
+        return tuple(patterns)
 
     def unique_labels(self, entries: list[tuple[MethodEntry, int]]) -> None:
         seen: set[str] = set()
