@@ -293,7 +293,8 @@ def test_the_block_solver_streamed_tensor_by_tensor_gives_what_one_group_gives(t
     settings = dict(solver="block", block_size=20, fisher_samples=24, holdout=24, seed=0)
     together = copy.deepcopy(tiny_net)
     whole = prunekit.prune(together, "chita", 0.7, tiny_batches, **settings)
-    monkeypatch.setattr(chita_module, "_group_budget", lambda targets, hp: 1.0)  # every tensor a group of its own
+    monkeypatch.setattr(chita_module, "streamed_groups",  # every tensor a group of its own
+                        lambda targets, *_: [[i] for i in range(len(targets))])
     streamed = prunekit.prune(tiny_net, "chita", 0.7, tiny_batches, **settings)
     tensors = len(find_targets(tiny_net)[0])
     assert tensors > 1

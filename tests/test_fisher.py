@@ -1,5 +1,5 @@
 import copy
-import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +11,9 @@ from prunekit.errors import PrunekitError
 from prunekit.fisher import (
     FisherHparams,
     WeightLayout,
-    block_slices,
+    block_chunks,
+    blocked_rows,
+    tensor_groups,
     diagonal_fisher,
     fisher_examples,
     gradient_matrix,
@@ -96,12 +98,22 @@ def test_examples_are_the_first_ones_in_order(tiny_batches):
         fisher_examples(tiny_batches, 65)
 
 
-def test_blocks_cut_large_tensors_and_cover_every_column(tiny_net):
-    layout = WeightLayout.of(find_targets(tiny_net)[0])  # 216, 72 and 128 weights
-    blocks = block_slices(layout, 100)
-    assert blocks[0].start == 0 and blocks[-1].stop == layout.p
-    assert all(a.stop == b.start for a, b in itertools.pairwise(blocks))
-    assert [b.stop - b.start for b in blocks] == [108, 108, 72, 128]
+def test_block_chunks_cut_a_tensor_into_equal_blocks_and_chunks_of_whole_blocks():
+    chunks = list(block_chunks(slice(10, 226), 100, rows=8, chunk_bytes=10**9))  # 216 weights: 2 blocks of 108
+    assert chunks == [(slice(10, 226), 108)]
+    small = list(block_chunks(slice(0, 216), 100, rows=8, chunk_bytes=108 * 108 * 8))  # one block per chunk
+    assert small == [(slice(0, 108), 108), (slice(108, 216), 108)]
+    assert list(block_chunks(slice(0, 72), 100, rows=8, chunk_bytes=10**9)) == [(slice(0, 72), 72)]
+    odd = list(block_chunks(slice(0, 250), 100, rows=8, chunk_bytes=125 * 125 * 8))
+    assert odd == [(slice(0, 125), 125), (slice(125, 250), 125)]
+    padded = blocked_rows(torch.ones(3, 250), 120)  # 250 weights in blocks of 120: the last padded
+    assert padded.shape == (3, 3, 120) and padded[2, :, 10:].abs().sum() == 0 and padded.dtype == torch.float64
+
+
+def test_tensor_groups_pack_consecutive_tensors_within_the_budget():
+    targets = [SimpleNamespace(numel=size) for size in (40, 50, 30, 200, 10)]
+    assert tensor_groups(targets, column_bytes=2, budget=200) == [[0, 1], [2], [3], [4]]
+    assert tensor_groups(targets, column_bytes=2, budget=10**6) == [[0, 1, 2, 3, 4]]
 
 
 def test_layout_round_trip(tiny_net):

@@ -6,7 +6,7 @@ from torch import nn
 import prunekit
 from prunekit.errors import PrunekitError
 from prunekit.methods import get_method
-from prunekit.methods.obs import block_inverse
+from prunekit.methods.obs import block_inverses
 
 
 def sherman_morrison(rows, dampening):
@@ -23,8 +23,11 @@ def sherman_morrison(rows, dampening):
 def test_block_inverse_equals_the_direct_inverse_and_the_rank_one_updates(n, size):
     rows = torch.randn(n, size, generator=torch.Generator().manual_seed(0))
     direct = torch.linalg.inv(rows.double().T @ rows.double() / n + 0.1 * torch.eye(size, dtype=torch.float64))
-    torch.testing.assert_close(block_inverse(rows, 0.1), direct)
+    torch.testing.assert_close(block_inverses(rows, 0.1), direct)
     torch.testing.assert_close(sherman_morrison(rows, 0.1), direct)
+    batched = block_inverses(torch.stack([rows, 2 * rows]), 0.1)  # blocks at once: each its own inverse
+    torch.testing.assert_close(batched[0], direct)
+    torch.testing.assert_close(batched[1], block_inverses(2 * rows, 0.1))
 
 
 def linear_problem(seed=0):
@@ -89,7 +92,7 @@ def test_obd_scores_half_the_fisher_diagonal_times_the_squared_weight_and_keeps_
 @pytest.mark.parametrize("method, hparams, message", [
     ("woodfisher", {"dampening": 0.0}, r"dampening=0.0 is invalid: set it to a finite number > 0"),
     ("woodfisher", {"steps": 0}, r"steps=0 is invalid: set it to an integer >= 1"),
-    ("woodfisher", {"max_memory": 1e-6}, r"woodfisher .* above --max-memory 1e-06; lower --block-size"),
+    ("woodfisher", {"max_memory": 1e-6}, r"woodfisher .* above --max-memory 1e-06; lower --fisher-samples"),
     ("obd", {"fisher_samples": 0}, r"fisher_samples=0 is invalid: set it to an integer >= 1"),
 ])
 def test_bad_inputs_are_refused(tiny_net, method, hparams, message):

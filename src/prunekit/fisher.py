@@ -36,6 +36,7 @@ from .targets import Target
 
 GIB = 2**30
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
+BLOCK_CHUNK_BYTES = 2**28  # block matrices (float64) formed and factorised at once; a solve holds about 3× as much
 
 
 @dataclass
@@ -98,15 +99,26 @@ def block_width(size: int, block_size: int) -> int:
     return math.ceil(size / max(1, size // block_size))
 
 
-def block_slices(layout: WeightLayout, block_size: int) -> list[slice]:
-    """A block-diagonal Fisher's blocks: each tensor is a block, cut into ⌊size/block_size⌋ consecutive chunks
-    of equal width (`block_width`; the last one shorter) when it holds at least `block_size` weights (CHITA's
-    block approximation, WoodFisher's blockwise inverse)."""
-    blocks = []
-    for columns in layout.slices():
-        width = block_width(columns.stop - columns.start, block_size)
-        blocks.extend(slice(a, min(a + width, columns.stop)) for a in range(columns.start, columns.stop, width))
-    return blocks
+def block_chunks(columns: slice, block_size: int, rows: int, chunk_bytes: int) -> Iterator[tuple[slice, int]]:
+    """A tensor's columns (`columns`) in chunks of whole blocks (`block_width`), with each chunk's block Hessians
+    and its `rows` rows of G's columns (float64) at most `chunk_bytes`: (the chunk's columns, block width)."""
+    size = columns.stop - columns.start
+    width = block_width(size, block_size)
+    step = width * max(1, chunk_bytes // matrix_bytes(width, max(width, rows), torch.float64))
+    for start in range(columns.start, columns.stop, step):
+        yield slice(start, min(start + step, columns.stop)), width
+
+
+def blocked(vector: torch.Tensor, width: int) -> torch.Tensor:
+    """A vector as rows of `width` (float64; the last row padded with zeros)."""
+    count = math.ceil(vector.shape[-1] / width)
+    padded = torch.nn.functional.pad(vector.to(torch.float64), (0, count * width - vector.shape[-1]))
+    return padded.reshape(*vector.shape[:-1], count, width)
+
+
+def blocked_rows(rows: torch.Tensor, width: int) -> torch.Tensor:
+    """G's columns (n×q) as blocks of `width` columns: (blocks, n, width), float64, the last padded with zeros."""
+    return blocked(rows, width).transpose(0, 1)
 
 
 # ---------------------------------------------------------------- the gradient matrix
@@ -275,6 +287,45 @@ def layout_device(targets: Sequence[Target]) -> torch.device:
     return targets[0].dense.device
 
 
+def tensor_groups(targets: Sequence[Target], column_bytes: float, budget: float) -> list[list[int]]:
+    """Consecutive targets (by index) grouped so that each group's columns, at `column_bytes` a weight, take at
+    most `budget` (a tensor larger than that is a group of its own)."""
+    groups, size = [], 0.0
+    for index, target in enumerate(targets):
+        if groups and size + target.numel * column_bytes <= budget:
+            groups[-1].append(index)
+            size += target.numel * column_bytes
+        else:
+            groups.append([index])
+            size = target.numel * column_bytes
+    return groups
+
+
+class GroupedGradients:
+    """G one group of targets at a time: (the group's first column in the layout of all targets, its G), computed
+    anew on each pass over the groups, except a single group's, which is kept (a second pass costs nothing)."""
+
+    def __init__(self, model: nn.Module, targets: Sequence[Target], examples: Batch, objective: Objective | None,
+                 groups: list[list[int]], *, batch: int, chunk: int, dtype: torch.dtype = torch.float32,
+                 meter: CostMeter | None = None) -> None:
+        self.model, self.targets, self.examples, self.objective, self.groups = model, targets, examples, objective, groups
+        self.settings = {"batch": batch, "chunk": chunk, "dtype": dtype, "meter": meter}
+        self.kept: GradientMatrix | None = None
+        self.route = "vmap"
+
+    def __iter__(self) -> Iterator[tuple[int, GradientMatrix]]:
+        starts = [columns.start for columns in WeightLayout.of(self.targets).slices()]
+        for members in self.groups:
+            g = self.kept
+            if g is None:
+                g = gradient_matrix(self.model, [self.targets[i] for i in members], self.examples, self.objective,
+                                    **self.settings)
+                self.route = g.route
+                if len(self.groups) == 1:
+                    self.kept = g
+            yield starts[members[0]], g
+
+
 # ---------------------------------------------------------------- memory
 
 def matrix_bytes(rows: int, columns: int, dtype: torch.dtype = torch.float32) -> int:
@@ -284,6 +335,26 @@ def matrix_bytes(rows: int, columns: int, dtype: torch.dtype = torch.float32) ->
 def gradient_call_bytes(hp: FisherHparams, p: int) -> int:
     """One vectorised gradient call holds a (chunk, p) float32 result and about as much in flight."""
     return 2 * matrix_bytes(hp.fisher_chunk, p)
+
+
+def column_bytes(hp: FisherHparams, dtype: torch.dtype = torch.float32) -> int:
+    """What one weight costs a streamed pass: its column of G and of the gradient calls in flight."""
+    return matrix_bytes(hp.fisher_samples, 1, dtype) + gradient_call_bytes(hp, 1)
+
+
+def streamed_groups(targets: Sequence[Target], hp: FisherHparams, fixed: Mapping[str, int],
+                    dtype: torch.dtype = torch.float32) -> list[list[int]]:
+    """The groups of targets whose G is computed together: as large as --max-memory allows beside `fixed`."""
+    return tensor_groups(targets, column_bytes(hp, dtype), hp.max_memory * GIB - sum(fixed.values()))
+
+
+def require_streamed_memory(method: str, targets: Sequence[Target], hp: FisherHparams, fixed: Mapping[str, int],
+                            knobs: str, dtype: torch.dtype = torch.float32) -> None:
+    """`require_memory` for a method that streams G by groups of targets (`streamed_groups`): the widest group's G
+    and gradient calls, and `fixed`."""
+    widest = max(sum(targets[i].numel for i in members) for members in streamed_groups(targets, hp, fixed, dtype))
+    require_memory(method, {"G of one group of tensors": matrix_bytes(hp.fisher_samples, widest, dtype),
+                            "gradient calls": gradient_call_bytes(hp, widest), **fixed}, hp, knobs)
 
 
 def require_memory(method: str, parts: Mapping[str, int], hp: FisherHparams, knobs: str) -> None:

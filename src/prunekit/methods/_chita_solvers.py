@@ -20,14 +20,14 @@ Every accepted step lowers f, so the objective trace these return never increase
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
 from ..budgets import Plan, keep_largest
-from ..fisher import WeightLayout
+from ..fisher import WeightLayout, blocked, blocked_rows
 
 LINE_SEARCH_DOUBLINGS = 5  # `sea_max_itr` of the reference code
 EXPANSION_HALVINGS = 10  # tries of larger steps when looking for new coordinates
@@ -482,34 +482,34 @@ class Blocks:
     def of_columns(cls, g: torch.Tensor, anchor: torch.Tensor, size: int, ridge: torch.Tensor | float,
                    linear: torch.Tensor | None = None) -> Blocks:
         """The blocks of `size` consecutive columns of G (n×q) and of the weights on them."""
-        count = math.ceil(anchor.numel() / size)
-        padding = count * size - anchor.numel()
-
-        def blocked(vector: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.pad(vector.to(torch.float64), (0, padding)).reshape(count, size)
-
-        rows = torch.nn.functional.pad(g, (0, padding)).reshape(g.shape[0], count, size).transpose(0, 1)
-        rows = rows.to(torch.float64)
-        present = blocked(torch.ones_like(anchor)).bool()
-        ridges = torch.as_tensor(ridge, dtype=torch.float64, device=anchor.device).expand(count)
-        return cls(rows.transpose(1, 2) @ rows, blocked(anchor), present, ridges,
-                   None if linear is None else blocked(linear))
+        rows = blocked_rows(g, size)
+        present = blocked(torch.ones_like(anchor), size).bool()
+        ridges = torch.as_tensor(ridge, dtype=torch.float64, device=anchor.device).expand(present.shape[0])
+        return cls(rows.transpose(1, 2) @ rows, blocked(anchor, size), present, ridges,
+                   None if linear is None else blocked(linear, size))
 
     def fit(self, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each block's exact minimiser with its weights off `kept` (m×b bool) at zero, and its f.
 
         With d = w − w̄: pruned d = −w̄; kept (H_SS + 2λ'I) d_S = H_SS̄ w̄_S̄ − α_S. The pruned rows of the
         batched system are the identity, so one Cholesky solves every block at once."""
+        return self.fits(kept, [self.linear])[0]
+
+    def fits(self, kept: torch.Tensor, linears: list[torch.Tensor | None]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`fit` with each first-order term in `linears` in turn (one factorisation for all of them)."""
         k = kept.to(torch.float64)
         pruned_anchor = self.anchor * (1 - k)
         system = self.hessian * k.unsqueeze(2) * k.unsqueeze(1)
         system.diagonal(dim1=1, dim2=2).add_(2 * self.ridge.unsqueeze(1) * k + (1 - k))
-        rhs = k * (self.hessian @ pruned_anchor.unsqueeze(2)).squeeze(2)
-        if self.linear is not None:
-            rhs = rhs - k * self.linear
-        shift = torch.cholesky_solve(rhs.unsqueeze(2), torch.linalg.cholesky(system)).squeeze(2)
-        d = shift - pruned_anchor
-        return self.anchor + d, self.value(d)
+        factor = torch.linalg.cholesky(system)
+        del system
+        compensation = k * (self.hessian @ pruned_anchor.unsqueeze(2)).squeeze(2)
+        solved = []
+        for linear in linears:
+            rhs = compensation if linear is None else compensation - k * linear
+            d = torch.cholesky_solve(rhs.unsqueeze(2), factor).squeeze(2) - pruned_anchor
+            solved.append((self.anchor + d, replace(self, linear=linear).value(d)))
+        return solved
 
     def value(self, d: torch.Tensor) -> torch.Tensor:
         """f of each block at w = w̄ + d: ½dᵀHd + λ'‖d‖² + αᵀw."""

@@ -37,18 +37,22 @@ stage (Alg. 1); `chita-gradual` interleaves CHITA prune events with SGD fine-tun
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
 
 from ..errors import PrunekitError
 from ..fisher import (
-    GIB,
+    BLOCK_CHUNK_BYTES,
     PRECISIONS,
     FisherHparams,
     GradientMatrix,
     WeightLayout,
-    block_width,
+    GroupedGradients,
+    block_chunks,
+    require_streamed_memory,
+    streamed_groups,
     fisher_examples,
     gradient_call_bytes,
     gradient_matrix,
@@ -83,7 +87,6 @@ AUTO = "auto"
 # On MLPNet the held-out slice prefers 1e-4..1e-3 at 0.5-0.9 without the first-order term, more near 0.98,
 # and the upper end with the first-order term (its step along the gradient needs holding back).
 RIDGE_PATH = (1e2, 1e1, 1e0, 1e-1, 1e-2, 1e-3, 1e-4)
-BLOCK_CHUNK_BYTES = 2**27  # block Hessians (float64) formed and solved at once; the solve holds about 3× as much
 HELD_OUT_CHUNK = 256  # held-out examples per forward pass when scoring a candidate (no gradients: cheap)
 
 
@@ -415,16 +418,16 @@ def solve_blockwise(ctx: PruneContext, hp: ChitaHparams, examples: Batch, anchor
     magnitude selection): swaps across blocks would need every block at once. A single group's G is computed
     once for both passes."""
     layout = WeightLayout.of(ctx.targets)
-    fisher = StreamedFisher(ctx, hp, examples, tensor_groups(ctx.targets, hp))
+    fisher = StreamedFisher(ctx, hp, examples)
     magnitude = layout.flatten(ctx.select(layout.unflatten(anchor.abs()), sparsity))
     models = _block_models(hp)
-    fits, seen = fisher.first_pass(anchor, magnitude, models, hp.block_size)
+    fits, seen = fisher.first_pass(anchor, magnitude, models)
     model, floor = models[0], None
     if held_out is not None:
         model, floor = _choose(held_out, models, fits)
     start = layout.flatten(ctx.select(layout.unflatten(anchor.abs() * seen), sparsity))
     pursue = hp.pursuit_rounds if ctx.budget.structure == "unstructured" else 0
-    w, support, trace = fisher.second_pass(anchor, start, model, hp.block_size, pursue)
+    w, support, trace = fisher.second_pass(anchor, start, model, pursue)
     solution = Iterate(w, support, None, trace[-1])
     swapped = int((support & ~start).sum())
     if floor is None:
@@ -445,102 +448,71 @@ def _block_models(hp: ChitaHparams) -> list[LocalModel]:
     return [LocalModel(factor, first_order, per_tensor=True) for first_order in orders for factor in RIDGE_PATH]
 
 
-def tensor_groups(targets, hp: ChitaHparams) -> list[list[int]]:
-    """Consecutive targets grouped so that each group's G (n × its weights) stays within half of --max-memory
-    less the solver's other parts (a tensor larger than that is a group of its own)."""
-    budget, groups, size = _group_budget(targets, hp), [], 0
-    row_bytes = matrix_bytes(hp.fisher_samples, 1, PRECISIONS[hp.precision])
-    for index, target in enumerate(targets):
-        if groups and size + target.numel * row_bytes <= budget:
-            groups[-1].append(index)
-            size += target.numel * row_bytes
-        else:
-            groups.append([index])
-            size = target.numel * row_bytes
-    return groups
-
-
 class StreamedFisher:
-    """G of the targets a group at a time, each group's columns cut into the block solver's blocks."""
+    """The block solver's passes over G, a group of tensors at a time, each tensor's blocks a chunk at a time."""
 
-    def __init__(self, ctx: PruneContext, hp: ChitaHparams, examples: Batch, groups: list[list[int]]) -> None:
-        self.ctx, self.hp, self.examples, self.groups = ctx, hp, examples, groups
-        self.layout = WeightLayout.of(ctx.targets)
-        self.kept: GradientMatrix | None = None  # the one group's G, when there is one group
-        self.route = "vmap"
+    def __init__(self, ctx: PruneContext, hp: ChitaHparams, examples: Batch) -> None:
+        groups = streamed_groups(ctx.targets, hp, _block_fixed_parts(hp, WeightLayout.of(ctx.targets).p),
+                                 PRECISIONS[hp.precision])
+        self.gradients = GroupedGradients(ctx.model, ctx.targets, examples, ctx.objective, groups,
+                                          batch=hp.fisher_batch, chunk=hp.fisher_chunk,
+                                          dtype=PRECISIONS[hp.precision], meter=ctx.meter)
+        self.block_size = hp.block_size
 
-    def group_matrices(self):
-        """(offset of the group's first column in the layout, the group's G), group by group."""
-        columns = self.layout.slices()
-        for members in self.groups:
-            if self.kept is not None:
-                g = self.kept
-            else:
-                targets = [self.ctx.targets[i] for i in members]
-                g = gradient_matrix(self.ctx.model, targets, self.examples, self.ctx.objective,
-                                    batch=self.hp.fisher_batch, chunk=self.hp.fisher_chunk,
-                                    dtype=PRECISIONS[self.hp.precision], meter=self.ctx.meter)
-                self.route = g.route
-                if len(self.groups) == 1:
-                    self.kept = g
-            yield columns[members[0]].start, g
+    @property
+    def route(self) -> str:
+        return self.gradients.route
 
-    def chunks(self, g: GradientMatrix, block_size: int):
-        """(columns of G, columns of the layout, block size, the tensor's ridge scale) of each chunk of blocks:
-        each tensor in ⌊size/block_size⌋ blocks of equal size (at least 1), chunks of blocks whose Hessians
-        take at most BLOCK_CHUNK_BYTES."""
-        for local in g.layout.slices():
-            size = local.stop - local.start
-            block = block_width(size, block_size)
-            rows = g.rows[:, local]
-            scale = float(torch.linalg.vector_norm(rows)) ** 2 / (g.n * size)
-            step = block * max(1, BLOCK_CHUNK_BYTES // matrix_bytes(block, block, torch.float64))
-            for start in range(0, size, step):
-                yield slice(local.start + start, local.start + min(start + step, size)), block, scale
+    def chunks(self) -> Iterator[tuple[slice, GradientMatrix, slice, int, float]]:
+        """(columns in the layout, the group's G, the same columns in it, block width, the tensor's ridge scale
+        ‖G_t‖²/(n·p_t)) of every chunk of blocks."""
+        for offset, g in self.gradients:
+            for tensor in g.layout.slices():
+                scale = float(torch.linalg.vector_norm(g.rows[:, tensor])) ** 2 / (g.n * (tensor.stop - tensor.start))
+                for local, width in block_chunks(tensor, self.block_size, g.n, BLOCK_CHUNK_BYTES):
+                    yield slice(offset + local.start, offset + local.stop), g, local, width, scale
 
-    def first_pass(self, anchor: torch.Tensor, support: torch.Tensor, models: list[LocalModel],
-                   block_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def first_pass(self, anchor: torch.Tensor, support: torch.Tensor,
+                   models: list[LocalModel]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The block backsolve on `support` for every local model, and which weights' columns of G are nonzero."""
         fits = [torch.zeros_like(anchor) for _ in models]
         seen = torch.zeros_like(support)
-        for offset, g in self.group_matrices():
-            for local, block, scale in self.chunks(g, block_size):
-                columns = slice(offset + local.start, offset + local.stop)
-                seen[columns] = g.rows[:, local].ne(0).any(dim=0)
-                blocks = Blocks.of_columns(g.rows[:, local], anchor[columns], block, 0.0)
-                kept = _blocked(blocks, support[columns])
-                for fit, model in zip(fits, models):
-                    w, _ = self._with_model(blocks, g, local, model, scale).fit(kept)
-                    fit[columns] = blocks.flat(w).to(fit.dtype)
+        for columns, g, local, width, scale in self.chunks():
+            seen[columns] = g.rows[:, local].ne(0).any(dim=0)
+            blocks = Blocks.of_columns(g.rows[:, local], anchor[columns], width, 0.0)
+            kept = _blocked(blocks, support[columns])
+            for ridge in dict.fromkeys(model.ridge for model in models):
+                path = [i for i, model in enumerate(models) if model.ridge == ridge]
+                under = [_with_model(blocks, g, local, models[i], scale) for i in path]
+                for i, (w, _) in zip(path, under[0].fits(kept, [b.linear for b in under])):
+                    fits[i][columns] = blocks.flat(w).to(fits[i].dtype)
         return fits, seen
 
-    def second_pass(self, anchor: torch.Tensor, support: torch.Tensor, model: LocalModel, block_size: int,
+    def second_pass(self, anchor: torch.Tensor, support: torch.Tensor, model: LocalModel,
                     rounds: int) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
         """The chosen model's pursuit (a backsolve when `rounds` is 0) from `support` in every block: weights,
         support, and f of the block-diagonal model at the pruned start and at the end."""
         w, found = torch.zeros_like(anchor), torch.zeros_like(support)
         before = after = 0.0
-        for offset, g in self.group_matrices():
-            for local, block, scale in self.chunks(g, block_size):
-                columns = slice(offset + local.start, offset + local.stop)
-                blocks = self._with_model(Blocks.of_columns(g.rows[:, local], anchor[columns], block, 0.0),
-                                          g, local, model, scale)
-                kept = _blocked(blocks, support[columns])
-                before += float(blocks.value(-blocks.anchor * ~kept).sum())
-                solved, kept, value = blocks.pursuit(kept, rounds)
-                w[columns], found[columns] = blocks.flat(solved).to(w.dtype), blocks.flat(kept)
-                after += float(value.sum())
+        for columns, g, local, width, scale in self.chunks():
+            blocks = _with_model(Blocks.of_columns(g.rows[:, local], anchor[columns], width, 0.0), g, local, model,
+                                 scale)
+            kept = _blocked(blocks, support[columns])
+            before += float(blocks.value(-blocks.anchor * ~kept).sum())
+            solved, kept, value = blocks.pursuit(kept, rounds)
+            w[columns], found[columns] = blocks.flat(solved).to(w.dtype), blocks.flat(kept)
+            after += float(value.sum())
         return w, found, [before, after]
 
-    def _with_model(self, blocks: Blocks, g: GradientMatrix, local: slice, model: LocalModel,
-                    scale: float) -> Blocks:
-        """The blocks under a local model: its ridge λ' = λn/2 (λ a factor of the tensor's scale when per-tensor)
-        and its first-order term α = Gᵀ1/B."""
-        ridge = model.ridge * (scale if model.per_tensor else 1.0) * g.n / 2
-        linear = None
-        if model.first_order:
-            linear = _blocked(blocks, g.rows[:, local].sum(dim=0) / g.batch).to(torch.float64)
-        return replace(blocks, ridge=torch.full_like(blocks.ridge, ridge), linear=linear)
+
+def _with_model(blocks: Blocks, g: GradientMatrix, local: slice, model: LocalModel, scale: float) -> Blocks:
+    """The blocks under a local model: its ridge λ' = λn/2 (λ a factor of the tensor's scale when per-tensor) and
+    its first-order term α = Gᵀ1/B."""
+    ridge = model.ridge * (scale if model.per_tensor else 1.0) * g.n / 2
+    linear = None
+    if model.first_order:
+        linear = _blocked(blocks, g.rows[:, local].sum(dim=0) / g.batch).to(torch.float64)
+    return replace(blocks, ridge=torch.full_like(blocks.ridge, ridge), linear=linear)
 
 
 def _blocked(blocks: Blocks, vector: torch.Tensor) -> torch.Tensor:
@@ -550,18 +522,11 @@ def _blocked(blocks: Blocks, vector: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _group_budget(targets, hp: ChitaHparams) -> float:
-    p = sum(t.numel for t in targets)
-    largest = max(t.numel for t in targets) * matrix_bytes(hp.fisher_samples, 1, PRECISIONS[hp.precision])
-    return max(largest, (hp.max_memory * GIB - sum(_block_fixed_parts(hp, p).values())) / 2)
-
-
 def _block_fixed_parts(hp: ChitaHparams, p: int) -> dict[str, int]:
-    """What the block solver holds besides G: the gradient calls, a chunk of block Hessians with the solve's copies,
-    and the candidates' weights (one vector per local model, and a few more)."""
-    models = len(_block_models(hp))
-    return {"gradient calls": gradient_call_bytes(hp, p), "block Hessians": 4 * BLOCK_CHUNK_BYTES,
-            "candidates": matrix_bytes(models + 4, p, torch.float64)}
+    """What the block solver holds besides a group's G: a chunk of blocks (Hessians, G's columns in float64, the
+    solve's copies), and the candidates' weights (one vector per local model, and a few more)."""
+    vectors = len(_block_models(hp)) + 4
+    return {"block chunk": 4 * BLOCK_CHUNK_BYTES, "candidates": matrix_bytes(vectors, p, PRECISIONS[hp.precision])}
 
 
 def check_before_work(ctx: PruneContext, hp: ChitaHparams, lowest_sparsity: float) -> None:
@@ -572,10 +537,8 @@ def check_before_work(ctx: PruneContext, hp: ChitaHparams, lowest_sparsity: floa
     n, p = hp.fisher_samples, sum(t.numel for t in ctx.targets)
     dtype = PRECISIONS[hp.precision]
     if hp.solver == "block":
-        widest = max(sum(ctx.targets[i].numel for i in members) for members in tensor_groups(ctx.targets, hp))
-        parts = {"G of one group of tensors": matrix_bytes(n, widest, dtype), **_block_fixed_parts(hp, p)}
-        require_memory(f"chita (block solver, n={n}, p={p})", parts, hp,
-                       f"--fisher-samples (n={n}), --precision float32 or --block-size")
+        require_streamed_memory(f"chita (block solver, n={n}, p={p})", ctx.targets, hp, _block_fixed_parts(hp, p),
+                                f"--fisher-samples (n={n}), --precision float32 or --block-size", dtype)
         return
     kept = p - round(lowest_sparsity * p)
     # A refit holds G's kept columns in float64 and an n×n (or kept×kept) system.

@@ -6,27 +6,34 @@ Both model the loss near the current weights with the empirical Fisher F = (1/n)
   weight q costs ½ F_qq w_q². The cheapest are pruned; the other weights are NOT updated.
 - WoodFisher (Singh & Alistarh, "WoodFisher: Efficient Second-Order Approximation for Neural
   Network Compression", NeurIPS 2020): Optimal Brain Surgeon (Hassibi & Stork 1993) with the inverse
-  of a block-diagonal F + λI, built from λ⁻¹I by Woodbury updates. Removing q costs
+  of a block-diagonal F + λI, built from λ⁻¹I by Woodbury updates (streamed: G a group of tensors at a
+  time, the block inverses a chunk at a time, so memory does not grow with the block size). Removing q costs
   w_q² / (2[F⁻¹]_qq), and the surviving weights move by δw = −(w_q / [F⁻¹]_qq) F⁻¹e_q, the removed
   weights treated independently (their updates add up). The target is reached in `steps` steps of
   equal size, G and F⁻¹ recomputed at the current weights each time.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from ..fisher import (
+    BLOCK_CHUNK_BYTES,
     FisherHparams,
+    GroupedGradients,
     WeightLayout,
-    block_slices,
+    block_chunks,
+    blocked,
+    blocked_rows,
     diagonal_fisher,
     fisher_examples,
     gradient_call_bytes,
-    gradient_matrix,
     matrix_bytes,
     require_memory,
+    require_streamed_memory,
+    streamed_groups,
 )
 from ..hparams import group, integer, number, setting
 from ..schedules import stage_sparsities
@@ -41,7 +48,8 @@ class WoodFisherHparams(FisherHparams):
 
     dampening: float = setting(1e-5, "λ added to the Fisher's diagonal (> 0)", number(0, low_open=True))
     block_size: int = setting(1000, "tensors of at least this many weights are cut into blocks of about this "
-                              "size; memory grows as weights × block size", integer(1))
+                              "size; time grows as weights × block size² (blocks are streamed: memory does not)",
+                              integer(1))
     steps: int = setting(4, "recompute steps of equal sparsity increments; G and F⁻¹ are recomputed at each",
                          integer(1))
 
@@ -53,50 +61,78 @@ class ObdHparams(FisherHparams):
     staging: StageSettings = group(StageSettings)
 
 
-def block_inverse(rows: torch.Tensor, dampening: float) -> torch.Tensor:
-    """(λI + (1/n) Σ gᵢgᵢᵀ)⁻¹ on one block's columns (float64); `rows` are the n gradients gᵢ.
+def block_inverses(rows: torch.Tensor, dampening: float) -> torch.Tensor:
+    """(λI + (1/n) Σ gᵢgᵢᵀ)⁻¹ of each block (float64): `rows` (blocks, n, b) are each block's n gradients gᵢ.
 
     WoodFisher builds it from λ⁻¹I with one Woodbury (Sherman–Morrison) update per gradient. All n
     updates at once are λ⁻¹(I − Rᵀ(nλI + RRᵀ)⁻¹R), an n×n solve: the cheaper route when the block is
     wider than n. Otherwise factoring the b×b matrix itself gives the same inverse for less work.
     """
     rows = rows.to(torch.float64)
-    n, size = rows.shape
+    n, size = rows.shape[-2:]
     if size <= n:
-        fisher = rows.T @ rows / n
-        fisher.diagonal().add_(dampening)
+        fisher = rows.transpose(-1, -2) @ rows / n
+        fisher.diagonal(dim1=-2, dim2=-1).add_(dampening)
         return torch.cholesky_inverse(torch.linalg.cholesky(fisher))
-    inner = rows @ rows.T
-    inner.diagonal().add_(n * dampening)
-    inverse = -rows.T @ torch.cholesky_solve(rows, torch.linalg.cholesky(inner))
-    inverse.diagonal().add_(1.0)
+    inner = rows @ rows.transpose(-1, -2)
+    inner.diagonal(dim1=-2, dim2=-1).add_(n * dampening)
+    inverse = -rows.transpose(-1, -2) @ torch.cholesky_solve(rows, torch.linalg.cholesky(inner))
+    inverse.diagonal(dim1=-2, dim2=-1).add_(1.0)
     return inverse / dampening
+
+
+def _woodfisher_fixed_parts(hp: WoodFisherHparams, p: int) -> dict[str, int]:
+    """What WoodFisher holds besides a group's G: a chunk of block inverses with their factorisation's copies, and
+    the weights, inverse diagonal and masks."""
+    return {"block chunk": 4 * BLOCK_CHUNK_BYTES, "vectors": matrix_bytes(4, p, torch.float64)}
+
+
+def _check_woodfisher_memory(ctx: PruneContext, hp: WoodFisherHparams) -> None:
+    p = WeightLayout.of(ctx.targets).p
+    require_streamed_memory(f"woodfisher (n={hp.fisher_samples}, block size {hp.block_size})", ctx.targets, hp,
+                            _woodfisher_fixed_parts(hp, p), f"--fisher-samples (n={hp.fisher_samples})")
 
 
 @register("woodfisher", WoodFisherHparams, "WoodFisher (Singh & Alistarh 2020): OBS with a block-diagonal "
           "empirical-Fisher inverse built by Woodbury updates; weights updated, several recompute steps",
-          needs_data=True, check=lambda ctx, hp: _check_woodfisher_memory(hp, WeightLayout.of(ctx.targets)))
+          needs_data=True, check=_check_woodfisher_memory)
 def woodfisher(ctx: PruneContext, hp: WoodFisherHparams) -> dict[str, torch.Tensor]:
     layout = WeightLayout.of(ctx.targets)
-    blocks = block_slices(layout, hp.block_size)
+    groups = streamed_groups(ctx.targets, hp, _woodfisher_fixed_parts(hp, layout.p))
     stages = Stages(ctx)
     for step, sparsity in enumerate(stage_sparsities(ctx.sparsity, hp.steps, "linear", ctx.sparsity / hp.steps)):
         kept = layout.flatten(stages.masks)
-        g = _fisher_rows(ctx, hp)
-        g.rows[:, ~kept] = 0  # removed weights leave the model: F⁻¹ is then the inverse over the kept ones
+        examples = to_device(fisher_examples(ctx.data, hp.fisher_samples * hp.fisher_batch), ctx.device)
+        gradients = GroupedGradients(ctx.model, ctx.targets, examples, ctx.objective, groups, batch=hp.fisher_batch,
+                                     chunk=hp.fisher_chunk, meter=ctx.meter)
         w = layout.flatten({t.name: t.weight for t in ctx.targets}).to(torch.float64)
-        inverses = [block_inverse(g.rows[:, columns], hp.dampening) for columns in blocks]
-        inverse_diagonal = torch.cat([inverse.diagonal() for inverse in inverses])
+        inverse_diagonal = torch.empty_like(w)
+        for columns, inverses, present in _streamed_inverses(gradients, kept, hp):
+            inverse_diagonal[columns] = inverses.diagonal(dim1=1, dim2=2)[present]
         masks = stages.select(layout.unflatten(w.square() / (2 * inverse_diagonal)), sparsity)  # OBS saliency
         now_kept = layout.flatten(masks)
         removed = kept & ~now_kept
-        for columns, inverse in zip(blocks, inverses):
-            # δw = −F⁻¹ Σ_q (w_q / [F⁻¹]_qq) e_q over the block's removed weights
+        # A second pass (G kept when it is one group): δw = −F⁻¹ Σ_q (w_q / [F⁻¹]_qq) e_q over each block's removed
+        # weights, which needs the whole selection, so every block's inverse again.
+        for columns, inverses, present in _streamed_inverses(gradients, kept, hp):
             weights_out = torch.where(removed[columns], w[columns] / inverse_diagonal[columns], 0.0)
-            w[columns] -= inverse @ weights_out
+            w[columns] -= (inverses @ blocked(weights_out, present.shape[1]).unsqueeze(2)).squeeze(2)[present]
         layout.write(ctx.targets, w * now_kept)
-        stages.record(step=step, scheduled=sparsity, gradients=g.route)
+        stages.record(step=step, scheduled=sparsity, gradients=gradients.route)
     return stages.masks
+
+
+def _streamed_inverses(gradients: GroupedGradients, kept: torch.Tensor,
+                       hp: WoodFisherHparams) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """(columns, their blocks' inverses, which block entries are weights) of every chunk of blocks. Removed weights
+    leave the model: their columns of G are zero, so F⁻¹ is the inverse over the kept ones."""
+    for offset, g in gradients:
+        for tensor in g.layout.slices():
+            for local, width in block_chunks(tensor, hp.block_size, g.n, BLOCK_CHUNK_BYTES):
+                columns = slice(offset + local.start, offset + local.stop)
+                rows = g.rows[:, local] * kept[columns]
+                present = blocked(torch.ones(rows.shape[1], device=rows.device), width).bool()
+                yield columns, block_inverses(blocked_rows(rows, width), hp.dampening), present
 
 
 def _check_obd_memory(ctx: PruneContext, hp: ObdHparams) -> None:
@@ -124,21 +160,3 @@ def obd_criterion(ctx: PruneContext, hp: FisherHparams) -> Criterion:
         return layout.unflatten(0.5 * fisher * w.square())
 
     return saliency
-
-
-def _fisher_rows(ctx: PruneContext, hp: FisherHparams):
-    """G at the current weights on the next n examples of the data."""
-    examples = to_device(fisher_examples(ctx.data, hp.fisher_samples * hp.fisher_batch), ctx.device)
-    return gradient_matrix(ctx.model, ctx.targets, examples, ctx.objective, batch=hp.fisher_batch,
-                           chunk=hp.fisher_chunk, meter=ctx.meter)
-
-
-def _check_woodfisher_memory(hp: WoodFisherHparams, layout: WeightLayout) -> None:
-    blocks = block_slices(layout, hp.block_size)
-    n = hp.fisher_samples
-    widest = max(b.stop - b.start for b in blocks)
-    parts = {"G": matrix_bytes(n, layout.p), "gradient calls": gradient_call_bytes(hp, layout.p),
-             "block inverses": sum(matrix_bytes(b.stop - b.start, b.stop - b.start, torch.float64) for b in blocks),
-             "one block's update": matrix_bytes(n, widest, torch.float64) * 2 + matrix_bytes(n, n, torch.float64)}
-    require_memory(f"woodfisher (n={n}, block size {hp.block_size})", parts, hp,
-                   f"--block-size ({hp.block_size}) or --fisher-samples (n={n})")
