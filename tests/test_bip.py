@@ -1,3 +1,4 @@
+import contextlib
 import copy
 
 import pytest
@@ -10,9 +11,10 @@ from prunekit.budgets import Budget
 from prunekit.cost import CostMeter
 from prunekit.data import Loader, TensorSplit
 from prunekit.errors import PrunekitError
-from prunekit.masks import get_masks
+from prunekit.masks import STRAIGHT_THROUGH, attach_masks, get_masks
 from prunekit.methods import PruneContext
 from prunekit.methods import _scores as scores_module
+from prunekit.methods._pruned_bn import RunningStatsForPrunedChannels
 from prunekit.methods._scores import Scores, grad_at_masked_weight, straight_through
 from prunekit.hparams import build
 from prunekit.methods.bip import BilevelStep, BipHparams, upper_gradient
@@ -236,3 +238,67 @@ def test_bip_needs_two_batches_per_iteration(tiny_net, tiny_batches):
     with pytest.raises(PrunekitError, match="two different mini-batches.*1 batch"):
         prunekit.prune(tiny_net, "bip", 0.5, tiny_batches[:1])
     assert not any("parametrizations" in name for name, _ in tiny_net.named_parameters())
+
+
+def conv_bn_with_a_pruned_filter():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    with torch.no_grad():
+        model[1].running_mean.copy_(torch.tensor([0.1, -0.4, 0.2, 0.3]))
+        model[1].running_var.copy_(torch.tensor([1.5, 0.8, 2.0, 0.5]))
+        model[1].weight.copy_(torch.tensor([1.0, 0.7, 1.2, 0.9]))
+        model[1].bias.copy_(torch.tensor([0.1, 0.6, -0.1, 0.2]))
+    targets = find_targets(model)[0]
+    masks = {t.name: torch.ones(t.shape, dtype=torch.bool) for t in targets}
+    masks["0.weight"][1] = False  # filter 1 removed
+    return model, targets, masks
+
+
+def test_pruned_channel_is_normalised_with_its_running_statistics_which_stay_as_they_were():
+    model, targets, masks = conv_bn_with_a_pruned_filter()
+    attach_masks(model, masks, STRAIGHT_THROUGH)
+    plain = copy.deepcopy(model)
+    inputs = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(3))
+    norm, stats_before = model[1], (model[1].running_mean.clone(), model[1].running_var.clone())
+    model.train(), plain.train()
+    with RunningStatsForPrunedChannels(model, targets, lambda: masks):
+        model(inputs)  # the first forward pass pairs the convolution with its batch norm
+        ours = model[:2](inputs)
+    plain(inputs)
+    reference = plain[:2](inputs)
+    kept = [0, 2, 3]
+    assert torch.allclose(ours[:, kept], reference[:, kept])  # kept channels: the batch's statistics
+    expected = 0.6 - 0.7 * -0.4 / (0.8 + norm.eps) ** 0.5   # a zero input normalised with the running ones
+    assert torch.allclose(ours[:, 1], torch.full_like(ours[:, 1], expected))
+    assert reference[:, 1].eq(0.6).all()  # without: mean 0, variance 0, the output is β
+    assert norm.running_mean[1] == stats_before[0][1] and norm.running_var[1] == stats_before[1][1]
+    assert torch.allclose(norm.running_mean[kept], plain[1].running_mean[kept])
+    assert not model._forward_hooks and not norm._forward_hooks and not norm._forward_pre_hooks
+
+
+def test_running_statistics_put_the_pruned_filters_gradient_on_the_kept_filters_scale():
+    def filter_gradients(remedy: bool) -> torch.Tensor:
+        model, targets, masks = conv_bn_with_a_pruned_filter()
+        attach_masks(model, masks, STRAIGHT_THROUGH)
+        generator = torch.Generator().manual_seed(4)
+        inputs, labels = torch.randn(16, 3, 5, 5, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+        with RunningStatsForPrunedChannels(model, targets, lambda: masks) if remedy else contextlib.nullcontext():
+            model.train()
+            model(inputs)
+            F.cross_entropy(model(inputs), labels).backward()
+        return targets[0].dense.grad.flatten(1).norm(dim=1)
+
+    without, running = filter_gradients(False), filter_gradients(True)
+    assert without[1] > 50 * without[[0, 2, 3]].max()  # γ/√eps: hundreds of times the kept filters'
+    assert 0 < running[1] < 5 * running[[0, 2, 3]].max()
+
+
+def test_filter_wise_bip_with_running_statistics_runs_and_is_refused_for_other_structures(tiny_net):
+    result = prunekit.prune(copy.deepcopy(tiny_net), "bip", 0.5, synthetic_loader(), structure="filters",
+                            budget="uniform", epochs=1, pruned_channel_bn="running")
+    rows = result.masks["conv.weight"].flatten(1)
+    assert (rows.all(dim=1) | ~rows.any(dim=1)).all() and int((~rows.any(dim=1)).sum()) == 4
+    with pytest.raises(PrunekitError, match="pruned_channel_bn='running' is for whole pruned filters"):
+        prunekit.prune(tiny_net, "bip", 0.5, synthetic_loader(), pruned_channel_bn="running")
+    assert not get_masks(tiny_net)

@@ -26,6 +26,11 @@ Choices, and where the official code (OPTML-Group/BiP) differs:
 - Biases and BatchNorm affine parameters belong to the lower level; the score optimizer holds only
   the scores (the official one also steps BatchNorm). Both levels run the network in training mode,
   so BatchNorm statistics follow the current mask, as in the official code.
+- Filter-wise (structure="filters"), a pruned filter's channel reaches a train-mode batch norm
+  with zero variance, as in the official code, so its score gradient is ~1/√eps times the kept
+  filters' (or zero where the ReLU cuts the constant β) and the mask churns.
+  `pruned_channel_bn=running` normalises such a channel with its running statistics instead
+  (`_pruned_bn.py`; not in the paper or the code; measured in benchmarks/RESULTS.md).
 - The upper level needs one backward pass (the official code makes two identical ones), so an
   iteration costs two forward and backward passes. The lower level runs the masks with masked
   gradients (autograd gives z* ⊙ ∂ℓ/∂z), the upper level straight-through (∂ℓ/∂z of every weight);
@@ -40,6 +45,7 @@ Choices, and where the official code (OPTML-Group/BiP) differs:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -50,10 +56,12 @@ from ..masks import MASKED, STRAIGHT_THROUGH
 from ..objectives import to_device
 from ..training import LR_SCHEDULES, Callback, TrainConfig, Trainer, lr_multiplier
 from . import PruneContext, register
+from ._pruned_bn import RunningStatsForPrunedChannels
 from ._scores import RecordEpochs, Scores, finetune, grad_at_masked_weight, straight_through
 from ._training import train
 
 IMPLICIT_GRADIENTS = ("paper", "code", "off")
+PRUNED_CHANNEL_BN = ("batch", "running")
 
 
 @dataclass
@@ -77,9 +85,22 @@ class BipHparams:
                                     number(0, low_open=True)))
     finetune_epochs: int = setting(0, "epochs of training the weights under the final mask afterwards (>= 0; 0: "
                                    "none)", integer(0))
+    pruned_channel_bn: str = setting("batch", "structure=filters: how the batch norm after a pruned filter "
+                                     "normalises its zero channel while the masks are learned: 'batch' (the batch's "
+                                     "statistics, as the official code; the zero variance scales the filter's "
+                                     "gradient by 1/sqrt(eps)) or 'running' (its running statistics, kept as they were "
+                                     "when it was pruned)", one_of(*PRUNED_CHANNEL_BN))
 
 
-def _require_two_batches(ctx: PruneContext, hp: BipHparams) -> None:
+def _check(ctx: PruneContext, hp: BipHparams) -> None:
+    _require_two_batches(ctx)
+    if hp.pruned_channel_bn == "running" and ctx.budget.structure != "filters":
+        raise PrunekitError(f"pruned_channel_bn='running' is for whole pruned filters, but the structure is "
+                            f"{ctx.budget.structure!r}; use structure filters, or pruned_channel_bn batch "
+                            "(--pruned-channel-bn)")
+
+
+def _require_two_batches(ctx: PruneContext) -> None:
     try:
         batches = len(ctx.data)
     except TypeError:
@@ -91,7 +112,7 @@ def _require_two_batches(ctx: PruneContext, hp: BipHparams) -> None:
 
 
 @register("bip", BipHparams, "bi-level optimization of a top-k mask and the weights (Zhang et al. 2022)",
-          needs_data=True, family="training", check=_require_two_batches)
+          needs_data=True, family="training", check=_check)
 def bip(ctx: PruneContext, hp: BipHparams) -> dict[str, torch.Tensor]:
     scores = search(ctx, hp)
     finetune(ctx, scores.masks, hp.training, hp.finetune_epochs)
@@ -102,7 +123,10 @@ def search(ctx: PruneContext, hp: BipHparams) -> Scores:
     """The bi-level iterations for `epochs` passes over the data; the model's weights are trained in place."""
     scores = Scores(ctx, {t.name: t.dense for t in ctx.targets})
     scores.project()
-    train(ctx, hp.training, [BilevelStep(ctx, scores, hp), RecordEpochs(ctx, "bilevel", scores)])
+    pruned_channels = (RunningStatsForPrunedChannels(ctx.model, ctx.targets, lambda: scores.masks)
+                       if hp.pruned_channel_bn == "running" else nullcontext())
+    with pruned_channels:
+        train(ctx, hp.training, [BilevelStep(ctx, scores, hp), RecordEpochs(ctx, "bilevel", scores)])
     return scores
 
 
