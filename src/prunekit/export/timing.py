@@ -1,7 +1,6 @@
-"""Latency measured fairly on a shared machine: alternatives timed in turn, each the median of its rounds."""
+"""Latency measured fairly on a shared machine: alternatives timed in turn, each its fastest turn."""
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Any, Callable, Mapping
 
@@ -11,16 +10,18 @@ import torch
 Timer = Callable[[str, Mapping[str, Callable[[], Any]]], dict[str, float]]
 
 
-ROUNDS = 5  # turns per candidate: the median of 5 shrugs off a turn or two slowed by another process
+ROUNDS = 5  # turns per candidate
 MIN_SECONDS = 0.01  # each turn lasts at least this long, so that the clock's resolution is negligible
 
 
 def interleaved_seconds(candidates: Mapping[str, Callable[[], Any]], rounds: int | None = None,
                         min_seconds: float | None = None) -> dict[str, float]:
-    """Median seconds per call of each candidate, over `rounds` rounds that time every candidate in turn.
+    """Seconds per call of each candidate in its fastest of `rounds` turns, the candidates timed in turn.
 
-    Turns alternate so that load from other processes falls on every candidate alike; each turn repeats the
-    call until it lasts `min_seconds`, with the count fixed per candidate by a warm-up call.
+    Other processes only ever add time, so the fastest turn is the closest to the candidate's own cost (on a
+    busy machine a median measures the load); turns alternate so that a quiet moment is offered to every
+    candidate alike. Each turn repeats the call until it lasts `min_seconds` (the count fixed per candidate by
+    a warm-up call).
     """
     rounds, min_seconds = rounds or ROUNDS, MIN_SECONDS if min_seconds is None else min_seconds
     with torch.no_grad():
@@ -32,7 +33,7 @@ def interleaved_seconds(candidates: Mapping[str, Callable[[], Any]], rounds: int
                 for _ in range(calls[label]):
                     fn()
                 times[label].append((time.perf_counter() - started) / calls[label])
-    return {label: statistics.median(values) for label, values in times.items()}
+    return {label: min(values) for label, values in times.items()}
 
 
 def measure(what: str, candidates: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
