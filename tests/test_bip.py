@@ -224,6 +224,7 @@ def test_filter_wise_bip_masks_whole_filters(tiny_net):
     ({"score_weight_decay": float("nan")}, r"score_weight_decay=nan is invalid"),
     ({"finetune_epochs": -1}, r"finetune_epochs=-1 is invalid: set it to an integer >= 0"),
     ({"epochs": 0}, r"epochs=0 is invalid"),
+    ({"pruned_channel_bn": "eval"}, r"pruned_channel_bn='eval' is invalid: set it to one of batch, running"),
 ])
 def test_bad_hyperparameters_fail_before_any_work(tiny_net, tiny_batches, hparams, message):
     before = copy.deepcopy(tiny_net.state_dict())

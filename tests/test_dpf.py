@@ -224,6 +224,8 @@ def test_same_seed_same_masks_bit_for_bit():
     ({"sparsity": -0.1}, r"sparsity must be a fraction in \[0, 1\)"),
     ({"structure": "nm", "sparsity": None}, r"2:4 sparsity is fixed"),
     ({"epochs": 0}, r"epochs=0 is invalid"),
+    ({"freeze": "sometimes"}, r"freeze must be true or false; got 'sometimes'"),
+    ({"grad_clip": 0.0}, r"grad_clip=0.0 is invalid: set it to None or a finite number > 0"),
 ])
 def test_bad_hyperparameters_are_refused_before_any_work(bad, message):
     model = mlp()
