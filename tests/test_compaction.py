@@ -138,7 +138,8 @@ def test_uniform_groups_halve_every_layer_of_a_resnet_exactly():
 def test_global_groups_prune_the_planned_count_of_groups():
     model = create_model("resnet20")
     groups = channel_groups(model, example(model, 2))
-    prunekit.prune(model, "magnitude", 0.3, structure="groups")
+    result = prunekit.prune(model, "magnitude", 0.3, structure="groups")
+    assert "(requested 0.3000 of the coupled channel groups)" in str(result)
     compacted = compact(model, example(model, 2))
     kept_stream = compacted.conv1.out_channels + compacted.layer2[0].conv2.out_channels + \
         compacted.layer3[0].conv2.out_channels
@@ -319,6 +320,24 @@ def test_groups_without_data_or_input_shape_say_what_to_pass():
     masks = prunekit.prune(model, "magnitude", 0.5, [(torch.randn(3, 4), torch.tensor([0, 1, 0]))],
                            structure="groups").masks
     assert len(removed(masks["0.weight"], 0)) == 4 and removed(masks["2.weight"], 1) == removed(masks["0.weight"], 0)
+
+
+def test_channels_written_in_place_are_kept():
+    class Writes(nn.Module):
+        input_shape = (4,)
+
+        def __init__(self):
+            super().__init__()
+            self.first, self.second, self.last = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(16, 2)
+
+        def forward(self, x):
+            kept = self.first(x)
+            kept[:, :2] = 0.0
+            return self.last(torch.cat([kept, self.second(x)], 1))
+
+    groups = channel_groups(Writes(), torch.randn(2, 4))
+    assert set(groups.family_sizes) == {"second.weight"}
+    assert "an assignment into channels in the forward of Writes" in groups.describe_pinned()
 
 
 def test_a_model_whose_channels_all_reach_something_unfollowed_is_refused_with_the_reason():

@@ -58,11 +58,15 @@ class PruneResult:
                 "requested_sparsity": self.requested_sparsity, "cost": self.cost.to_dict()}
 
     def __str__(self) -> str:
+        # Under `groups` the request counts coupled channel groups; the weights' sparsity follows from them.
+        groups = self.budget.structure == "groups"
+        decided = "groups" if groups else "global"
         rows = [[l.name, "×".join(map(str, l.shape)), l.numel,
-                 "global" if l.requested is None else f"{l.requested:.4f}", f"{l.achieved:.4f}"] for l in self.layers]
+                 decided if l.requested is None else f"{l.requested:.4f}", f"{l.achieved:.4f}"] for l in self.layers]
         rows.append(["total", "", sum(l.numel for l in self.layers), f"{self.requested_sparsity:.4f}",
                      f"{self.sparsity:.4f}"])
-        lines = [f"{self.method}: sparsity {self.sparsity:.4f} (requested {self.requested_sparsity:.4f})",
+        of_groups = " of the coupled channel groups" if groups else ""
+        lines = [f"{self.method}: sparsity {self.sparsity:.4f} (requested {self.requested_sparsity:.4f}{of_groups})",
                  render_table(["tensor", "shape", "weights", "requested", "achieved"], rows),
                  f"cost: {self.cost}"]
         if self.skipped:

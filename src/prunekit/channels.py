@@ -176,7 +176,11 @@ class _Tracer(TorchFunctionMode):
             handle.remove()
 
     def where(self) -> str:
-        return f"module {self.stack[-1][0]!r} ({type(self.stack[-1][1]).__name__})" if self.stack else "the forward"
+        """The innermost module running, for messages: `module 'layer1.0.conv1' (Conv2d)`."""
+        if not self.stack:
+            return "the model's forward"
+        name, module = self.stack[-1]
+        return f"module {name!r} ({type(module).__name__})" if name else f"the forward of {type(module).__name__}"
 
     # ------------------------------------------------------------- labels
 
@@ -287,8 +291,11 @@ class _Tracer(TorchFunctionMode):
         if self.inside_layer:
             return out
         inputs = [t for t in tensors_in((args, kwargs)) if self.label(t) is not None]
-        if inputs and any(True for _ in tensors_in(out)):
-            self._follow(_name_of(func), args, kwargs, inputs, out)
+        name = _name_of(func)
+        if inputs and name == "__setitem__":  # writes into some channels in place (and returns nothing)
+            self.pin_inputs(inputs, f"an assignment into channels in {self.where()}")
+        elif inputs and any(True for _ in tensors_in(out)):
+            self._follow(name, args, kwargs, inputs, out)
         return out
 
     def _follow(self, name: str, args: tuple, kwargs: dict, inputs: list[torch.Tensor], out: Any) -> None:
