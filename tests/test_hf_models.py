@@ -21,7 +21,9 @@ from prunekit.cli import main
 from prunekit.errors import PrunekitError
 from prunekit.methods import get_method
 from prunekit.models.hf import check_model_folder, load_model_folder
-from prunekit.objectives import as_objective
+from prunekit.fisher import gradient_matrix
+from prunekit.objectives import as_objective, slice_batch
+from prunekit.targets import find_targets
 
 transformers = pytest.importorskip("transformers")
 
@@ -319,3 +321,23 @@ def test_data_driven_methods_prune_transformers_under_each_objective(method, nam
     assert math.isfinite(final_loss)
     if get_method(method).family == "training":
         assert final_loss < pruned_loss, f"{method}: {name} at {final_loss:.4f}, magnitude alone {pruned_loss:.4f}"
+
+
+# ---------------------------------------------------------------- per-example gradients of padded token batches
+
+@pytest.mark.parametrize("name, loss", [("bert", "distill"), ("bert", "model"), ("gpt2", "causal-lm")])
+def test_padded_token_rows_batch_under_vmap_and_equal_plain_autograd_on_the_padded_examples(name, loss):
+    model = build(name)
+    batch = learnable_batches(name, size=6)[0]
+    lengths = torch.tensor([12, 5, 9, 5, 12, 3])
+    batch["attention_mask"] = (torch.arange(SEQUENCE) < lengths.unsqueeze(1)).long()
+    objective = as_objective(loss, model)
+    targets = find_targets(model)[0]
+    g = gradient_matrix(model, targets, batch, objective, chunk=4)
+    assert g.route == "vmap"  # Hugging Face's mask checks would stop vmap on the padded batch
+    curvature, examples = objective.curvature(batch)
+    for i in range(6):
+        model.zero_grad()
+        curvature.loss(model, slice_batch(examples, i, i + 1))[0].backward()
+        expected = torch.cat([t.module.weight.grad.reshape(-1) for t in targets])
+        torch.testing.assert_close(g.rows[i], expected, rtol=1e-4, atol=1e-6)

@@ -164,13 +164,18 @@ def fisher_examples(data: Iterable, count: int, at_least: int | None = None,
 
 
 class RowGradients:
-    """Rows of G, a few at a time: (rows, p) float32 tensors, one row per `batch` consecutive examples.
+    """Rows of G, a few at a time: (row indices, (rows, p) float32 tensor), one row per `batch` consecutive examples.
 
     Each row is the gradient of the objective's mean loss over its examples with respect to the targets'
     effective weights; every other parameter and buffer keeps its value, and batch norm uses its running
     statistics and dropout is off (eval mode). Rows are computed by torch.func (vmap over grad); where
     vmap cannot batch an operation of the model, one row at a time (`route` becomes "loop": same
     values, slower). Examples are counted in `meter` (the hooks cannot see them).
+
+    Padded token batches (a mapping with a right-padded `attention_mask`, one example a row) are batched by
+    length: each example trimmed to its tokens, without the mask (all ones), so that models whose mask
+    handling inspects the mask's values (Hugging Face's skip of an all-ones mask) still batch under vmap,
+    and no row pays for padding. The rows then come in order of length, with their indices.
     """
 
     def __init__(self, model: nn.Module, targets: Sequence[Target], examples: Batch,
@@ -183,21 +188,25 @@ class RowGradients:
         self.objective, examples = (objective or CrossEntropy()).curvature(examples)
         self.rows = count // batch
         self.rows_per_call = max(1, chunk // batch)
-        self.grouped = map_batch(examples, lambda t: t.reshape(-1, batch, *t.shape[1:]))
+        self.calls = _calls_by_length(examples, self.rows_per_call) if batch == 1 else None
+        if self.calls is None:
+            grouped = map_batch(examples, lambda t: t.reshape(-1, batch, *t.shape[1:]))
+            self.calls = [(torch.arange(start, min(start + self.rows_per_call, self.rows)),
+                           slice_batch(grouped, start, start + self.rows_per_call))
+                          for start in range(0, self.rows, self.rows_per_call)]
         self.weights, self.fixed, self.keys = _effective_weights(targets)
         self.route = "vmap"
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         with model_mode(self.model, training=False):
-            for start in range(0, self.rows, self.rows_per_call):
-                rows = slice_batch(self.grouped, start, start + self.rows_per_call)
-                size = min(self.rows_per_call, self.rows - start)
+            for indices, rows in self.calls:
+                size = indices.numel()
                 # no_grad outside the transform: the biases and BN parameters must not record a graph
                 with torch.no_grad(), (self.meter.paused() if self.meter is not None else contextlib.nullcontext()):
                     gradients = self._gradients(rows, size)
                 if self.meter is not None:
                     self.meter.count(forward_examples=size * self.batch, backward_examples=size * self.batch)
-                yield torch.cat([gradients[key].reshape(size, -1) for key in self.keys], dim=1)
+                yield indices, torch.cat([gradients[key].reshape(size, -1) for key in self.keys], dim=1)
 
     def _row_loss(self, variables: dict[str, torch.Tensor], row: Batch) -> torch.Tensor:
         return self.objective.loss(_WithWeights(self.model, {**variables, **self.fixed}), row)[0]
@@ -212,6 +221,45 @@ class RowGradients:
                 self.route = "loop"
         per_row = [grad(self._row_loss)(self.weights, slice_batch(rows, i, i + 1, squeeze=True)) for i in range(size)]
         return {key: torch.stack([gradients[key] for gradients in per_row]) for key in self.keys}
+
+
+ATTENTION_MASK = "attention_mask"
+
+
+def _calls_by_length(examples: Batch, per_call: int) -> list[tuple[torch.Tensor, Batch]] | None:
+    """One example a row, in calls of at most `per_call` examples of one length, each trimmed to its tokens and
+    without its (all-ones) attention mask; None unless the examples carry a right-padded attention mask."""
+    mask = _find(examples, ATTENTION_MASK)
+    if mask is None or mask.dim() != 2:
+        return None
+    lengths = mask.ne(0).sum(dim=1)
+    if not torch.equal(mask.ne(0), torch.arange(mask.shape[1], device=mask.device) < lengths.unsqueeze(1)):
+        return None  # padded on the left, or holes: the mask must stay
+    width = mask.shape[1]
+    calls = []
+    for length in lengths.unique().tolist():
+        indices = (lengths == length).nonzero().squeeze(1)
+        for part in torch.split(indices, per_call):
+            rows = map_batch(_without(examples, ATTENTION_MASK),
+                             lambda t: t[part.to(t.device)][:, :length] if t.dim() >= 2 and t.shape[1] == width
+                             else t[part.to(t.device)])
+            calls.append((part.cpu(), map_batch(rows, lambda t: t.unsqueeze(1))))
+    return calls
+
+
+def _find(batch: Batch, key: str) -> torch.Tensor | None:
+    """`batch[key]`, looked for in nested mappings too (an objective's curvature batch wraps the inputs)."""
+    if not isinstance(batch, Mapping):
+        return None
+    if key in batch:
+        return batch[key]
+    return next((found for value in batch.values() if (found := _find(value, key)) is not None), None)
+
+
+def _without(batch: Batch, key: str) -> Batch:
+    if not isinstance(batch, Mapping):
+        return batch
+    return {name: _without(value, key) for name, value in batch.items() if name != key}
 
 
 class _WithWeights:
@@ -266,10 +314,8 @@ def gradient_matrix(model: nn.Module, targets: Sequence[Target], examples: Batch
     layout = WeightLayout.of(targets)
     gradients = RowGradients(model, targets, examples, objective, batch=batch, chunk=chunk, meter=meter)
     rows = torch.empty(gradients.rows, layout.p, dtype=dtype, device=layout_device(targets))
-    filled = 0
-    for part in gradients:
-        rows[filled:filled + part.shape[0]] = part
-        filled += part.shape[0]
+    for indices, part in gradients:
+        rows[indices.to(rows.device)] = part.to(dtype)
     return GradientMatrix(rows, layout, batch, gradients.route)
 
 
@@ -278,7 +324,7 @@ def diagonal_fisher(model: nn.Module, targets: Sequence[Target], examples: Batch
     """diag((1/n) GᵀG) without storing G (p, float64)."""
     total = torch.zeros(WeightLayout.of(targets).p, dtype=torch.float64, device=layout_device(targets))
     gradients = RowGradients(model, targets, examples, objective, batch=batch, chunk=chunk, meter=meter)
-    for part in gradients:
+    for _, part in gradients:
         total += part.to(torch.float64).square().sum(dim=0)
     return total / gradients.rows
 
