@@ -47,9 +47,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..hparams import setting
+from ..hparams import group, setting
 from ..masks import STRAIGHT_THROUGH
-from ..training import BOOLEAN
+from ..training import BOOLEAN, TrainConfig
 from . import PruneContext, register
 from ._gradual import GradualHparams, check_gradual_budget, dense_square_magnitude, train_with_gradual_masks
 
@@ -59,6 +59,9 @@ class DPFHparams(GradualHparams):
     """Training settings (`grad_clip` among them), the schedule (p, start, end) and whether the mask freezes
     at the target."""
 
+    training: TrainConfig = group(TrainConfig, help={
+        "grad_clip": "clip the global gradient norm to this value (None: off, as in the paper and the references); "
+                     "1 prevents the gradient explosion that kills DPF on LeNet-5 at 0.98 (benchmarks/RESULTS.md)"})
     freeze: bool = setting(True, "stop recomputing the mask once the schedule reaches the target, as both "
                            "reference implementations do; false keeps recomputing it at the target every p steps",
                            BOOLEAN)
