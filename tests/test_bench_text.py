@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from prunekit.bench import Store, load_suite, run_suite, write_report
+from prunekit.bench.report import accuracy_figure, collect
 from prunekit.data import TokenLoader
 from prunekit.errors import PrunekitError
 from prunekit.masks import load_masks
@@ -156,6 +157,10 @@ def test_the_report_names_the_cosine_everywhere(db, tmp_path):
     assert "### Cosine to the dense outputs (×100) by sparsity" in text
     assert "held-out cosine to the dense outputs (×100) of each candidate" in text
     assert "top-1" not in text
+    with Store(db) as store:
+        figure = accuracy_figure(collect(store)[0])
+    assert figure.axes[0].get_ylabel() == "cosine to the dense outputs (×100)"
+    assert figure.get_suptitle().startswith("text: cosine vs sparsity")
 
 
 def test_an_isolated_pretrained_run_loads_its_own_weights_and_gives_the_same_cosine(db, suite_folder, data_dir):

@@ -67,6 +67,11 @@ GRADE_NAMES = {
 }
 
 
+def grade_name(objective: str) -> GradeName:
+    """The name of the graded metric of `objective` (a key of objectives.GRADES)."""
+    return GRADE_NAMES[GRADES[objective]]
+
+
 @dataclass
 class SettingResults:
     """The runs of one suite in one setting."""
@@ -93,7 +98,7 @@ class SettingResults:
     @property
     def grade(self) -> GradeName:
         """The name of the metric the results hold: the graded metric of the setting's objective."""
-        return GRADE_NAMES[GRADES[objective_of(self.config)]]
+        return grade_name(objective_of(self.config))
 
     @property
     def labels(self) -> list[str]:
@@ -448,7 +453,7 @@ def accuracy_figure(results: SettingResults):
                 axes.scatter([number["sparsity"]], [100 * number["accuracy"]], marker="x", s=60, zorder=3,
                              color=styles[number["label"]]["color"], label=f"{number['label']} (published)")
     grid[0][0].set_ylabel(results.grade.header)
-    _finish(figure, legends, grid, results, "accuracy vs sparsity")
+    _finish(figure, legends, grid, results, f"{results.grade.short} vs sparsity")
     return figure
 
 

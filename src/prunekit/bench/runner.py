@@ -50,7 +50,7 @@ from ..models.hf import CONFIG, check_model_folder
 from ..objectives import GRADES, Objective, as_objective
 from ..targets import find_targets
 from ..training import reestimate_batch_norm
-from .report import GRADE_NAMES
+from .report import grade_name
 from .store import DONE, Outcome, Owner, PlannedRun, Point, Store, measured_dense_key, settings_text
 from .suite import MethodEntry, Suite
 
@@ -292,7 +292,7 @@ def _run_all(todo: list[PlannedRun], store: Store, db: Path, summary: Summary, e
 def _one_line(run: PlannedRun, outcome: Outcome, seconds: float) -> str:
     final = outcome.points[-1]
     chosen = f", chose {settings_text(outcome.search['chosen'])} on the held-out data" if outcome.search else ""
-    grade = GRADE_NAMES[GRADES[run.config["objective"]]].short
+    grade = grade_name(run.config["objective"]).short
     return (f"{run.label} s={run.sparsity:g} seed {run.seed}: {grade} {final.accuracy:.4f}, achieved sparsity "
             f"{final.sparsity:.4f}, pruning {outcome.cost['seconds']:.2f} s{chosen} (run {seconds:.1f} s)")
 
@@ -355,7 +355,7 @@ def _search(entry: MethodEntry, setup: workflow.Setup, prune_with: Callable, hel
         if best is None or grade > best[2]["accuracy"]:
             best = (model, result, scores[-1])
     model, result, chosen = best
-    record = {"holdout": holdout, "metric": f"{GRADE_NAMES[grading.metric].short} on the held-out training examples",
+    record = {"holdout": holdout, "metric": f"{grade_name(grading.name).short} on the held-out training examples",
               "chosen": chosen["hparams"], "candidates": scores}
     return model, result, record
 
@@ -444,8 +444,7 @@ def _prepare(suite: Suite, bench_plan: Plan, store: Store, db: Path, data_dir, d
         store.save_dense(measured, bench_plan.runs[0].config["start"],
                          None if cached is None else str(cached.resolve()), grade, loss, macs, train_seconds)
         known = store.dense(measured)
-    grade_name = GRADE_NAMES[GRADES[suite.loss]].short
-    echo(f"dense {suite.model} on {suite.dataset}: {grade_name} {known['accuracy']:.4f}")
+    echo(f"dense {suite.model} on {suite.dataset}: {grade_name(suite.loss).short} {known['accuracy']:.4f}")
     return setup
 
 
