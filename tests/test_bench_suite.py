@@ -287,7 +287,7 @@ def test_every_shipped_suite_and_each_of_its_variants_is_valid_where_the_data_is
 
 
 REPRODUCTIONS = ("bip_lenet300", "bip_resnet20", "bip_filters", "dpf_lenet300", "dpf_lenet5", "dpf_resnet20",
-                 "chita_mlpnet", "chita_resnet20")
+                 "chita_mlpnet", "chita_resnet20", "minilm_kjv")
 
 
 def test_every_reproduction_suite_says_how_to_run_it_and_has_a_smoke_run():
