@@ -464,6 +464,13 @@ def _best_swap(problem: Fits, pools: Pools, x: Iterate, gradient: torch.Tensor, 
 
 # ---------------------------------------------------------------- block approximation
 
+def _cholesky_solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """x with L Lᵀ x = rhs for a batch of lower factors L (m×b×b) and right-hand sides (m×b): two triangular
+    solves, which batch about 3× faster on a CPU than torch.cholesky_solve (measured on 1024 blocks of 128)."""
+    inner = torch.linalg.solve_triangular(factor, rhs.unsqueeze(2), upper=False)
+    return torch.linalg.solve_triangular(factor.transpose(1, 2), inner, upper=True).squeeze(2)
+
+
 @dataclass
 class Blocks:
     """Equal-size blocks of consecutive weights, batched: the block-diagonal Fisher's diagonal blocks.
@@ -493,22 +500,26 @@ class Blocks:
 
         With d = w − w̄: pruned d = −w̄; kept (H_SS + 2λ'I) d_S = H_SS̄ w̄_S̄ − α_S. The pruned rows of the
         batched system are the identity, so one Cholesky solves every block at once."""
-        return self.fits(kept, [self.linear])[0]
+        return self.fit_all(kept, [self.ridge], [self.linear])[0][0]
 
-    def fits(self, kept: torch.Tensor, linears: list[torch.Tensor | None]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """`fit` with each first-order term in `linears` in turn (one factorisation for all of them)."""
+    def fit_all(self, kept: torch.Tensor, ridges: list[torch.Tensor],
+                linears: list[torch.Tensor | None]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """`fit` under each ridge (one factorisation each) and each first-order term: [ridge][linear]."""
         k = kept.to(torch.float64)
         pruned_anchor = self.anchor * (1 - k)
         system = self.hessian * k.unsqueeze(2) * k.unsqueeze(1)
-        system.diagonal(dim1=1, dim2=2).add_(2 * self.ridge.unsqueeze(1) * k + (1 - k))
-        factor = torch.linalg.cholesky(system)
-        del system
         compensation = k * (self.hessian @ pruned_anchor.unsqueeze(2)).squeeze(2)
         solved = []
-        for linear in linears:
-            rhs = compensation if linear is None else compensation - k * linear
-            d = torch.cholesky_solve(rhs.unsqueeze(2), factor).squeeze(2) - pruned_anchor
-            solved.append((self.anchor + d, replace(self, linear=linear).value(d)))
+        for ridge in ridges:
+            diagonal = 2 * ridge.unsqueeze(1) * k + (1 - k)
+            system.diagonal(dim1=1, dim2=2).add_(diagonal)  # in place and back: the chunk's largest tensor
+            factor = torch.linalg.cholesky(system)
+            system.diagonal(dim1=1, dim2=2).sub_(diagonal)
+            solved.append([])
+            for linear in linears:
+                rhs = compensation if linear is None else compensation - k * linear
+                d = _cholesky_solve(factor, rhs) - pruned_anchor
+                solved[-1].append((self.anchor + d, replace(self, ridge=ridge, linear=linear).value(d)))
         return solved
 
     def value(self, d: torch.Tensor) -> torch.Tensor:

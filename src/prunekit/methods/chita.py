@@ -481,11 +481,14 @@ class StreamedFisher:
             seen[columns] = g.rows[:, local].ne(0).any(dim=0)
             blocks = Blocks.of_columns(g.rows[:, local], anchor[columns], width, 0.0)
             kept = _blocked(blocks, support[columns])
-            for ridge in dict.fromkeys(model.ridge for model in models):
-                path = [i for i, model in enumerate(models) if model.ridge == ridge]
-                under = [_with_model(blocks, g, local, models[i], scale) for i in path]
-                for i, (w, _) in zip(path, under[0].fits(kept, [b.linear for b in under])):
-                    fits[i][columns] = blocks.flat(w).to(fits[i].dtype)
+            factors = list(dict.fromkeys(model.ridge for model in models))
+            ridges = [_ridge(blocks, g, model, scale) for model in
+                      (next(m for m in models if m.ridge == factor) for factor in factors)]
+            linears = [None, _first_order_term(blocks, g, local) if any(m.first_order for m in models) else None]
+            solved = blocks.fit_all(kept, ridges, linears)
+            for fit, model in zip(fits, models):
+                w, _ = solved[factors.index(model.ridge)][int(model.first_order)]
+                fit[columns] = blocks.flat(w).to(fit.dtype)
         return fits, seen
 
     def second_pass(self, anchor: torch.Tensor, support: torch.Tensor, model: LocalModel,
@@ -506,13 +509,19 @@ class StreamedFisher:
 
 
 def _with_model(blocks: Blocks, g: GradientMatrix, local: slice, model: LocalModel, scale: float) -> Blocks:
-    """The blocks under a local model: its ridge λ' = λn/2 (λ a factor of the tensor's scale when per-tensor) and
-    its first-order term α = Gᵀ1/B."""
-    ridge = model.ridge * (scale if model.per_tensor else 1.0) * g.n / 2
-    linear = None
-    if model.first_order:
-        linear = _blocked(blocks, g.rows[:, local].sum(dim=0) / g.batch).to(torch.float64)
-    return replace(blocks, ridge=torch.full_like(blocks.ridge, ridge), linear=linear)
+    """The blocks under a local model: its ridge and, if it keeps it, its first-order term."""
+    return replace(blocks, ridge=_ridge(blocks, g, model, scale),
+                   linear=_first_order_term(blocks, g, local) if model.first_order else None)
+
+
+def _ridge(blocks: Blocks, g: GradientMatrix, model: LocalModel, scale: float) -> torch.Tensor:
+    """λ' = λn/2 for every block, λ a factor of the tensor's scale when the model's ridge is per tensor."""
+    return torch.full_like(blocks.ridge, model.ridge * (scale if model.per_tensor else 1.0) * g.n / 2)
+
+
+def _first_order_term(blocks: Blocks, g: GradientMatrix, local: slice) -> torch.Tensor:
+    """α = Gᵀ1/B on the blocks' weights."""
+    return _blocked(blocks, g.rows[:, local].sum(dim=0) / g.batch).to(torch.float64)
 
 
 def _blocked(blocks: Blocks, vector: torch.Tensor) -> torch.Tensor:
