@@ -1,6 +1,6 @@
 """Unstructured sparsity made physical: file sizes, CSR against dense linear layers, MiniLM end to end.
 
-    .venv/bin/python benchmarks/sparse_linear_speed.py [--threads 2] [--part files|layers|minilm]
+    .venv/bin/python benchmarks/sparse_linear_speed.py [--threads 2] [--part files|layers|minilm] [--turns 7]
 
 1. Files: ResNet-20 and all-MiniLM-L6-v2 pruned by magnitude (uniform: every prunable weight at s) and made
    permanent, saved dense and as a sparse file at s = 0.5 / 0.9 / 0.99; the prunable weights' payload under each
@@ -91,8 +91,8 @@ def sparse_weight(shape: tuple[int, int], sparsity: float, seed: int = 0) -> nn.
     return layer
 
 
-def layers_part() -> None:
-    print("\n## layers: dense time / best CSR time (fastest of 7 interleaved turns of ≥ 20 ms each)")
+def layers_part(turns: int) -> None:
+    print(f"\n## layers: dense time / best CSR time (fastest of {turns} interleaved turns of ≥ 10 ms each)")
     print("| out × in | batch | dense µs | " + " | ".join(f"{s:g}" for s in GRID) + " | break-even | "
           "speedup at 0.95 | speedup at 0.99 |")
     print("|---|---|---|" + "---|" * len(GRID) + "---|---|---|")
@@ -104,7 +104,7 @@ def layers_part() -> None:
                 layer = sparse_weight(shape, sparsity)
                 candidates = {"dense": lambda: layer(x)}
                 candidates.update({k: (lambda m: lambda: m(x))(SparseLinear(layer, k)) for k in SPARSE_KERNELS})
-                seconds = interleaved_seconds(candidates, rounds=7, min_seconds=0.02)
+                seconds = interleaved_seconds(candidates, rounds=turns, min_seconds=0.01)
                 best = min(SPARSE_KERNELS, key=seconds.get)
                 dense_times.append(seconds["dense"])
                 ratios[sparsity], kernels[sparsity] = seconds["dense"] / seconds[best], best
@@ -127,7 +127,7 @@ def _break_even(ratios: dict[float, float]) -> str:
     return "never (≤ 0.99)" if faster_from is None else f"{faster_from:g}"
 
 
-def minilm_part() -> None:
+def minilm_part(turns: int) -> None:
     print("\n## MiniLM at 0.9 unstructured (magnitude, uniform): per-layer decision vs dense")
     dense = pruned_minilm(0.9)
     decided = copy.deepcopy(dense)  # plain modules after make_permanent: a deep copy is safe
@@ -141,7 +141,7 @@ def minilm_part() -> None:
     for batch in (8, 1):
         inputs = {name: value[:batch] for name, value in tokens.items()}
         seconds = interleaved_seconds({"dense": lambda: dense(**inputs), "decided": lambda: decided(**inputs)},
-                                      rounds=9, min_seconds=0.2)
+                                      rounds=turns, min_seconds=0.2)
         print(f"batch {batch} × 128 tokens: dense {seconds['dense'] * 1e3:.1f} ms, decided "
               f"{seconds['decided'] * 1e3:.1f} ms, dense / decided {seconds['dense'] / seconds['decided']:.3f}×")
 
@@ -153,13 +153,14 @@ def uptime() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--turns", type=int, default=7, help="timed turns per candidate; each keeps its fastest")
     parser.add_argument("--part", choices=("files", "layers", "minilm"), action="append",
                         help="run only these parts (repeatable; default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs; {uptime()}")
-    parts = {"files": files_part, "layers": layers_part, "minilm": minilm_part}
+    parts = {"files": files_part, "layers": lambda: layers_part(args.turns), "minilm": lambda: minilm_part(args.turns)}
     for name in args.part or parts:
         parts[name]()
     print(f"\n{uptime()}")
