@@ -187,6 +187,17 @@ def test_distill_needs_no_labels_and_training_brings_the_outputs_back(method):
     assert evaluate(dense, data, objective=distill)["cosine"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("solver", ["iht", "block"])
+def test_chita_under_distill_has_no_first_order_term_to_keep(solver):
+    torch.manual_seed(0)
+    data = keyword_batches(labels=False)
+    result = prunekit.prune(KeywordClassifier(), "chita", 0.6, data, loss="distill", solver=solver, **SMALL["chita"])
+    assert result.history[-1]["first_order"] is False  # auto: the projections' mean is noise, not a gradient
+    with pytest.raises(PrunekitError, match=r"--first-order true needs the loss's gradient, which the Distill "):
+        prunekit.prune(KeywordClassifier(), "chita", 0.6, data, loss="distill", solver=solver, first_order=True,
+                       **SMALL["chita"])
+
+
 def test_distill_frozen_on_examples_gives_the_same_loss_without_running_the_reference_again():
     torch.manual_seed(0)
     model, dense = KeywordClassifier(), KeywordClassifier()

@@ -37,6 +37,10 @@ LABELS = "labels"  # the key of the targets in a Hugging Face style mapping batc
 class Objective:
     """How a batch becomes a loss; override `loss`, and `measures` for metrics beyond the loss."""
 
+    # Whether the rows `curvature` gives are gradients of this loss (the empirical Fisher's are), so that their
+    # mean is its gradient: a second-order method's first-order term.
+    curvature_has_gradient = True
+
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Any]:
         """The batch's mean loss (a scalar tensor to backpropagate) and the model's outputs."""
         raise NotImplementedError
@@ -143,6 +147,8 @@ class Distill(Objective):
     is the cosine similarity to the dense outputs, per example: of the mean over the attended tokens
     for sequence outputs (a sentence embedding, as sentence-transformers pool), else of the output row.
     """
+
+    curvature_has_gradient = False  # random projections of the Jacobian: their mean is noise, the gradient 0
 
     def __init__(self, reference: nn.Module, kind: str = "mse") -> None:
         if kind not in ("mse", "kl"):

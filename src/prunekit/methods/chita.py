@@ -62,7 +62,7 @@ from ..fisher import (
 )
 from ..hparams import Check, group, integer, is_number, number, one_of, setting
 from ..masks import MASKED, attach_masks, mask_of
-from ..objectives import Batch, batch_examples, slice_batch, to_device
+from ..objectives import Batch, Objective, batch_examples, slice_batch, to_device
 from ..schedules import STAGE_SCHEDULES, stage_sparsities
 from ..training import TrainConfig
 from . import PruneContext, register
@@ -306,7 +306,7 @@ def solve(ctx: PruneContext, hp: ChitaHparams, g: GradientMatrix, anchor: torch.
     """The solver's weights and support at `sparsity`, unless the backsolve on the magnitude support does
     better on the held-out examples; with --ridge or --first-order auto, the local model is the one whose
     backsolve does best on them."""
-    models = _local_models(hp, g)
+    models = _local_models(hp, g, ctx.objective)
     model, floor, nearby = models[0], None, None
     if held_out is not None:
         # The backsolve on the magnitude support (CHITA-BSO) for each local model: the held-out examples choose
@@ -352,9 +352,22 @@ class Candidate:
     loss: float  # on the held-out examples
 
 
-def _local_models(hp: ChitaHparams, g: GradientMatrix) -> list[LocalModel]:
+def _first_orders(hp: ChitaHparams, objective: Objective | None) -> tuple[bool, ...]:
+    """Whether the local model keeps the first-order term, or (auto) both to choose from. Without the loss's
+    gradient (an objective whose curvature rows are not it, as distill's) there is no term to keep."""
+    has_gradient = objective is None or objective.curvature_has_gradient
+    if hp.first_order == AUTO:
+        return (False, True) if has_gradient else (False,)
+    if hp.first_order and not has_gradient:
+        raise PrunekitError(f"--first-order true needs the loss's gradient, which the {type(objective).__name__} "
+                            "objective's curvature rows are not (its gradient at the dense model is 0); use "
+                            "--first-order false or auto")
+    return (hp.first_order,)
+
+
+def _local_models(hp: ChitaHparams, g: GradientMatrix, objective: Objective | None) -> list[LocalModel]:
     """The local model to use, or for the auto settings those to choose from (ridges scaled to this G)."""
-    orders = (False, True) if hp.first_order == AUTO else (hp.first_order,)
+    orders = _first_orders(hp, objective)
     if hp.ridge != AUTO:
         return [LocalModel(hp.ridge, first_order) for first_order in orders]
     scale = float(torch.linalg.vector_norm(g.rows)) ** 2 / (g.n * g.p)
@@ -420,7 +433,7 @@ def solve_blockwise(ctx: PruneContext, hp: ChitaHparams, examples: Batch, anchor
     layout = WeightLayout.of(ctx.targets)
     fisher = StreamedFisher(ctx, hp, examples)
     magnitude = layout.flatten(ctx.select(layout.unflatten(anchor.abs()), sparsity))
-    models = _block_models(hp)
+    models = _block_models(hp, ctx.objective)
     fits, seen = fisher.first_pass(anchor, magnitude, models)
     model, floor = models[0], None
     if held_out is not None:
@@ -439,10 +452,10 @@ def solve_blockwise(ctx: PruneContext, hp: ChitaHparams, examples: Batch, anchor
     return Solved(solution, trace, swapped, model, loss, False, fisher.route)
 
 
-def _block_models(hp: ChitaHparams) -> list[LocalModel]:
+def _block_models(hp: ChitaHparams, objective: Objective | None = None) -> list[LocalModel]:
     """As `_local_models`, but an auto ridge is a factor of each tensor's own scale ‖G_t‖²/(n·p_t): the blocks are
     solved a group of tensors at a time, never with all of G at hand."""
-    orders = (False, True) if hp.first_order == AUTO else (hp.first_order,)
+    orders = _first_orders(hp, objective)
     if hp.ridge != AUTO:
         return [LocalModel(hp.ridge, first_order) for first_order in orders]
     return [LocalModel(factor, first_order, per_tensor=True) for first_order in orders for factor in RIDGE_PATH]
