@@ -1,15 +1,18 @@
 """Latency of compacted CNNs against the dense model and against Torch-Pruning's compaction of the same channels.
 
     .venv/bin/python benchmarks/compaction_speed.py [--fractions 0.3 0.5 0.7] [--batches 128 1] [--threads 2]
-                                                    [--rounds 7] [--models resnet56 resnet20 ...]
+                                                    [--rounds 7] [--models resnet56 resnet20 ...] [--clock wall]
 
 For each zoo CNN and fraction p of channels removed: magnitude pruning with structure="groups" and a
 uniform budget (p of every family of coupled channels), then `prunekit.compact` and Torch-Pruning
 cutting the very same channels (`prunekit.export.reference`). Printed per row: MACs and parameters of
 the compact model over the dense one (against the (1 - p)^2 of removing p on both sides of a layer),
 and the speed-up dense / compact at each batch size, with Torch-Pruning's beside it where it can cut
-the model. Dense, prunekit and Torch-Pruning are timed in turn within one process (the median of
-`--rounds` rounds), so load from other processes falls on all three alike; the load average is printed.
+the model. Dense, prunekit and Torch-Pruning are timed in turn within one process, each by its fastest of
+`--rounds` turns (`export.timing.interleaved_seconds`: other processes only add time), so a quiet moment
+is offered to all three alike; the load average is printed at the start and the end. `--clock cpu
+--threads 1` times the thread's CPU seconds instead, which other processes on a busy machine inflate far
+less than wall time (the ratios of a machine to oneself; not the latency of two threads).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import argparse
 import copy
 import os
 import platform
+import time
 import warnings
 
 import torch
@@ -28,6 +32,7 @@ from prunekit.export.timing import interleaved_seconds
 from prunekit.metrics import count_macs
 from prunekit.models import create_model
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 MODELS = {
     "resnet56": ("resnet56", {}),
     "resnet56-A": ("resnet56", {"shortcut": "identity"}),
@@ -45,7 +50,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batches", nargs="+", type=int, default=[128, 1])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
-    return parser.parse_args()
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="wall: latency; cpu: the thread's CPU seconds (needs --threads 1)")
+    args = parser.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu counts one thread's CPU seconds: add --threads 1")
+    return args
 
 
 def compacted_pair(dense: nn.Module, fraction: float) -> tuple[nn.Module, nn.Module | None]:
@@ -66,17 +76,17 @@ def parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def row(name: str, dense: nn.Module, fraction: float, batches: list[int], rounds: int) -> str:
+def row(name: str, dense: nn.Module, fraction: float, args: argparse.Namespace) -> str:
     ours, theirs = compacted_pair(dense, fraction)
     macs = count_macs(ours, dense.input_shape).dense / count_macs(dense, dense.input_shape).dense
     cells = [name, f"{fraction:.1f}", f"{(1 - fraction) ** 2:.3f}", f"{macs:.3f}",
              f"{parameters(ours) / parameters(dense):.3f}"]
-    for batch in batches:
+    for batch in args.batches:
         inputs = torch.randn(batch, *dense.input_shape)
         candidates = {"dense": lambda: dense(inputs), "prunekit": lambda: ours(inputs)}
         if theirs is not None:
             candidates["torch-pruning"] = lambda: theirs(inputs)
-        seconds = interleaved_seconds(candidates, rounds=rounds)
+        seconds = interleaved_seconds(candidates, rounds=args.rounds, clock=CLOCKS[args.clock])
         cells.append(f"{seconds['dense'] * 1e3:.1f}")
         cells.append(f"{seconds['dense'] / seconds['prunekit']:.2f}×")
         cells.append(f"{seconds['dense'] / seconds['torch-pruning']:.2f}×" if theirs is not None else "n/a")
@@ -87,8 +97,8 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # Torch-Pruning's notices about unwrapped parameters
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads; "
-          f"load average at start {os.getloadavg()[0]:.2f}")
+    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
+          f"{args.clock} clock; load average at start {os.getloadavg()[0]:.2f}")
     header = ["model", "p", "(1-p)²", "MACs", "params"]
     for batch in args.batches:
         header += [f"b{batch} dense ms", f"b{batch} prunekit", f"b{batch} Torch-Pruning"]
@@ -99,7 +109,7 @@ def main() -> None:
         torch.manual_seed(0)
         dense = create_model(model_name, **options).eval()
         for fraction in args.fractions:
-            print(row(name, dense, fraction, args.batches, args.rounds), flush=True)
+            print(row(name, dense, fraction, args), flush=True)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 

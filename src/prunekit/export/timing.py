@@ -15,24 +15,26 @@ MIN_SECONDS = 0.01  # each turn lasts at least this long, so that the clock's re
 
 
 def interleaved_seconds(candidates: Mapping[str, Callable[[], Any]], rounds: int | None = None,
-                        min_seconds: float | None = None) -> dict[str, float]:
+                        min_seconds: float | None = None, clock: Callable[[], float] = time.perf_counter
+                        ) -> dict[str, float]:
     """Seconds per call of each candidate in its fastest of `rounds` turns, the candidates timed in turn.
 
     Other processes only ever add time, so the fastest turn is the closest to the candidate's own cost (on a
     busy machine a median measures the load); turns alternate so that a quiet moment is offered to every
     candidate alike. Each turn repeats the call until it lasts `min_seconds` (the count fixed per candidate by
-    a warm-up call).
+    a warm-up call). `clock` may be `time.thread_time` for one thread's CPU seconds, which a busy machine
+    inflates far less than wall time (single-threaded runs only: other threads' work is not counted).
     """
     rounds, min_seconds = rounds or ROUNDS, MIN_SECONDS if min_seconds is None else min_seconds
     with torch.no_grad():
-        calls = {label: _calls_lasting(fn, min_seconds) for label, fn in candidates.items()}
+        calls = {label: _calls_lasting(fn, min_seconds, clock) for label, fn in candidates.items()}
         times: dict[str, list[float]] = {label: [] for label in candidates}
         for _ in range(rounds):
             for label, fn in candidates.items():
-                started = time.perf_counter()
+                started = clock()
                 for _ in range(calls[label]):
                     fn()
-                times[label].append((time.perf_counter() - started) / calls[label])
+                times[label].append((clock() - started) / calls[label])
     return {label: min(values) for label, values in times.items()}
 
 
@@ -41,9 +43,9 @@ def measure(what: str, candidates: Mapping[str, Callable[[], Any]]) -> dict[str,
     return interleaved_seconds(candidates)
 
 
-def _calls_lasting(fn: Callable[[], Any], min_seconds: float) -> int:
+def _calls_lasting(fn: Callable[[], Any], min_seconds: float, clock: Callable[[], float]) -> int:
     fn()  # warm-up: first-call allocations and lazy initialisation are not latency
-    started = time.perf_counter()
+    started = clock()
     fn()
-    once = max(time.perf_counter() - started, 1e-7)
+    once = max(clock() - started, 1e-7)
     return max(1, round(min_seconds / once))
