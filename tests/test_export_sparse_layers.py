@@ -105,3 +105,17 @@ def test_a_model_with_masks_attached_is_refused_before_any_timing():
     with pytest.raises(PrunekitError, match="make_permanent"):
         sparsify_linear_layers(model, torch.randn(8, 16), timer=timer)
     assert timer.asked == []
+
+
+@pytest.mark.parametrize("threads, clock", [(1, "thread_time"), (2, "perf_counter")])
+def test_one_thread_is_timed_on_its_cpu_clock_and_several_on_the_wall_clock(threads, clock):
+    import time
+
+    from prunekit.export.timing import default_clock
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert default_clock() is getattr(time, clock)
+    finally:
+        torch.set_num_threads(before)

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import PrunekitError
 from ..objectives import Batch, call_model, without_labels
-from .timing import interleaved_seconds
+from .timing import clock_name, default_clock, interleaved_seconds
 
 COMPACT, SPARSE, ONNX = "compact", "sparse", "onnx"
 FORMATS = (COMPACT, SPARSE, ONNX)
@@ -115,7 +115,8 @@ class ExportOutcome:
         lines = [*self.notes,
                  f"written {self.out}: {_megabytes(self.out_bytes)} vs the dense model's {_megabytes(self.dense_bytes)} "
                  f"safetensors ({self.out_bytes / self.dense_bytes:.3f}×)",
-                 f"latency on {self.batch}, {torch.get_num_threads()} threads: dense {self.dense_seconds * 1e3:.2f} ms, "
+                 f"latency on {self.batch}, {torch.get_num_threads()} thread(s), {clock_name(default_clock())}: "
+                 f"dense {self.dense_seconds * 1e3:.2f} ms, "
                  f"export {self.export_seconds * 1e3:.2f} ms (dense / export {self.dense_seconds / self.export_seconds:.2f}×)"]
         return "\n".join(lines)
 
@@ -130,7 +131,8 @@ def run_export(request: ExportRequest) -> ExportOutcome:
     out = Path(request.out)
     run_exported, notes = exporter(model, examples, out)
     dense = lambda: call_model(model, examples)  # noqa: E731
-    seconds = interleaved_seconds({"dense": dense} if run_exported is None else {"dense": dense, "export": run_exported})
+    candidates = {"dense": dense} if run_exported is None else {"dense": dense, "export": run_exported}
+    seconds = interleaved_seconds(candidates, clock=default_clock())
     return ExportOutcome(out, _dense_bytes(model), out.stat().st_size, described, seconds["dense"],
                          seconds.get("export", seconds["dense"]), notes)
 
