@@ -201,15 +201,16 @@ def _export_compact(model: nn.Module, examples: Batch, out: Path) -> tuple[Calla
         raise PrunekitError("no channel of the checkpoint is zero in every layer that reads it, so compaction "
                             "removes nothing; prune with a structured budget (--structure groups), or export "
                             "unstructured sparsity with --format sparse")
+    notes = [f"compact: {after:,} parameters of {before:,} ({after / before:.3f}×)"]
     if out.suffix == ".onnx":
         from .onnx import export_onnx
 
-        export_onnx(compacted, examples, out)
+        notes.append(_checked_note(export_onnx(compacted, examples, out)) + "; latency below is the compact "
+                     "PyTorch model's")
     else:
         save_model(compacted, out, {"format": COMPACT_FILE_FORMAT, "parameters": after,
                                     "dense_parameters": before})
-    note = f"compact: {after:,} parameters of {before:,} ({after / before:.3f}×)"
-    return (lambda: call_model(compacted, examples)), [note]
+    return (lambda: call_model(compacted, examples)), notes
 
 
 def attach_zero_masks(model: nn.Module) -> None:
@@ -230,9 +231,12 @@ def _export_onnx(model: nn.Module, examples: Batch, out: Path) -> tuple[Callable
     result = export_onnx(model, examples, out)
     onnx_session = session(out)
     inputs = feeds(onnx_session, examples)
-    note = (f"onnx: checked in onnxruntime, {result.outputs} output(s) within {result.relative_error:.1e} relative "
-            "of PyTorch; latency below is onnxruntime's")
-    return (lambda: onnx_session.run(None, inputs)), [note]
+    return (lambda: onnx_session.run(None, inputs)), [_checked_note(result) + "; latency below is onnxruntime's"]
+
+
+def _checked_note(result) -> str:
+    return (f"onnx: checked in onnxruntime, {result.outputs} output(s) within {result.relative_error:.1e} relative "
+            "of PyTorch")
 
 
 def _megabytes(size: int) -> str:
