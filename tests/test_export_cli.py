@@ -137,8 +137,9 @@ def test_a_hugging_face_folder_exports_timed_on_random_tokens(capsys, tmp_path):
     transformers.BertModel(config).save_pretrained(tmp_path / "bert")
     assert main(["prune", "--model", str(tmp_path / "bert"), "--sparsity", "0.9", "--out",
                  str(tmp_path / "pruned.safetensors")]) == 0
-    code, out, err = run(capsys, "export", "--model", tmp_path / "bert", "--checkpoint", tmp_path / "pruned.safetensors",
-                         "--format", "sparse", "--out", tmp_path / "s.safetensors", "--batch-size", "2")
+    code, out, err = run(capsys, "export", "--model", tmp_path / "bert", "--checkpoint",
+                         tmp_path / "pruned.safetensors", "--format", "sparse", "--out", tmp_path / "s.safetensors",
+                         "--batch-size", "2")
     assert code == 0, err
     assert "2 × 128 random tokens" in out
     written, _ = read_state_dict(tmp_path / "s.safetensors")

@@ -112,17 +112,16 @@ class ExportOutcome:
     notes: list[str]
 
     def __str__(self) -> str:
-        lines = [*self.notes,
-                 f"written {self.out}: {_megabytes(self.out_bytes)} vs the dense model's {_megabytes(self.dense_bytes)} "
-                 f"safetensors ({self.out_bytes / self.dense_bytes:.3f}×)",
-                 f"latency on {self.batch}, {torch.get_num_threads()} thread(s), {clock_name(default_clock())}: "
-                 f"dense {self.dense_seconds * 1e3:.2f} ms, "
-                 f"export {self.export_seconds * 1e3:.2f} ms (dense / export {self.dense_seconds / self.export_seconds:.2f}×)"]
-        return "\n".join(lines)
+        size = (f"written {self.out}: {_megabytes(self.out_bytes)} vs the dense model's "
+                f"{_megabytes(self.dense_bytes)} safetensors ({self.out_bytes / self.dense_bytes:.3f}×)")
+        latency = (f"latency on {self.batch}, {torch.get_num_threads()} thread(s), {clock_name(default_clock())}: "
+                   f"dense {self.dense_seconds * 1e3:.2f} ms, export {self.export_seconds * 1e3:.2f} ms "
+                   f"(dense / export {self.dense_seconds / self.export_seconds:.2f}×)")
+        return "\n".join([*self.notes, size, latency])
 
 
 def run_export(request: ExportRequest) -> ExportOutcome:
-    """Check, load, export, measure; the output appears only once everything succeeded."""
+    """Check, load, export (the file appears atomically, once the export has been checked), then time it."""
     check_request(request)
     if request.threads:
         torch.set_num_threads(request.threads)
