@@ -156,7 +156,7 @@ class Plan:
                     for name, score in scores.items()}
         if structure == "groups":
             keep = _keep_groups(self.coupling.family_scores(scores), self.counts, keep_one_per_tensor=True)
-            return self.coupling.masks(keep, {name: score.shape for name, score in scores.items()})
+            return self.coupling.masks(keep, scores)
         group_scores = {name: _group_scores(score, structure, self.layout(name)) for name, score in scores.items()}
         keep = _keep_groups(group_scores, self.counts, keep_one_per_tensor=structure != "unstructured")
         return {name: _expand(keep[name], scores[name].shape, structure, self.layout(name)) for name in scores}

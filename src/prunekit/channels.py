@@ -524,12 +524,12 @@ class ChannelGroups:
         mean = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, -1.0))
         return {name: mean[groups] for name, groups in self.families.items()}
 
-    def masks(self, keep: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
-        """Boolean masks of the weights in `shapes`: a removed group's rows and columns are False."""
+    def masks(self, keep: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Boolean masks shaped and placed like the tensors in `like`: a removed group's rows and columns are False."""
         kept = torch.ones(self.size + 1, dtype=torch.bool)
         for name, groups in self.families.items():
             kept[groups] = keep[name].cpu()
-        return {name: self._mask(name, shape, kept) for name, shape in shapes.items()}
+        return {name: self._mask(name, tensor.shape, kept).to(tensor.device) for name, tensor in like.items()}
 
     def _mask(self, name: str, shape: torch.Size, kept: torch.Tensor) -> torch.Tensor:
         layer = self.layers.get(name)

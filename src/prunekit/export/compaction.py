@@ -121,6 +121,8 @@ def _kept_slices(groups: ChannelGroups, layer: Layer, kept: torch.Tensor) -> tup
 def _resize_layer(layer: Layer, rows: torch.Tensor, columns: torch.Tensor | None) -> None:
     """Slice a conv/linear weight and bias to the kept rows (outputs) and columns (inputs); update its sizes."""
     module = layer.module
+    device = module.weight.device  # the group decisions live on the CPU
+    rows, columns = rows.to(device), None if columns is None else columns.to(device)
     weight = out_in(module.weight, layer.layout)[rows]
     if columns is not None:
         weight = weight[:, columns]
@@ -146,11 +148,11 @@ def _resize_norm(module: nn.Module, keep: torch.Tensor) -> None:
     for name in ("weight", "bias"):
         value = getattr(module, name, None)
         if value is not None:
-            setattr(module, name, nn.Parameter(value[keep].contiguous(), value.requires_grad))
+            setattr(module, name, nn.Parameter(value[keep.to(value.device)].contiguous(), value.requires_grad))
     for name in ("running_mean", "running_var"):
         value = getattr(module, name, None)
         if value is not None:
-            setattr(module, name, value[keep].contiguous())
+            setattr(module, name, value[keep.to(value.device)].contiguous())
     module.num_features = int(keep.sum())
 
 
