@@ -173,7 +173,7 @@ def test_mapping_batches_with_labels_prune_with_the_models_own_loss(method):
     assert pruned_fraction(result) == pytest.approx(0.5, abs=0.01)
 
 
-@pytest.mark.parametrize("method", ["snip", "chita", "woodfisher", "bip"])
+@pytest.mark.parametrize("method", ["obd", "chita", "woodfisher", "bip"])
 def test_distill_needs_no_labels_and_training_brings_the_outputs_back(method):
     torch.manual_seed(0)
     model = KeywordClassifier()
@@ -224,6 +224,12 @@ def test_causal_lm_shifts_and_ignores_padding():
     expected = torch.stack([nn.functional.cross_entropy(logits[r, t], torch.tensor(token)) for r, t, token in pairs])
     torch.testing.assert_close(loss, expected.mean())
     assert CausalLM().summary({"loss": 2.0})["perplexity"] == pytest.approx(math.exp(2.0))
+
+
+@pytest.mark.parametrize("method", ["snip", "grasp"])
+def test_gradient_scores_under_distill_at_the_dense_model_are_refused_not_ranked_by_position(method):
+    with pytest.raises(PrunekitError, match=r"^every weight's score is 0, so the selection would go by position alone"):
+        prunekit.prune(KeywordClassifier(), method, 0.5, keyword_batches(labels=False), loss="distill")
 
 
 @pytest.mark.parametrize("data, loss, message", [

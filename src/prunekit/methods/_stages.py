@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .. import hparams
+from ..errors import PrunekitError
 from ..masks import MASKED, attach_masks, mask_sparsity
 from ..schedules import STAGE_SCHEDULES, stage_sparsities
 from ..targets import Target
@@ -64,6 +65,11 @@ class Stages:
 
     def select(self, scores: Mapping[str, torch.Tensor], sparsity: float) -> Masks:
         """The stage's masks: exactly the plan's count at `sparsity`, the earlier pruned last if monotone."""
+        if not any(bool(score.ne(0).any()) for score in scores.values()):
+            raise PrunekitError(
+                "every weight's score is 0, so the selection would go by position alone: a gradient-based score "
+                "(snip, grasp) finds no gradient at these weights, as under loss='distill' at the dense model, whose "
+                "outputs it matches exactly; score with magnitude, obd, woodfisher or chita, or pass another loss")
         ranked = within_survivors(self.masks, scores) if self.monotone else scores
         with torch.no_grad():
             return self.accept(self.ctx.select(dict(ranked), sparsity))
