@@ -31,7 +31,11 @@ MIN_SPARSITY = 0.5
 
 
 class SparseLinear(nn.Module):
-    """`nn.Linear` for inference with its weight as a CSR matrix (int32 indices); outputs equal to float tolerance."""
+    """`nn.Linear` for inference with its weight as a CSR matrix (int32 indices); outputs equal to float tolerance.
+
+    Its state dict holds the CSR matrix, which safetensors cannot store: save weights (`save_sparse`) before
+    switching layers, or from the dense model.
+    """
 
     def __init__(self, linear: nn.Linear, kernel: str = CSR_ADDMM) -> None:
         super().__init__()
