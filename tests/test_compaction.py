@@ -403,14 +403,47 @@ def test_attention_heads_and_feed_forward_neurons_are_removed_whole(kind, attent
         assert compacted.get_submodule(feed_forward.format(layer)).out_features == 32
 
 
-def test_gpt2_keeps_its_heads_and_loses_feed_forward_neurons():
-    """GPT-2 splits one projection into q, k, v by a fixed size, which a compact model cannot change: heads stay."""
+def test_gpt2_loses_heads_through_its_split_size_and_feed_forward_neurons():
+    """GPT-2 splits one projection into query, key and value by `split_size`, which compaction resizes."""
     model, inputs = tiny_transformer("gpt2")
-    groups = channel_groups(model, inputs)
-    assert set(groups.family_sizes) == {"transformer.h.0.mlp.c_fc.weight", "transformer.h.1.mlp.c_fc.weight"}
-    assert "split() in module 'transformer.h.0.attn'" in groups.describe_pinned(20)
     compacted = prune_and_compact(model, inputs)
-    assert compacted.transformer.h[0].mlp.c_fc.nf == 64 and compacted.transformer.h[0].attn.c_attn.nf == 96
+    attention = compacted.transformer.h[0].attn
+    assert (attention.c_attn.nf, attention.split_size, attention.c_proj.weight.shape[0]) == (48, 16, 16)
+    assert compacted.transformer.h[0].mlp.c_fc.nf == 64
+
+
+class Gated(nn.Module):
+    """A gated feed-forward layer: one projection chunked into a value and a gate (SwiGLU's shape)."""
+
+    input_shape = (4,)
+
+    def __init__(self, by_size: bool = False) -> None:
+        super().__init__()
+        self.by_size = by_size
+        self.up, self.down = nn.Linear(4, 16), nn.Linear(8, 2)
+
+    def forward(self, x):
+        value, gate = self.up(x).split(8, -1) if self.by_size else self.up(x).chunk(2, -1)
+        return self.down(value * torch.sigmoid(gate))
+
+
+def test_a_chunked_projection_loses_a_value_with_its_gate():
+    torch.manual_seed(0)
+    model = Gated()
+    masks = prunekit.prune(model, "magnitude", 0.5, structure="groups", budget="uniform").masks
+    rows = removed(masks["up.weight"], 0)
+    assert {i - 8 for i in rows if i >= 8} == {i for i in rows if i < 8} and len(rows) == 8
+    compacted = compact(model, torch.randn(2, 4))
+    assert compacted.up.out_features == 8 and compacted.down.in_features == 4
+    assert_same_outputs(model, compacted, torch.randn(5, 4))
+
+
+def test_a_split_by_size_without_its_size_in_the_module_is_named():
+    model = Gated(by_size=True)
+    prunekit.prune(model, "magnitude", 0.5, structure="groups", budget="uniform")
+    with pytest.raises(PrunekitError, match=r"the model \(Gated\) splits channels into parts of \[8, 8\], which would "
+                                            r"become \[4, 4\].*split_size"):
+        compact(model, torch.randn(2, 4))
 
 
 def test_minilm_compacts_to_the_same_embeddings():

@@ -59,6 +59,7 @@ TRANSPOSES = frozenset({"transpose", "transpose_", "swapaxes", "swapdims", "perm
 MATMULS = frozenset({"matmul", "__matmul__", "bmm"})
 SOFTMAXES = frozenset({"softmax", "log_softmax", "_softmax"})
 CONCATENATIONS = frozenset({"cat", "concat", "concatenate"})
+SPLITS = frozenset({"split", "chunk", "tensor_split", "split_with_sizes"})
 
 
 @dataclass
@@ -94,6 +95,19 @@ class Pad:
     module: nn.Module | None
     before: list[int]
     after: list[int]
+
+
+@dataclass
+class Split:
+    """A split of channels into parts inside `module` (GPT-2's query, key and value): each part's ids.
+
+    `by_size`: the parts were given by their size (`split`), not by their number (`chunk`).
+    """
+
+    module_name: str
+    module: nn.Module | None
+    parts: list[list[int]]
+    by_size: bool
 
 
 class _UnionFind:
@@ -149,6 +163,7 @@ class _Tracer(TorchFunctionMode):
         self.layers: dict[str, Layer] = {}
         self.norms: dict[str, Norm] = {}
         self.pads: list[Pad] = []
+        self.splits: list[Split] = []
         self.pins: dict[int, str] = {}
         self.stack: list[tuple[str, nn.Module]] = []
         self.inside_layer = 0
@@ -301,7 +316,9 @@ class _Tracer(TorchFunctionMode):
     def _follow(self, name: str, args: tuple, kwargs: dict, inputs: list[torch.Tensor], out: Any) -> None:
         first = inputs[0]
         label = self.label(first)
-        if not isinstance(out, torch.Tensor):
+        if name in SPLITS and args[0] is first and isinstance(out, (tuple, list)):
+            self._split(first, label, args[1:], kwargs, out, by_size=name in ("split", "split_with_sizes"))
+        elif not isinstance(out, torch.Tensor):
             self.pin_inputs(inputs, f"{name}() in {self.where()}")
         elif name in ELEMENTWISE and len(inputs) == 1 and out.shape == first.shape:
             self.set_label(out, label.dim, label.ids)
@@ -370,6 +387,22 @@ class _Tracer(TorchFunctionMode):
         else:
             self.pin(label.ids, f"a reshape that splits or moves channels in {self.where()}")
 
+    def _split(self, x: torch.Tensor, label: _Label, args: tuple, kwargs: dict, parts: Sequence[torch.Tensor],
+               by_size: bool) -> None:
+        """Channels split into parts (GPT-2's one projection into query, key and value): each part its ids."""
+        dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % x.dim()
+        if dim != label.dim:
+            for part in parts:
+                self.set_label(part, label.dim, label.ids)
+            return
+        start, ids = 0, []
+        for part in parts:
+            ids.append(label.ids[start:start + part.shape[dim]])
+            start += part.shape[dim]
+            self.set_label(part, dim, ids[-1])
+        owner_name, owner = self.stack[-1] if self.stack else ("", None)
+        self.splits.append(Split(owner_name, owner, ids, by_size))
+
     def _split_heads(self, label: _Label, heads: int, out: torch.Tensor) -> None:
         """Channels viewed as (heads, head width), as attention splits them: a head's channels go together."""
         width = len(label.ids) // heads
@@ -421,6 +454,7 @@ class _Tracer(TorchFunctionMode):
             self.pin(label.ids, f"indexing that selects channels in {self.where()}")
 
     def _cat(self, tensors: Sequence[torch.Tensor], dim: int, out: torch.Tensor) -> None:
+        tensors = [t for t in tensors if t.numel()]  # an empty start (a key/value cache's) adds nothing
         labels = [self.label(t) for t in tensors]
         known = next(label for label in labels if label is not None)
         dim = dim % out.dim()
@@ -462,6 +496,7 @@ class ChannelGroups:
     layers: dict[str, Layer]
     norms: dict[str, Norm]
     pads: list[Pad]
+    splits: list[Split]
     classes: list[int]  # group index → its class id (its smallest channel id)
     families: dict[str, torch.Tensor]  # family name (its first producer's weight) → indices of its groups
     pinned: dict[int, str]  # class id → why it is never pruned
@@ -604,4 +639,4 @@ def _groups(tracer: _Tracer, targets: set[str] | None) -> ChannelGroups:
     classes = [cls for members in named.values() for cls in members]
     position = {cls: index for index, cls in enumerate(classes)}
     indexed = {name: torch.tensor([position[c] for c in members], dtype=torch.long) for name, members in named.items()}
-    return ChannelGroups(tracer.layers, tracer.norms, tracer.pads, classes, indexed, pinned, find)
+    return ChannelGroups(tracer.layers, tracer.norms, tracer.pads, tracer.splits, classes, indexed, pinned, find)

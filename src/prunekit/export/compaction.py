@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..channels import CONVOLUTIONS, ChannelGroups, Layer, channel_groups, out_in, tensors_in
+from ..channels import CONVOLUTIONS, ChannelGroups, Layer, Split, channel_groups, out_in, tensors_in
 from ..errors import PrunekitError
 from ..masks import folded_copy, get_masks
 from ..modes import model_mode
@@ -54,6 +54,9 @@ def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
         for pad in groups.pads:
             _resize_pad(pad.module_name, pad.module, int(kept[groups.index(pad.before)].sum()),
                         int(kept[groups.index(pad.after)].sum()))
+        for split in groups.splits:
+            parts = [int(kept[groups.index(part)].sum()) for part in split.parts]
+            _resize_split(split, parts)
     _check_same_outputs(model, compacted, example_inputs)
     return compacted
 
@@ -159,10 +162,32 @@ def _resize_norm(module: nn.Module, keep: torch.Tensor) -> None:
 def _resize_pad(module_name: str, module: nn.Module | None, before: int, after: int) -> None:
     """A channel pad's zero channels that survive: the module must say how many it adds (`pad_before/after`)."""
     if not (hasattr(module, "pad_before") and hasattr(module, "pad_after")):
-        raise PrunekitError(f"cannot compact: module {module_name!r} ({type(module).__name__}) pads channels with "
+        raise PrunekitError(f"cannot compact: {_named(module_name, module)} pads channels with "
                             "zeros, and compaction resizes a pad only through the module's pad_before and pad_after "
                             "attributes (as prunekit's PaddedIdentity has); add them, or leave its channels dense")
     module.pad_before, module.pad_after = before, after
+
+
+def _resize_split(split: Split, kept: list[int]) -> None:
+    """A split's parts must shrink alike; a split by size needs the size in the module (`split_size`, as GPT-2's
+    attention has), a split into a number of parts (`chunk`) follows by itself."""
+    size = len(split.parts[0])
+    if all(count == len(part) for count, part in zip(kept, split.parts)):
+        return
+    module = split.module
+    resizable = not split.by_size or getattr(module, "split_size", None) == size
+    if len(set(kept)) != 1 or any(len(part) != size for part in split.parts) or not resizable:
+        raise PrunekitError(f"cannot compact: {_named(split.module_name, module)} splits channels "
+                            f"into parts of {[len(part) for part in split.parts]}, which would become {kept}; "
+                            "compaction resizes equal parts only, split by number (chunk) or through the module's "
+                            "split_size attribute (as GPT-2's attention has)")
+    if split.by_size:
+        module.split_size = kept[0]
+
+
+def _named(module_name: str, module: nn.Module | None) -> str:
+    kind = type(module).__name__
+    return f"module {module_name!r} ({kind})" if module_name else f"the model ({kind})"
 
 
 def _check_same_outputs(model: nn.Module, compacted: nn.Module, inputs: Any) -> None:
