@@ -295,3 +295,19 @@ def test_save_model_writes_the_plain_weights_of_a_parametrized_model(tmp_path: P
     assert sorted(state) == ["fc1.weight", "fc2.weight", "fc3.weight"]
     assert torch.equal(state["fc1.weight"], model.fc1.weight)
     assert int((state["fc1.weight"] == 0).sum()) >= int((mask == 0).sum())
+
+
+def test_saving_the_weights_of_a_masked_model_leaves_its_masks_in_place(tmp_path: Path) -> None:
+    import prunekit
+    from prunekit import workflow
+    from prunekit.checkpoints import read_state_dict
+    from prunekit.masks import get_masks
+
+    setup = workflow.setup("lenet300", "digits")
+    prunekit.prune(setup.model, "magnitude", 0.5)
+    workflow.save_weights(setup, tmp_path / "pruned.safetensors", {})
+    assert set(get_masks(setup.model)) == {"fc1.weight", "fc2.weight", "fc3.weight"}
+    setup.model(torch.zeros(1, 64))  # the copy's fold did not delete the original's weights
+    state, _ = read_state_dict(tmp_path / "pruned.safetensors")
+    weights = [state[f"fc{i}.weight"] for i in (1, 2, 3)]
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.5 * sum(w.numel() for w in weights))

@@ -1,7 +1,6 @@
 """Model + data + checkpoint set-up shared by the CLI, the demo and the bench."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from .data import Dataset, Loader, TextDataset, TokenLoader, load_dataset
 from .data.catalog import get_spec
 from .data.text import TOKENIZER_FILE, load_tokenizer
 from .errors import PrunekitError
-from .masks import get_masks, make_permanent
+from .masks import folded_copy, get_masks
 from .models import MODELS, create_model_for, list_models
 from .models.hf import PACKAGED, check_model_folder, is_model_folder, load_model_folder, save_model_folder
 from .objectives import Loss
@@ -170,9 +169,7 @@ def save_weights(setup: Setup, path, metadata: dict[str, Any]) -> None:
     A Hugging Face model is written as a model folder (save_pretrained, safetensors) unless `path` names a
     .safetensors file.
     """
-    model = setup.model
-    if get_masks(model):
-        model = make_permanent(copy.deepcopy(model))
+    model = folded_copy(setup.model) if get_masks(setup.model) else setup.model
     about = {"model": setup.model_name, **metadata}
     if setup.dataset is not None:
         about.update(dataset=setup.dataset.name, normalization=[list(setup.mean), list(setup.std)])
