@@ -56,3 +56,18 @@ def test_weights_failing_half_way_leave_the_previous_weights(tiny_net, tmp_path,
     state, metadata = read_state_dict(path)
     assert metadata == before[1] and all(torch.equal(state[key], before[0][key]) for key in state)
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_written_files_and_folders_get_the_umasks_mode_not_a_temporary_files(tmp_path):
+    import os
+    from prunekit.io import atomic_folder, atomic_path
+    umask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "file.bin") as partial:
+            partial.write_bytes(b"x")
+        with atomic_folder(tmp_path / "folder") as partial:
+            (partial / "inside").write_bytes(b"x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "file.bin").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755

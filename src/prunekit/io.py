@@ -18,6 +18,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _default_mode(0o666))  # mkstemp's 0600 would make every saved file private
         os.replace(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -32,6 +33,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(0o777))  # mkdtemp's 0700, as atomic_path's files
         if target.exists():
             # A folder cannot be renamed onto a non-empty one: move the old one aside (onto an empty
             # folder, which rename may replace), put the new one in place, then delete the old one.
@@ -43,3 +45,10 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _default_mode(mode: int) -> int:
+    """What a plain open()/mkdir() would give under the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
