@@ -12,7 +12,10 @@ following layer still reads) cannot be removed exactly and are refused with the 
 model's outputs on the example inputs before it is returned.
 
 Modules are kept and resized in place (a compact ResNet is still a `CifarResNet`), so the result
-is a plain PyTorch model: it trains, pickles, scripts and exports like the original.
+is a plain PyTorch model: it trains, pickles, scripts and exports like the original. A Hugging Face
+model's config is updated where it can describe the new shapes (`hf_config`: the feed-forward width
+when every layer keeps the same count; never removed heads). Saved with `compact_files.save_compact`,
+which records every module's new sizes, it loads back into the dense model with `load_compact`.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from ..errors import PrunekitError
 from ..masks import folded_copy, get_masks
 from ..modes import model_mode
 from ..objectives import call_model
+from .hf_config import update_config
 
 OUTPUT_TOLERANCE = 1e-4  # relative to the largest output: removing zero terms only reorders sums
 
@@ -58,6 +62,7 @@ def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
             parts = [int(kept[groups.index(part)].sum()) for part in split.parts]
             _resize_split(split, parts)
     _check_same_outputs(model, compacted, example_inputs)
+    update_config(compacted)
     return compacted
 
 
