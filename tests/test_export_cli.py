@@ -7,11 +7,14 @@ import shutil
 
 import pytest
 import torch
+from torch import nn
 
+import prunekit
 from prunekit import workflow
-from prunekit.checkpoints import read_state_dict
+from prunekit.checkpoints import read_state_dict, save_model
 from prunekit.cli import main
-from prunekit.export import timing
+from prunekit.export import command, load_compact, timing
+from prunekit.export.memory_format import CHANNELS_LAST, CONTIGUOUS
 from prunekit.export.sparse_files import SPARSE_FILE_FORMAT
 from test_cli import error_line as cli_error_line
 from test_cli import run as cli_run
@@ -67,13 +70,61 @@ def test_sparse_export_is_a_quarter_of_the_dense_file_and_loads_back_bit_exactly
         assert torch.equal(written[key].view(torch.uint8), tensor.view(torch.uint8)), key
 
 
-def test_compact_export_writes_fewer_parameters(capsys, checkpoints, tmp_path):
+def test_compact_export_writes_fewer_parameters_and_loads_back(capsys, checkpoints, tmp_path):
     code, out, err = export(capsys, checkpoints / "groups.safetensors", "compact", tmp_path / "c.safetensors")
     assert code == 0, err
     written, _ = read_state_dict(tmp_path / "c.safetensors")
     original, _ = read_state_dict(checkpoints / "groups.safetensors")
     assert sum(t.numel() for t in written.values()) < sum(t.numel() for t in original.values())
     assert "compact:" in out and "dense / export" in out
+    assert "memory format" not in out  # an MLP has no 4-D weight: not timed in either format
+    pruned = workflow.setup("lenet300", "synthetic", checkpoint=checkpoints / "groups.safetensors").model.eval()
+    loaded = load_compact(tmp_path / "c.safetensors", workflow.setup("lenet300", "synthetic").model.eval())
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in written.items()}
+    inputs = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(inputs), pruned(inputs), rtol=1e-4, atol=1e-5)
+
+
+class SmallCNN(nn.Module):
+    input_shape = (3, 16, 16)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_compacted_cnn_is_timed_against_the_dense_one_each_in_its_fastest_memory_format(capsys, monkeypatch,
+                                                                                           tmp_path):
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    prunekit.prune(model, "magnitude", 0.5, structure="groups", budget="uniform")
+    prunekit.make_permanent(model)
+    save_model(model, tmp_path / "pruned.safetensors", {})
+    inputs = torch.randn(4, 3, 16, 16)
+    monkeypatch.setattr(command, "_load", lambda request: (model, inputs, "4 random images"))
+    code, out, err = export(capsys, tmp_path / "pruned.safetensors", "compact", tmp_path / "c.safetensors")
+    assert code == 0, err
+    chosen = re.search(r"memory format: dense (\w+) [\d.]+ ms \((\w+) [\d.]+ ms\); compact (\w+) [\d.]+ ms "
+                       r"\((\w+) [\d.]+ ms\)", out)
+    assert chosen, out
+    dense_format, compact_format = chosen.group(1), chosen.group(3)
+    assert {chosen.group(1), chosen.group(2)} == {chosen.group(3), chosen.group(4)} == {CONTIGUOUS, CHANNELS_LAST}
+    assert (f"each in its fastest memory format: dense ({dense_format}) " in out
+            and f", export ({compact_format}) " in out), out
+    _, metadata = read_state_dict(tmp_path / "c.safetensors")
+    assert metadata["memory_format"] == compact_format
+    loaded = load_compact(tmp_path / "c.safetensors", SmallCNN().eval())
+    assert loaded.conv1.out_channels == 8
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(inputs), model(inputs), rtol=1e-4, atol=1e-5)
 
 
 def test_compact_of_an_unstructured_checkpoint_is_refused_before_anything_is_written(capsys, checkpoints, tmp_path):

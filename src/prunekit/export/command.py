@@ -11,7 +11,7 @@ import copy
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -19,11 +19,11 @@ from torch import nn
 
 from ..errors import PrunekitError
 from ..objectives import Batch, call_model, without_labels
+from .compact_files import COMPACT_FILE_FORMAT
 from .timing import clock_name, default_clock, interleaved_seconds
 
 COMPACT, SPARSE, ONNX = "compact", "sparse", "onnx"
 FORMATS = (COMPACT, SPARSE, ONNX)
-COMPACT_FILE_FORMAT = "prunekit-compact/1"
 # What --out may be named for each format: compact weights are safetensors, or ONNX of the compact model.
 SUFFIXES = {COMPACT: (".safetensors", ".onnx"), SPARSE: (".safetensors",), ONNX: (".onnx",)}
 SEQUENCE_LENGTH = 128  # tokens per example for a Hugging Face model exported without a dataset
@@ -110,14 +110,24 @@ class ExportOutcome:
     dense_seconds: float
     export_seconds: float
     notes: list[str]
+    memory_formats: tuple[str, str] | None = None  # the dense model's and the export's, each its fastest
 
     def __str__(self) -> str:
         size = (f"written {self.out}: {_megabytes(self.out_bytes)} vs the dense model's "
                 f"{_megabytes(self.dense_bytes)} safetensors ({self.out_bytes / self.dense_bytes:.3f}×)")
-        latency = (f"latency on {self.batch}, {torch.get_num_threads()} thread(s), {clock_name(default_clock())}: "
-                   f"dense {self.dense_seconds * 1e3:.2f} ms, export {self.export_seconds * 1e3:.2f} ms "
+        dense, export = (f" ({name})" for name in self.memory_formats) if self.memory_formats else ("", "")
+        each = ", each in its fastest memory format" if self.memory_formats else ""
+        latency = (f"latency on {self.batch}, {torch.get_num_threads()} thread(s), {clock_name(default_clock())}"
+                   f"{each}: dense{dense} {self.dense_seconds * 1e3:.2f} ms, export{export} "
+                   f"{self.export_seconds * 1e3:.2f} ms "
                    f"(dense / export {self.dense_seconds / self.export_seconds:.2f}×)")
         return "\n".join([*self.notes, size, latency])
+
+
+class _Exported(NamedTuple):
+    run: Callable[[], Any] | None  # the exported model on the examples; None: it runs as the dense model does
+    notes: list[str]
+    memory_formats: tuple[str, str] | None = None
 
 
 def run_export(request: ExportRequest) -> ExportOutcome:
@@ -128,12 +138,12 @@ def run_export(request: ExportRequest) -> ExportOutcome:
     model, examples, described = _load(request)
     exporter = {COMPACT: _export_compact, SPARSE: _export_sparse, ONNX: _export_onnx}[request.format]
     out = Path(request.out)
-    run_exported, notes = exporter(model, examples, out)
+    exported = exporter(model, examples, out)
     dense = lambda: call_model(model, examples)  # noqa: E731
-    candidates = {"dense": dense} if run_exported is None else {"dense": dense, "export": run_exported}
+    candidates = {"dense": dense} if exported.run is None else {"dense": dense, "export": exported.run}
     seconds = interleaved_seconds(candidates, clock=default_clock())
     return ExportOutcome(out, _dense_bytes(model), out.stat().st_size, described, seconds["dense"],
-                         seconds.get("export", seconds["dense"]), notes)
+                         seconds.get("export", seconds["dense"]), exported.notes, exported.memory_formats)
 
 
 def _load(request: ExportRequest) -> tuple[nn.Module, Batch, str]:
@@ -173,7 +183,7 @@ def _dense_bytes(model: nn.Module) -> int:
         return path.stat().st_size
 
 
-def _export_sparse(model: nn.Module, examples: Batch, out: Path) -> tuple[Callable[[], Any] | None, list[str]]:
+def _export_sparse(model: nn.Module, examples: Batch, out: Path) -> _Exported:
     """The sparse file, and the model with the linear layers that are faster as CSR (None: no layer is)."""
     from .sparse_files import save_sparse
     from .sparse_layers import sparsify_linear_layers
@@ -182,15 +192,19 @@ def _export_sparse(model: nn.Module, examples: Batch, out: Path) -> tuple[Callab
     decided = copy.deepcopy(model)  # plain weights: a deep copy is safe
     report = sparsify_linear_layers(decided, examples)
     if not report.kept:
-        return None, [f"sparse linear layers: none kept ({len(report.layers)} timed; none, or not the model, faster "
-                      "as CSR): the export runs as the dense model does"]
+        return _Exported(None, [f"sparse linear layers: none kept ({len(report.layers)} timed; none, or not the "
+                                "model, faster as CSR): the export runs as the dense model does"])
     note = f"sparse linear layers: {len(report.sparse_layers)} of {len(report.layers)} measured faster as CSR, kept"
-    return (lambda: call_model(decided, examples)), [note]
+    return _Exported(lambda: call_model(decided, examples), [note])
 
 
-def _export_compact(model: nn.Module, examples: Batch, out: Path) -> tuple[Callable[[], Any], list[str]]:
-    from ..checkpoints import save_model
+def _export_compact(model: nn.Module, examples: Batch, out: Path) -> _Exported:
+    """The compact model, written; then it and the dense model are each left in their fastest memory format, so
+    that the latency compared is compaction's, not a layout's (the file records the compact model's format)."""
+    from .compact_files import save_compact
     from .compaction import compact
+    from .hf_config import config_changes, undescribed
+    from .memory_format import fastest_memory_format
 
     masked = copy.deepcopy(model)  # the dense model stays plain: it is the latency reference
     attach_zero_masks(masked)
@@ -200,16 +214,31 @@ def _export_compact(model: nn.Module, examples: Batch, out: Path) -> tuple[Calla
         raise PrunekitError("no channel of the checkpoint is zero in every layer that reads it, so compaction "
                             "removes nothing; prune with a structured budget (--structure groups), or export "
                             "unstructured sparsity with --format sparse")
-    notes = [f"compact: {after:,} parameters of {before:,} ({after / before:.3f}×)"]
+    notes = [f"compact: {after:,} parameters of {before:,} ({after / before:.3f}×)",
+             *_config_notes(config_changes(model, compacted), undescribed(compacted))]
     if out.suffix == ".onnx":
         from .onnx import export_onnx
 
         notes.append(_checked_note(export_onnx(compacted, examples, out)) + "; latency below is the compact "
                      "PyTorch model's")
-    else:
-        save_model(compacted, out, {"format": COMPACT_FILE_FORMAT, "parameters": after,
-                                    "dense_parameters": before})
-    return (lambda: call_model(compacted, examples)), notes
+    dense_format, compact_format = fastest_memory_format(model, examples), fastest_memory_format(compacted, examples)
+    timed = bool(dense_format.seconds or compact_format.seconds)  # not for models without 4-D weights
+    if timed:
+        notes.append(f"memory format: dense {dense_format}; compact {compact_format}")
+    if out.suffix != ".onnx":
+        save_compact(compacted, model, out, {"parameters": after, "dense_parameters": before})
+    formats = (dense_format.chosen, compact_format.chosen) if timed else None
+    return _Exported(lambda: call_model(compacted, examples), notes, formats)
+
+
+def _config_notes(changes: dict[str, Any], undescribed: list[str]) -> list[str]:
+    """What the compact model's config says, and what it cannot (a model without a transformers config: nothing)."""
+    notes = [f"config: {', '.join(f'{key} = {value}' for key, value in changes.items())}"] if changes else []
+    if undescribed:
+        notes.append(f"config: {len(undescribed)} tensors have shapes no config of this class describes (e.g. "
+                     f"{undescribed[0]}: attention heads removed, or layers of different widths); load the file "
+                     "with prunekit.export.load_compact(PATH, MODEL), not from_pretrained")
+    return notes
 
 
 def attach_zero_masks(model: nn.Module) -> None:
@@ -224,13 +253,14 @@ def _parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def _export_onnx(model: nn.Module, examples: Batch, out: Path) -> tuple[Callable[[], Any], list[str]]:
+def _export_onnx(model: nn.Module, examples: Batch, out: Path) -> _Exported:
     from .onnx import export_onnx, feeds, session
 
     result = export_onnx(model, examples, out)
     onnx_session = session(out)
     inputs = feeds(onnx_session, examples)
-    return (lambda: onnx_session.run(None, inputs)), [_checked_note(result) + "; latency below is onnxruntime's"]
+    note = _checked_note(result) + "; latency below is onnxruntime's"
+    return _Exported(lambda: onnx_session.run(None, inputs), [note])
 
 
 def _checked_note(result) -> str:
