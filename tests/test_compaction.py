@@ -459,3 +459,4 @@ def test_minilm_compacts_to_the_same_embeddings():
                                    rtol=1e-4, atol=1e-4)
     assert compacted.encoder.layer[0].attention.self.query.out_features == 6 * 32  # 6 of 12 heads of 32
     assert compacted.encoder.layer[0].intermediate.dense.out_features == 768
+    assert (compacted.config.intermediate_size, model.config.intermediate_size) == (768, 1536)  # the copy's config

@@ -196,3 +196,29 @@ def test_a_hugging_face_folder_exports_timed_on_random_tokens(capsys, tmp_path):
     written, _ = read_state_dict(tmp_path / "s.safetensors")
     pruned, _ = read_state_dict(tmp_path / "pruned.safetensors")
     assert all(torch.equal(written[key], tensor) for key, tensor in pruned.items())
+
+
+def test_a_compacted_hugging_face_folder_states_its_config_and_loads_back(capsys, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from prunekit.models.hf import load_model_folder
+
+    config = transformers.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=160)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    model = load_model_folder(tmp_path / "bert")
+    tokens = {"input_ids": torch.randint(0, 96, (2, 16))}
+    prunekit.prune(model, "magnitude", 0.5, [tokens], structure="groups", budget="uniform", loss="distill")
+    prunekit.make_permanent(model)
+    save_model(model, tmp_path / "pruned.safetensors", {})
+    code, out, err = run(capsys, "export", "--model", tmp_path / "bert", "--checkpoint",
+                         tmp_path / "pruned.safetensors", "--format", "compact", "--out", tmp_path / "c.safetensors",
+                         "--batch-size", "2")
+    assert code == 0, err
+    assert "config: intermediate_size = 32" in out and "load_compact" in out, out
+    assert "memory format" not in out  # no 4-D weight: not timed
+    loaded = load_compact(tmp_path / "c.safetensors", load_model_folder(tmp_path / "bert"))
+    assert loaded.config.intermediate_size == 32 and loaded.encoder.layer[0].intermediate.dense.out_features == 32
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**tokens).last_hidden_state, model(**tokens).last_hidden_state,
+                                   rtol=1e-4, atol=1e-5)

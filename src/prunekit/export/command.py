@@ -236,8 +236,8 @@ def _config_notes(changes: dict[str, Any], undescribed: list[str]) -> list[str]:
     notes = [f"config: {', '.join(f'{key} = {value}' for key, value in changes.items())}"] if changes else []
     if undescribed:
         notes.append(f"config: {len(undescribed)} tensors have shapes no config of this class describes (e.g. "
-                     f"{undescribed[0]}: attention heads removed, or layers of different widths); load the file "
-                     "with prunekit.export.load_compact(PATH, MODEL), not from_pretrained")
+                     f"{undescribed[0]}: removed heads, per-layer widths, sizes the config has no key for); load "
+                     "the file with prunekit.export.load_compact(PATH, MODEL), not from_pretrained")
     return notes
 
 
