@@ -155,6 +155,35 @@ def test_block_pursuit_finds_planted_supports_in_every_block_and_never_raises_a_
     assert torch.equal(blocks.pursuit(found, rounds=10)[1], found)  # a fixed point
 
 
+def test_block_saliency_is_the_rise_in_f_when_that_weight_alone_is_pruned():
+    q = random_problem(10, 24, seed=3)
+    blocks = Blocks.of_columns(q.g, q.anchor, 8, q.ridge)  # 3 blocks of 8
+    saliency, = blocks.saliencies([blocks.ridge])
+    everything = blocks.present.clone()
+    for i in range(8):
+        kept = everything.clone()
+        kept[:, i] = False
+        _, value = blocks.fit(kept)  # the others refitted: OBS's compensating update, exactly
+        torch.testing.assert_close(saliency[:, i], value)
+
+
+def test_the_block_solver_starts_from_the_saliency_allocation_where_magnitude_prunes_what_matters():
+    """Planted: half the inputs barely vary, and their weights are ten times the others'. Magnitude keeps those
+    and prunes the inputs the outputs depend on; OBS's saliency, from the same Fisher, keeps the right half."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0] * 4 + [0.1] * 4, [-1.0] * 4 + [0.1, -0.1, 0.1, -0.1]]))
+    spread = torch.tensor([0.01] * 4 + [10.0] * 4)
+    batches = [(torch.randn(16, 8) * spread, torch.zeros(16)) for _ in range(8)]
+    matters = torch.tensor([False] * 4 + [True] * 4).expand(2, 8)
+    assert torch.equal(prunekit.prune(copy.deepcopy(model), "magnitude", 0.5).masks["weight"], ~matters)
+    for settings in ({}, {"holdout": 0, "ridge": 1e-3, "first_order": False}):  # chosen held out, and fixed
+        result = prunekit.prune(copy.deepcopy(model), "chita", 0.5, batches, loss="distill", solver="block",
+                                block_size=4, fisher_samples=32, **settings)
+        assert torch.equal(result.masks["weight"], matters), settings
+
+
 def planted_context(p, sparsity):
     """What `solve` needs of a prune: a p-weight model's one target under a global budget."""
     model = torch.nn.Linear(p, 1, bias=False)
@@ -302,9 +331,10 @@ def test_the_block_solver_streamed_tensor_by_tensor_gives_what_one_group_gives(t
         assert torch.equal(streamed.masks[name], mask)
     for (name, a), b in zip(together.state_dict().items(), tiny_net.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
-    # G once for both passes when it fits as one group; each group's twice otherwise
+    # G once for every pass when it fits as one group; otherwise each group's once a pass (three: backsolves on
+    # the magnitude and the saliency supports, then the pursuit)
     assert whole.cost.backward_examples == 24
-    assert streamed.cost.backward_examples == 2 * tensors * 24
+    assert streamed.cost.backward_examples == 3 * tensors * 24
     assert whole.history[-1]["objective"][-1] < whole.history[-1]["objective"][0]
 
 

@@ -522,6 +522,18 @@ class Blocks:
                 solved[-1].append((self.anchor + d, replace(self, ridge=ridge, linear=linear).value(d)))
         return solved
 
+    def saliencies(self, ridges: list[torch.Tensor]) -> list[torch.Tensor]:
+        """OBS's saliency of each weight under each ridge, w̄ᵢ² / (2[(H + 2λ'I)⁻¹]ᵢᵢ): the rise in its block's f
+        when that weight alone is pruned and the block's others move to make up for it (m×b each)."""
+        system = self.hessian.clone()
+        out = []
+        for ridge in ridges:
+            system.diagonal(dim1=1, dim2=2).add_(2 * ridge.unsqueeze(1))
+            inverse_diagonal = torch.cholesky_inverse(torch.linalg.cholesky(system)).diagonal(dim1=1, dim2=2)
+            system.diagonal(dim1=1, dim2=2).sub_(2 * ridge.unsqueeze(1))
+            out.append(self.anchor.square() / (2 * inverse_diagonal))
+        return out
+
     def value(self, d: torch.Tensor) -> torch.Tensor:
         """f of each block at w = w̄ + d: ½dᵀHd + λ'‖d‖² + αᵀw."""
         value = 0.5 * (d * (self.hessian @ d.unsqueeze(2)).squeeze(2)).sum(1) + self.ridge * d.square().sum(1)
