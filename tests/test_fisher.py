@@ -21,7 +21,7 @@ from prunekit.fisher import (
 )
 from prunekit.hparams import validate
 from prunekit.masks import attach_masks
-from prunekit.objectives import LossFunction
+from prunekit.objectives import Distill, LossFunction
 from prunekit.targets import find_targets
 
 
@@ -57,6 +57,27 @@ def test_gradient_sum(tiny_net, tiny_batches):
     inputs, labels = examples(tiny_batches)
     g = gradient_matrix(tiny_net, find_targets(tiny_net)[0], (inputs, labels), dtype=torch.float64)
     torch.testing.assert_close(g.gradient_sum(), g.rows.sum(0))
+
+
+def test_distill_first_order_term_is_n_times_the_loss_gradient_at_the_scale_of_its_curvature_rows(tiny_net,
+                                                                                                  tiny_batches):
+    """Distill's rows are Jacobian projections, E[ggᵀ] = JᵀJ/D, half the MSE's Gauss-Newton Hessian 2JᵀJ/D; so
+    the term beside them is half of n times the loss's mean gradient (0 at the dense model itself)."""
+    inputs, _ = examples(tiny_batches)
+    dense = copy.deepcopy(tiny_net).eval()
+    objective = Distill(dense)
+    targets = find_targets(tiny_net)[0]
+    at_dense = gradient_matrix(tiny_net, targets, (inputs, None), objective, dtype=torch.float64)
+    assert at_dense.gradient_sum().abs().max() < 1e-6
+    with torch.no_grad():
+        for target in targets:
+            target.weight.mul_(torch.rand_like(target.weight) > 0.3)
+    g = gradient_matrix(tiny_net, targets, (inputs, None), objective, batch=2, dtype=torch.float64)
+    tiny_net.eval()
+    loss = F.mse_loss(tiny_net(inputs), dense(inputs))
+    expected = torch.cat([part.flatten() for part in torch.autograd.grad(loss, [t.weight for t in targets])])
+    torch.testing.assert_close(g.gradient_sum(), 0.5 * (len(inputs) // 2) * expected.double(), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(g.gradient_sum(slice(3, 9)), g.gradient_sum()[3:9])
 
 
 def test_masked_model_gives_the_gradient_at_the_pruned_weights_in_every_coordinate(tiny_net, tiny_batches):

@@ -11,6 +11,7 @@ from prunekit.errors import PrunekitError
 from prunekit.objectives import (
     CausalLM,
     CrossEntropy,
+    Distill,
     LossFunction,
     Objective,
     as_objective,
@@ -188,13 +189,19 @@ def test_distill_needs_no_labels_and_training_brings_the_outputs_back(method):
 
 
 @pytest.mark.parametrize("solver", ["iht", "block"])
-def test_chita_under_distill_has_no_first_order_term_to_keep(solver):
+def test_chita_under_distill_keeps_the_first_order_term_where_the_held_out_examples_prefer_it(solver):
     torch.manual_seed(0)
     data = keyword_batches(labels=False)
-    result = prunekit.prune(KeywordClassifier(), "chita", 0.6, data, loss="distill", solver=solver, **SMALL["chita"])
-    assert result.history[-1]["first_order"] is False  # auto: the projections' mean is noise, not a gradient
-    with pytest.raises(PrunekitError, match=r"--first-order true needs the loss's gradient, which the Distill "):
-        prunekit.prune(KeywordClassifier(), "chita", 0.6, data, loss="distill", solver=solver, first_order=True,
+    auto = prunekit.prune(KeywordClassifier(), "chita++", 0.6, data, loss="distill", solver=solver, stages=2,
+                          **SMALL["chita"])
+    assert {event["first_order"] for event in auto.history if "stage" in event} <= {True, False}
+    fixed = prunekit.prune(KeywordClassifier(), "chita", 0.6, data, loss="distill", solver=solver, first_order=True,
+                           **SMALL["chita"])
+    assert fixed.history[-1]["first_order"] is True
+    dense = KeywordClassifier()
+    with pytest.raises(PrunekitError, match=r"--first-order true needs the loss's gradient at the scale of its "
+                                            r"curvature, which the Distill objective does not give"):
+        prunekit.prune(dense, "chita", 0.6, data, loss=Distill(dense, "kl"), solver=solver, first_order=True,
                        **SMALL["chita"])
 
 

@@ -140,9 +140,15 @@ class GradientMatrix:
     def p(self) -> int:
         return self.rows.shape[1]
 
-    def gradient_sum(self) -> torch.Tensor:
-        """Gᵀ·1: n times the mean gradient (the first-order term of the local model)."""
-        return self.rows.sum(dim=0)
+    loss_gradient_sum: torch.Tensor | None = None  # n × the loss's mean gradient, where the rows are not gradients
+
+    def gradient_sum(self, columns: slice = slice(None)) -> torch.Tensor:
+        """Gᵀ·1 on `columns`: n times the mean gradient (the first-order term of the local model); for curvature
+        rows that are not the loss's gradients (distill's), n times its mean gradient computed apart, at the
+        rows' scale."""
+        if self.loss_gradient_sum is not None:
+            return self.loss_gradient_sum[columns]
+        return self.rows[:, columns].sum(dim=0)
 
 
 def fisher_examples(data: Iterable, count: int, at_least: int | None = None,
@@ -316,7 +322,31 @@ def gradient_matrix(model: nn.Module, targets: Sequence[Target], examples: Batch
     rows = torch.empty(gradients.rows, layout.p, dtype=dtype, device=layout_device(targets))
     for indices, part in gradients:
         rows[indices.to(rows.device)] = part.to(dtype)
-    return GradientMatrix(rows, layout, batch, gradients.route)
+    loss_gradient_sum = None
+    if objective is not None and not objective.curvature_has_gradient and objective.gradient_scale is not None:
+        mean = mean_gradient(model, targets, examples, objective, chunk=chunk * batch, meter=meter)
+        loss_gradient_sum = (objective.gradient_scale * gradients.rows * mean).to(dtype)
+    return GradientMatrix(rows, layout, batch, gradients.route, loss_gradient_sum)
+
+
+def mean_gradient(model: nn.Module, targets: Sequence[Target], examples: Batch, objective: Objective, *,
+                  chunk: int, meter: CostMeter | None = None) -> torch.Tensor:
+    """The objective's mean loss gradient over the examples with respect to the targets' effective weights (p),
+    in eval mode as the rows are, `chunk` examples a backward pass."""
+    variables, fixed, keys = _effective_weights(targets)
+    count = batch_examples(examples)
+    total = torch.zeros(WeightLayout.of(targets).p, dtype=torch.float64, device=layout_device(targets))
+    # no_grad outside the transform, as for the rows: the other parameters must not record a graph
+    with model_mode(model, training=False), torch.no_grad(), (meter.paused() if meter is not None
+                                                              else contextlib.nullcontext()):
+        for start in range(0, count, chunk):
+            part = slice_batch(examples, start, start + chunk)
+            size = batch_examples(part)
+            parts = grad(lambda v: objective.loss(_WithWeights(model, {**v, **fixed}), part)[0])(variables)
+            total += torch.cat([parts[key].flatten() for key in keys]).to(torch.float64) * size
+            if meter is not None:
+                meter.count(forward_examples=size, backward_examples=size)
+    return total / count
 
 
 def diagonal_fisher(model: nn.Module, targets: Sequence[Target], examples: Batch, objective: Objective | None = None,

@@ -40,6 +40,9 @@ class Objective:
     # Whether the rows `curvature` gives are gradients of this loss (the empirical Fisher's are), so that their
     # mean is its gradient: a second-order method's first-order term.
     curvature_has_gradient = True
+    # Where the curvature rows are not the loss's gradient: the local model's first-order term is the loss's
+    # gradient times this, the rows' second moment over the loss's (Gauss-Newton) Hessian; None: no such term.
+    gradient_scale: float | None = None
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Any]:
         """The batch's mean loss (a scalar tensor to backpropagate) and the model's outputs."""
@@ -148,13 +151,16 @@ class Distill(Objective):
     for sequence outputs (a sentence embedding, as sentence-transformers pool), else of the output row.
     """
 
-    curvature_has_gradient = False  # random projections of the Jacobian: their mean is noise, the gradient 0
+    curvature_has_gradient = False  # random projections of the Jacobian: their mean is noise, not the gradient
 
     def __init__(self, reference: nn.Module, kind: str = "mse") -> None:
         if kind not in ("mse", "kl"):
             raise PrunekitError(f"distill kind {kind!r} is unknown; use mse or kl")
         self.reference = copy.deepcopy(reference).eval().requires_grad_(False)
         self.kind = kind
+        # MSE over D outputs has the Gauss-Newton Hessian 2JᵀJ/D and the rows' second moment is JᵀJ/D (below).
+        # KL's is Jᵀ(diag p − ppᵀ)J, which the rows do not follow: its local model keeps no gradient term.
+        self.gradient_scale = 0.5 if kind == "mse" else None
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = without_labels(batch)
