@@ -318,30 +318,43 @@ def test_exact_sparsity_and_solved_weights(tiny_net, tiny_batches, solver, budge
     assert result.cost.backward_examples == 32
 
 
-def test_the_block_solver_streamed_tensor_by_tensor_gives_what_one_group_gives(tiny_net, tiny_batches, monkeypatch):
+def test_the_block_solver_gives_the_same_from_g_in_one_group_g_by_tensor_and_hessians_summed_row_by_row(
+        tiny_net, tiny_batches, monkeypatch):
     settings = dict(solver="block", block_size=20, fisher_samples=24, holdout=24, seed=0)
-    together = copy.deepcopy(tiny_net)
-    whole = prunekit.prune(together, "chita", 0.7, tiny_batches, **settings)
-    monkeypatch.setattr(chita_module, "streamed_groups",  # every tensor a group of its own
-                        lambda targets, *_: [[i] for i in range(len(targets))])
-    streamed = prunekit.prune(tiny_net, "chita", 0.7, tiny_batches, **settings)
     tensors = len(find_targets(tiny_net)[0])
     assert tensors > 1
-    for name, mask in whole.masks.items():
-        assert torch.equal(streamed.masks[name], mask)
-    for (name, a), b in zip(together.state_dict().items(), tiny_net.state_dict().values()):
-        torch.testing.assert_close(a, b, msg=name)
-    # G once for every pass when it fits as one group; otherwise each group's once a pass (three: backsolves on
-    # the magnitude and the saliency supports, then the pursuit)
-    assert whole.cost.backward_examples == 24
-    assert streamed.cost.backward_examples == 3 * tensors * 24
+    runs = {}
+    for route in ("one group", "by tensor", "summed"):
+        with monkeypatch.context() as patch:
+            patch.setattr(chita_module, "accumulates", lambda hp, summed=route == "summed": summed)
+            if route == "by tensor":
+                patch.setattr(chita_module, "streamed_groups", lambda targets, *_: [[i] for i in range(len(targets))])
+            model = copy.deepcopy(tiny_net)
+            runs[route] = model, prunekit.prune(model, "chita", 0.7, tiny_batches, **settings)
+    reference, whole = runs["one group"]
+    for route, (model, result) in runs.items():
+        for name, mask in whole.masks.items():
+            assert torch.equal(result.masks[name], mask), (route, name)
+        for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values()):
+            torch.testing.assert_close(a, b, msg=f"{route}: {name}", rtol=1e-4, atol=1e-6)
+    # G once for every pass when it fits as one group, and the Hessians summed from one computation of its rows;
+    # by tensor, each tensor's G once a pass (three: backsolves on the magnitude and the saliency supports, then
+    # the pursuit)
+    assert whole.cost.backward_examples == runs["summed"][1].cost.backward_examples == 24
+    assert runs["by tensor"][1].cost.backward_examples == 3 * tensors * 24
     assert whole.history[-1]["objective"][-1] < whole.history[-1]["objective"][0]
 
 
-def test_the_memory_planner_counts_one_group_of_tensors_for_the_block_solver(tiny_net, tiny_batches):
+def test_the_memory_planner_counts_what_each_route_of_the_block_solver_holds(tiny_net, tiny_batches):
+    # blocks as wide as n or wider: G a group of tensors at a time
     with pytest.raises(PrunekitError, match=r"chita \(block solver, n=100000, .*G of one group of tensors"):
         prunekit.prune(tiny_net, "chita", 0.7, tiny_batches, solver="block", fisher_samples=100_000,
-                       max_memory=0.01)
+                       block_size=100_000, max_memory=0.01)
+    # narrower blocks: their Hessians, summed (tiny here: each tensor one block)
+    with pytest.raises(PrunekitError, match=r"chita \(block solver, n=100000, .*block Hessians 0\.00, .*lower "
+                                            r"--block-size, --fisher-chunk"):
+        prunekit.prune(tiny_net, "chita", 0.7, tiny_batches, solver="block", fisher_samples=100_000,
+                       block_size=1000, max_memory=1e-5)
 
 
 def test_iht_objective_never_increases_through_prune(tiny_net, tiny_batches):

@@ -322,11 +322,19 @@ def gradient_matrix(model: nn.Module, targets: Sequence[Target], examples: Batch
     rows = torch.empty(gradients.rows, layout.p, dtype=dtype, device=layout_device(targets))
     for indices, part in gradients:
         rows[indices.to(rows.device)] = part.to(dtype)
-    loss_gradient_sum = None
-    if objective is not None and not objective.curvature_has_gradient and objective.gradient_scale is not None:
-        mean = mean_gradient(model, targets, examples, objective, chunk=chunk * batch, meter=meter)
-        loss_gradient_sum = (objective.gradient_scale * gradients.rows * mean).to(dtype)
-    return GradientMatrix(rows, layout, batch, gradients.route, loss_gradient_sum)
+    loss_gradient_sum = separate_gradient_sum(model, targets, examples, objective, gradients.rows, chunk * batch, meter)
+    return GradientMatrix(rows, layout, batch, gradients.route,
+                          None if loss_gradient_sum is None else loss_gradient_sum.to(dtype))
+
+
+def separate_gradient_sum(model: nn.Module, targets: Sequence[Target], examples: Batch, objective: Objective | None,
+                          rows: int, chunk: int, meter: CostMeter | None) -> torch.Tensor | None:
+    """For an objective whose curvature rows are not its gradients but which scales one (distill's MSE): `rows`
+    times its mean gradient at the rows' scale (GradientMatrix.gradient_sum); None otherwise."""
+    if objective is None or objective.curvature_has_gradient or objective.gradient_scale is None:
+        return None
+    return objective.gradient_scale * rows * mean_gradient(model, targets, examples, objective, chunk=chunk,
+                                                            meter=meter)
 
 
 def mean_gradient(model: nn.Module, targets: Sequence[Target], examples: Batch, objective: Objective, *,
@@ -400,6 +408,86 @@ class GroupedGradients:
                 if len(self.groups) == 1:
                     self.kept = g
             yield starts[members[0]], g
+
+
+# ---------------------------------------------------------------- the blocks' Hessians, for the block solvers
+
+@dataclass
+class BlockChunk:
+    """Consecutive whole blocks of one tensor (`block_chunks`) with what the block solvers need of G there."""
+
+    columns: slice  # in the layout of every target
+    width: int  # the tensor's block width
+    hessian: torch.Tensor  # (blocks, width, width) float64: each block's GᵀG (the last block padded with zeros)
+    gradient_sum: torch.Tensor  # Gᵀ1 on the columns (GradientMatrix.gradient_sum)
+    seen: torch.Tensor  # bool per column: G is not all zero there
+    scale: float  # the tensor's ‖G_t‖²/(n·p_t)
+    n: int  # rows of G
+    batch: int  # examples per row
+
+
+def chunks_of_gradients(gradients: GroupedGradients, block_size: int) -> Iterator[BlockChunk]:
+    """Every chunk of blocks of every target, from G computed a group of targets at a time."""
+    for offset, g in gradients:
+        for tensor in g.layout.slices():
+            scale = float(torch.linalg.vector_norm(g.rows[:, tensor])) ** 2 / (g.n * (tensor.stop - tensor.start))
+            for local, width in block_chunks(tensor, block_size, g.n, BLOCK_CHUNK_BYTES):
+                rows = blocked_rows(g.rows[:, local], width)
+                yield BlockChunk(slice(offset + local.start, offset + local.stop), width, rows.transpose(1, 2) @ rows,
+                                 g.gradient_sum(local), g.rows[:, local].ne(0).any(dim=0), scale, g.n, g.batch)
+
+
+class AccumulatedBlocks:
+    """Every block's GᵀG summed over the rows of G as they are computed, G itself never held: one pass over the
+    examples, about p × block width numbers kept (in `dtype`), fewer than G's n × p when the blocks are narrower
+    than n; iterated as `BlockChunk`s any number of times at no further gradient cost."""
+
+    def __init__(self, model: nn.Module, targets: Sequence[Target], examples: Batch, objective: Objective | None,
+                 block_size: int, *, batch: int, chunk: int, dtype: torch.dtype = torch.float32,
+                 meter: CostMeter | None = None) -> None:
+        layout = WeightLayout.of(targets)
+        gradients = RowGradients(model, targets, examples, objective, batch=batch, chunk=chunk, meter=meter)
+        self.n, self.batch = gradients.rows, batch
+        self.pieces = [(tensor, local, width) for tensor in layout.slices()
+                       for local, width in block_chunks(tensor, block_size, 0, BLOCK_CHUNK_BYTES)]
+        device = layout_device(targets)
+        self.hessians = [torch.zeros(math.ceil((local.stop - local.start) / width), width, width, dtype=dtype,
+                                     device=device) for _, local, width in self.pieces]
+        sums = torch.zeros(layout.p, dtype=torch.float64, device=device)
+        for _, part in gradients:
+            sums += part.sum(dim=0)
+            for hessian, (_, local, width) in zip(self.hessians, self.pieces):
+                rows = _blocked_columns(part[:, local].to(dtype), width)
+                hessian.baddbmm_(rows.transpose(1, 2), rows)
+        self.route = gradients.route
+        separate = separate_gradient_sum(model, targets, examples, objective, self.n, chunk * batch, meter)
+        self.gradient_sum = sums if separate is None else separate
+
+    def __iter__(self) -> Iterator[BlockChunk]:
+        squares: dict[int, float] = {}
+        for (tensor, _, _), hessian in zip(self.pieces, self.hessians):
+            squares[tensor.start] = squares.get(tensor.start, 0.0) + float(hessian.diagonal(dim1=1, dim2=2).sum())
+        for (tensor, local, width), hessian in zip(self.pieces, self.hessians):
+            diagonal = hessian.diagonal(dim1=1, dim2=2).reshape(-1)[:local.stop - local.start]
+            scale = squares[tensor.start] / (self.n * (tensor.stop - tensor.start))
+            yield BlockChunk(local, width, hessian.to(torch.float64), self.gradient_sum[local], diagonal > 0, scale,
+                             self.n, self.batch)
+
+
+def _blocked_columns(rows: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows (c×q) as blocks of `width` columns, (blocks, c, width), in their dtype; the last padded with zeros."""
+    count = math.ceil(rows.shape[1] / width)
+    padded = torch.nn.functional.pad(rows, (0, count * width - rows.shape[1]))
+    return padded.reshape(rows.shape[0], count, width).transpose(0, 1)
+
+
+def accumulated_hessian_bytes(targets: Sequence[Target], block_size: int, dtype: torch.dtype) -> int:
+    """What `AccumulatedBlocks` keeps: every tensor's blocks' width × width matrices."""
+    total = 0
+    for target in targets:
+        width = block_width(target.numel, block_size)
+        total += math.ceil(target.numel / width) * matrix_bytes(width, width, dtype)
+    return total
 
 
 # ---------------------------------------------------------------- memory

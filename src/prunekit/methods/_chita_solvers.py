@@ -490,10 +490,15 @@ class Blocks:
                    linear: torch.Tensor | None = None) -> Blocks:
         """The blocks of `size` consecutive columns of G (n×q) and of the weights on them."""
         rows = blocked_rows(g, size)
+        return cls.of_hessian(rows.transpose(1, 2) @ rows, anchor, size, ridge, linear)
+
+    @classmethod
+    def of_hessian(cls, hessian: torch.Tensor, anchor: torch.Tensor, size: int, ridge: torch.Tensor | float,
+                   linear: torch.Tensor | None = None) -> Blocks:
+        """The blocks of `size` consecutive weights whose Hessians GᵀG are given (m×size×size, float64)."""
         present = blocked(torch.ones_like(anchor), size).bool()
         ridges = torch.as_tensor(ridge, dtype=torch.float64, device=anchor.device).expand(present.shape[0])
-        return cls(rows.transpose(1, 2) @ rows, blocked(anchor, size), present, ridges,
-                   None if linear is None else blocked(linear, size))
+        return cls(hessian, blocked(anchor, size), present, ridges, None if linear is None else blocked(linear, size))
 
     def fit(self, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each block's exact minimiser with its weights off `kept` (m×b bool) at zero, and its f.

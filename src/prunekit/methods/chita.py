@@ -38,7 +38,7 @@ stage (Alg. 1); `chita-gradual` interleaves CHITA prune events with SGD fine-tun
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -47,11 +47,15 @@ from ..errors import PrunekitError
 from ..fisher import (
     BLOCK_CHUNK_BYTES,
     PRECISIONS,
+    AccumulatedBlocks,
+    BlockChunk,
     FisherHparams,
     GradientMatrix,
     WeightLayout,
     GroupedGradients,
-    block_chunks,
+    accumulated_hessian_bytes,
+    block_width,
+    chunks_of_gradients,
     require_streamed_memory,
     streamed_groups,
     fisher_examples,
@@ -80,6 +84,7 @@ from ._chita_solvers import (
     refit_pursuit,
 )
 from ._stages import Stages
+from ..targets import Target
 from ._training import require_training_data, train_under_masks
 
 SOLVERS = ("iht", "backsolve", "block")
@@ -501,28 +506,28 @@ class Backsolves:
 
 
 class StreamedFisher:
-    """The block solver's passes over G, a group of tensors at a time, each tensor's blocks a chunk at a time."""
+    """The block solver's passes over the blocks' Hessians, a chunk of blocks at a time. Where the blocks are
+    narrower than n, the Hessians are summed as G's rows are computed, in one gradient pass and p × block numbers
+    (`AccumulatedBlocks`); otherwise G is computed a group of tensors at a time on each pass, a single group's once
+    (`GroupedGradients`)."""
 
     def __init__(self, ctx: PruneContext, hp: ChitaHparams, examples: Batch) -> None:
-        groups = streamed_groups(ctx.targets, hp, _block_fixed_parts(hp, WeightLayout.of(ctx.targets).p),
-                                 PRECISIONS[hp.precision])
-        self.gradients = GroupedGradients(ctx.model, ctx.targets, examples, ctx.objective, groups,
-                                          batch=hp.fisher_batch, chunk=hp.fisher_chunk,
-                                          dtype=PRECISIONS[hp.precision], meter=ctx.meter)
+        dtype = PRECISIONS[hp.precision]
+        settings = dict(batch=hp.fisher_batch, chunk=hp.fisher_chunk, dtype=dtype, meter=ctx.meter)
+        if accumulates(hp):
+            self.source = AccumulatedBlocks(ctx.model, ctx.targets, examples, ctx.objective, hp.block_size, **settings)
+            self.gradients = None
+        else:
+            groups = streamed_groups(ctx.targets, hp, _block_fixed_parts(hp, ctx.targets, ctx.objective), dtype)
+            self.gradients = GroupedGradients(ctx.model, ctx.targets, examples, ctx.objective, groups, **settings)
         self.block_size = hp.block_size
 
     @property
     def route(self) -> str:
-        return self.gradients.route
+        return (self.gradients or self.source).route
 
-    def chunks(self) -> Iterator[tuple[slice, GradientMatrix, slice, int, float]]:
-        """(columns in the layout, the group's G, the same columns in it, block width, the tensor's ridge scale
-        ‖G_t‖²/(n·p_t)) of every chunk of blocks."""
-        for offset, g in self.gradients:
-            for tensor in g.layout.slices():
-                scale = float(torch.linalg.vector_norm(g.rows[:, tensor])) ** 2 / (g.n * (tensor.stop - tensor.start))
-                for local, width in block_chunks(tensor, self.block_size, g.n, BLOCK_CHUNK_BYTES):
-                    yield slice(offset + local.start, offset + local.stop), g, local, width, scale
+    def chunks(self) -> Iterator[BlockChunk]:
+        return iter(self.source) if self.gradients is None else chunks_of_gradients(self.gradients, self.block_size)
 
     def backsolves(self, anchor: torch.Tensor, support: torch.Tensor | dict[float, torch.Tensor] | None,
                    models: list[LocalModel], saliencies: bool = False) -> Backsolves:
@@ -533,16 +538,17 @@ class StreamedFisher:
         out = Backsolves([torch.zeros_like(anchor) for _ in models] if support is not None else [],
                          {factor: torch.zeros_like(anchor, dtype=torch.float32) for factor in factors} if saliencies
                          else {}, torch.zeros_like(anchor, dtype=torch.bool) if saliencies else None)
-        for columns, g, local, width, scale in self.chunks():
-            blocks = Blocks.of_columns(g.rows[:, local], anchor[columns], width, 0.0)
-            ridges = {model.ridge: _ridge(blocks, g, model, scale) for model in models}
+        for chunk in self.chunks():
+            columns = chunk.columns
+            blocks = Blocks.of_hessian(chunk.hessian, anchor[columns], chunk.width, 0.0)
+            ridges = {model.ridge: _ridge(blocks, chunk, model) for model in models}
             if saliencies:
-                out.seen[columns] = g.rows[:, local].ne(0).any(dim=0)
+                out.seen[columns] = chunk.seen
                 for factor, saliency in zip(ridges, blocks.saliencies(list(ridges.values()))):
-                    out.saliencies[factor][columns] = blocks.flat(saliency).float() * out.seen[columns]
+                    out.saliencies[factor][columns] = blocks.flat(saliency).float() * chunk.seen
             if support is None:
                 continue
-            linears = [None, _first_order_term(blocks, g, local) if any(m.first_order for m in models) else None]
+            linears = [None, _first_order_term(blocks, chunk) if any(m.first_order for m in models) else None]
             per_ridge = support if isinstance(support, dict) else dict.fromkeys(factors, support)
             for kept, same in _grouped_by_support(per_ridge).items():
                 solved = blocks.fit_all(_blocked(blocks, kept[columns]), [ridges[f] for f in same], linears)
@@ -553,20 +559,27 @@ class StreamedFisher:
         return out
 
     def pursuit(self, anchor: torch.Tensor, support: torch.Tensor, model: LocalModel,
-                    rounds: int) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+                rounds: int) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
         """The chosen model's pursuit (a backsolve when `rounds` is 0) from `support` in every block: weights,
         support, and f of the block-diagonal model at the pruned start and at the end."""
         w, found = torch.zeros_like(anchor), torch.zeros_like(support)
         before = after = 0.0
-        for columns, g, local, width, scale in self.chunks():
-            blocks = _with_model(Blocks.of_columns(g.rows[:, local], anchor[columns], width, 0.0), g, local, model,
-                                 scale)
+        for chunk in self.chunks():
+            columns = chunk.columns
+            blocks = Blocks.of_hessian(chunk.hessian, anchor[columns], chunk.width, 0.0)
+            blocks = replace(blocks, ridge=_ridge(blocks, chunk, model),
+                             linear=_first_order_term(blocks, chunk) if model.first_order else None)
             kept = _blocked(blocks, support[columns])
             before += float(blocks.value(-blocks.anchor * ~kept).sum())
             solved, kept, value = blocks.pursuit(kept, rounds)
             w[columns], found[columns] = blocks.flat(solved).to(w.dtype), blocks.flat(kept)
             after += float(value.sum())
         return w, found, [before, after]
+
+
+def accumulates(hp: ChitaHparams) -> bool:
+    """Whether the block solver sums the blocks' Hessians (fewer numbers than G when blocks are narrower than n)."""
+    return hp.block_size < hp.fisher_samples
 
 
 def _grouped_by_support(per_ridge: dict[float, torch.Tensor]) -> dict[torch.Tensor, list[float]]:
@@ -577,20 +590,14 @@ def _grouped_by_support(per_ridge: dict[float, torch.Tensor]) -> dict[torch.Tens
     return dict(groups.values())
 
 
-def _with_model(blocks: Blocks, g: GradientMatrix, local: slice, model: LocalModel, scale: float) -> Blocks:
-    """The blocks under a local model: its ridge and, if it keeps it, its first-order term."""
-    return replace(blocks, ridge=_ridge(blocks, g, model, scale),
-                   linear=_first_order_term(blocks, g, local) if model.first_order else None)
-
-
-def _ridge(blocks: Blocks, g: GradientMatrix, model: LocalModel, scale: float) -> torch.Tensor:
+def _ridge(blocks: Blocks, chunk: BlockChunk, model: LocalModel) -> torch.Tensor:
     """λ' = λn/2 for every block, λ a factor of the tensor's scale when the model's ridge is per tensor."""
-    return torch.full_like(blocks.ridge, model.ridge * (scale if model.per_tensor else 1.0) * g.n / 2)
+    return torch.full_like(blocks.ridge, model.ridge * (chunk.scale if model.per_tensor else 1.0) * chunk.n / 2)
 
 
-def _first_order_term(blocks: Blocks, g: GradientMatrix, local: slice) -> torch.Tensor:
+def _first_order_term(blocks: Blocks, chunk: BlockChunk) -> torch.Tensor:
     """α = Gᵀ1/B on the blocks' weights."""
-    return _blocked(blocks, g.gradient_sum(local) / g.batch).to(torch.float64)
+    return _blocked(blocks, chunk.gradient_sum / chunk.batch).to(torch.float64)
 
 
 def _blocked(blocks: Blocks, vector: torch.Tensor) -> torch.Tensor:
@@ -600,13 +607,21 @@ def _blocked(blocks: Blocks, vector: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _block_fixed_parts(hp: ChitaHparams, p: int) -> dict[str, int]:
-    """What the block solver holds besides a group's G: a chunk of blocks (Hessians, G's columns in float64, the
-    solve's copies), and the candidates' weights (one vector per local model, and a few more)."""
-    models = _block_models(hp)
-    vectors = len(models) + 4
-    return {"block chunk": 4 * BLOCK_CHUNK_BYTES, "candidates": matrix_bytes(vectors, p, PRECISIONS[hp.precision]),
-            "saliencies": matrix_bytes(len({model.ridge for model in models}), p, torch.float32)}
+def _block_fixed_parts(hp: ChitaHparams, targets: Sequence[Target], objective: Objective | None) -> dict[str, int]:
+    """What the block solver holds besides G or the blocks' Hessians: a chunk of blocks (Hessians, G's columns in
+    float64, the solve's copies: about 4 times the chunk), the candidates' weights (one vector per local model, and
+    a few more), and per ridge the saliencies (float32) and their supports."""
+    models = _block_models(hp, objective)
+    ridges = len({model.ridge for model in models})
+    p = sum(target.numel for target in targets)
+    rows = 0 if accumulates(hp) else hp.fisher_samples  # G's columns come with its blocks (`block_chunks`)
+    widths = [block_width(target.numel, hp.block_size) for target in targets]
+    widest = max(min(BLOCK_CHUNK_BYTES, math.ceil(target.numel / width) * matrix_bytes(width, max(width, rows),
+                                                                                         torch.float64))
+                 for target, width in zip(targets, widths))
+    return {"block chunk": 4 * widest,
+            "candidates": matrix_bytes(len(models) + 4, p, PRECISIONS[hp.precision]),
+            "saliencies": matrix_bytes(ridges, p, torch.float32) + matrix_bytes(ridges, p, torch.bool)}
 
 
 def check_before_work(ctx: PruneContext, hp: ChitaHparams, lowest_sparsity: float) -> None:
@@ -617,8 +632,14 @@ def check_before_work(ctx: PruneContext, hp: ChitaHparams, lowest_sparsity: floa
     n, p = hp.fisher_samples, sum(t.numel for t in ctx.targets)
     dtype = PRECISIONS[hp.precision]
     if hp.solver == "block":
-        require_streamed_memory(f"chita (block solver, n={n}, p={p})", ctx.targets, hp, _block_fixed_parts(hp, p),
-                                f"--fisher-samples (n={n}), --precision float32 or --block-size", dtype)
+        method, fixed = f"chita (block solver, n={n}, p={p})", _block_fixed_parts(hp, ctx.targets, ctx.objective)
+        if accumulates(hp):
+            require_memory(method, {"block Hessians": accumulated_hessian_bytes(ctx.targets, hp.block_size, dtype),
+                                    "gradient calls": gradient_call_bytes(hp, p), **fixed}, hp,
+                           "--block-size, --fisher-chunk, --precision float32")
+        else:
+            require_streamed_memory(method, ctx.targets, hp, fixed,
+                                    f"--fisher-samples (n={n}), --precision float32 or --block-size", dtype)
         return
     kept = p - round(lowest_sparsity * p)
     # A refit holds G's kept columns in float64 and an n×n (or kept×kept) system.
