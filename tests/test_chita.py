@@ -352,7 +352,7 @@ def test_the_memory_planner_counts_what_each_route_of_the_block_solver_holds(tin
                        block_size=100_000, max_memory=0.01)
     # narrower blocks: their Hessians, summed (tiny here: each tensor one block)
     with pytest.raises(PrunekitError, match=r"chita \(block solver, n=100000, .*block Hessians 0\.00, .*lower "
-                                            r"--block-size, --fisher-chunk"):
+                                            r"--block-size or --precision float32"):
         prunekit.prune(tiny_net, "chita", 0.7, tiny_batches, solver="block", fisher_samples=100_000,
                        block_size=1000, max_memory=1e-5)
 

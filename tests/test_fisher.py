@@ -16,6 +16,7 @@ from prunekit.fisher import (
     tensor_groups,
     diagonal_fisher,
     fisher_examples,
+    fitted_chunk,
     gradient_matrix,
     require_memory,
 )
@@ -129,6 +130,14 @@ def test_block_chunks_cut_a_tensor_into_equal_blocks_and_chunks_of_whole_blocks(
     assert odd == [(slice(0, 125), 125), (slice(125, 250), 125)]
     padded = blocked_rows(torch.ones(3, 250), 120)  # 250 weights in blocks of 120: the last padded
     assert padded.shape == (3, 3, 120) and padded[2, :, 10:].abs().sum() == 0 and padded.dtype == torch.float64
+
+
+def test_the_gradient_chunk_shrinks_to_what_fits_beside_what_is_held():
+    hp = FisherHparams(fisher_chunk=128, max_memory=1.0)
+    per_example = 2 * 4 * 1_000_000  # a call's result and as much in flight, float32, p = 1M
+    assert fitted_chunk(hp, 1_000_000, 2**30 - 10 * per_example) == 10
+    assert fitted_chunk(hp, 1_000_000, 0) == 128  # never above --fisher-chunk
+    assert fitted_chunk(hp, 1_000_000, 2**30) == 1  # at least one: the planner then refuses, naming the rest
 
 
 def test_tensor_groups_pack_consecutive_tensors_within_the_budget():

@@ -496,9 +496,16 @@ def matrix_bytes(rows: int, columns: int, dtype: torch.dtype = torch.float32) ->
     return rows * columns * torch.empty((), dtype=dtype).element_size()
 
 
-def gradient_call_bytes(hp: FisherHparams, p: int) -> int:
+def gradient_call_bytes(hp: FisherHparams, p: int, chunk: int | None = None) -> int:
     """One vectorised gradient call holds a (chunk, p) float32 result and about as much in flight."""
-    return 2 * matrix_bytes(hp.fisher_chunk, p)
+    return 2 * matrix_bytes(hp.fisher_chunk if chunk is None else chunk, p)
+
+
+def fitted_chunk(hp: FisherHparams, p: int, held: int) -> int:
+    """--fisher-chunk, or as many examples per gradient call as fit beside `held` bytes within --max-memory (at
+    least 1): the chunk changes the speed, never the result."""
+    free = hp.max_memory * GIB - held
+    return max(1, min(hp.fisher_chunk, int(free // gradient_call_bytes(hp, p, chunk=1))))
 
 
 def column_bytes(hp: FisherHparams, dtype: torch.dtype = torch.float32) -> int:

@@ -56,6 +56,7 @@ from ..fisher import (
     accumulated_hessian_bytes,
     block_width,
     chunks_of_gradients,
+    fitted_chunk,
     require_streamed_memory,
     streamed_groups,
     fisher_examples,
@@ -474,19 +475,30 @@ def _block_start(fisher: StreamedFisher, models: list[LocalModel], anchor: torch
                  held_out: HeldOut | None) -> tuple[LocalModel, Start, Candidate | None]:
     """The local model and the support the pursuit starts from, and the safeguard's floor (the magnitude
     support's best backsolve held out; None without held-out examples, when the one model starts from its
-    saliency support)."""
+    saliency support). The models are solved a group at a time (`StreamedFisher.model_groups`), each group's
+    candidates dropped once the held-out examples have scored them."""
     if held_out is None:
         model = models[0]
         return model, Start("saliency", selected(
             fisher.backsolves(anchor, None, [model], saliencies=True).saliencies[model.ridge])), None
-    first = fisher.backsolves(anchor, magnitude, models, saliencies=True)
-    salient = {factor: selected(saliency) for factor, saliency in first.saliencies.items()}
-    model, floor = _choose(held_out, models, first.fits)
-    best, candidate = _choose(held_out, models, fisher.backsolves(anchor, salient, models).fits)
-    if candidate.loss <= floor.loss:
-        return best, Start("saliency", salient[best.ridge]), floor
+    floor = best = None
+    for together in fisher.model_groups(models):
+        first = fisher.backsolves(anchor, magnitude, together, saliencies=True)
+        seen = first.seen
+        salient = {factor: selected(saliency) for factor, saliency in first.saliencies.items()}
+        floor = _better(floor, _choose(held_out, together, first.fits))
+        del first
+        best = _better(best, (*_choose(held_out, together, fisher.backsolves(anchor, salient, together).fits),
+                              salient))
+    if best[1].loss <= floor[1].loss:
+        return best[0], Start("saliency", best[2][best[0].ridge]), floor[1]
     # Weights no sampled loss sees start pruned, as in the whole-G solvers.
-    return model, Start("magnitude", selected(anchor.abs() * first.seen)), floor
+    return floor[0], Start("magnitude", selected(anchor.abs() * seen)), floor[1]
+
+
+def _better(kept: tuple | None, new: tuple) -> tuple:
+    """The one of two (model, candidate, ...) whose candidate does better held out (the first on a tie)."""
+    return new if kept is None or new[1].loss < kept[1].loss else kept
 
 
 def _block_models(hp: ChitaHparams, objective: Objective | None = None) -> list[LocalModel]:
@@ -515,6 +527,7 @@ class StreamedFisher:
         dtype = PRECISIONS[hp.precision]
         settings = dict(batch=hp.fisher_batch, chunk=hp.fisher_chunk, dtype=dtype, meter=ctx.meter)
         if accumulates(hp):
+            settings["chunk"] = _accumulated_parts(hp, ctx.targets, ctx.objective)[1]
             self.source = AccumulatedBlocks(ctx.model, ctx.targets, examples, ctx.objective, hp.block_size, **settings)
             self.gradients = None
         else:
@@ -525,6 +538,13 @@ class StreamedFisher:
     @property
     def route(self) -> str:
         return (self.gradients or self.source).route
+
+    def model_groups(self, models: list[LocalModel]) -> list[list[LocalModel]]:
+        """The local models to solve together in a pass: all of them where a pass computes G again, otherwise one
+        ridge's at a time (a pass over summed Hessians costs no gradients, and fewer candidates are held)."""
+        if self.gradients is not None:
+            return [models]
+        return [[model for model in models if model.ridge == ridge] for ridge in dict.fromkeys(m.ridge for m in models)]
 
     def chunks(self) -> Iterator[BlockChunk]:
         return iter(self.source) if self.gradients is None else chunks_of_gradients(self.gradients, self.block_size)
@@ -613,6 +633,8 @@ def _block_fixed_parts(hp: ChitaHparams, targets: Sequence[Target], objective: O
     a few more), and per ridge the saliencies (float32) and their supports."""
     models = _block_models(hp, objective)
     ridges = len({model.ridge for model in models})
+    if accumulates(hp):  # one ridge's models at a time (StreamedFisher.model_groups)
+        models, ridges = models[:len(models) // ridges], 1
     p = sum(target.numel for target in targets)
     rows = 0 if accumulates(hp) else hp.fisher_samples  # G's columns come with its blocks (`block_chunks`)
     widths = [block_width(target.numel, hp.block_size) for target in targets]
@@ -621,7 +643,18 @@ def _block_fixed_parts(hp: ChitaHparams, targets: Sequence[Target], objective: O
                  for target, width in zip(targets, widths))
     return {"block chunk": 4 * widest,
             "candidates": matrix_bytes(len(models) + 4, p, PRECISIONS[hp.precision]),
-            "saliencies": matrix_bytes(ridges, p, torch.float32) + matrix_bytes(ridges, p, torch.bool)}
+            "saliencies": matrix_bytes(ridges, p, torch.float32) + matrix_bytes(2 * ridges, p, torch.bool)}
+
+
+def _accumulated_parts(hp: ChitaHparams, targets: Sequence[Target],
+                       objective: Objective | None) -> tuple[dict[str, int], int]:
+    """What the block solver holds when it sums the blocks' Hessians, with the examples per gradient call that fit
+    beside the rest."""
+    p = sum(target.numel for target in targets)
+    held = {"block Hessians": accumulated_hessian_bytes(targets, hp.block_size, PRECISIONS[hp.precision]),
+            **_block_fixed_parts(hp, targets, objective)}
+    chunk = fitted_chunk(hp, p, sum(held.values()))
+    return {**held, "gradient calls": gradient_call_bytes(hp, p, chunk)}, chunk
 
 
 def check_before_work(ctx: PruneContext, hp: ChitaHparams, lowest_sparsity: float) -> None:
@@ -634,9 +667,8 @@ def check_before_work(ctx: PruneContext, hp: ChitaHparams, lowest_sparsity: floa
     if hp.solver == "block":
         method, fixed = f"chita (block solver, n={n}, p={p})", _block_fixed_parts(hp, ctx.targets, ctx.objective)
         if accumulates(hp):
-            require_memory(method, {"block Hessians": accumulated_hessian_bytes(ctx.targets, hp.block_size, dtype),
-                                    "gradient calls": gradient_call_bytes(hp, p), **fixed}, hp,
-                           "--block-size, --fisher-chunk, --precision float32")
+            require_memory(method, _accumulated_parts(hp, ctx.targets, ctx.objective)[0], hp,
+                           "--block-size or --precision float32")
         else:
             require_streamed_memory(method, ctx.targets, hp, fixed,
                                     f"--fisher-samples (n={n}), --precision float32 or --block-size", dtype)
