@@ -84,6 +84,12 @@ def test_compact_export_writes_fewer_parameters_and_loads_back(capsys, checkpoin
     inputs = torch.randn(5, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(loaded(inputs), pruned(inputs), rtol=1e-4, atol=1e-5)
+    # the file is a checkpoint like any other: `prunekit eval` evaluates the compact model as the masked one
+    code, compact_eval, err = run(capsys, "eval", *MODEL, "--checkpoint", tmp_path / "c.safetensors")
+    assert code == 0, err
+    code, masked_eval, err = run(capsys, "eval", *MODEL, "--checkpoint", checkpoints / "groups.safetensors")
+    assert code == 0, err
+    assert compact_eval.splitlines()[-1] == masked_eval.splitlines()[-1]
 
 
 class SmallCNN(nn.Module):

@@ -18,6 +18,7 @@ from .data import Dataset, Loader, TextDataset, TokenLoader, load_dataset
 from .data.catalog import get_spec
 from .data.text import TOKENIZER_FILE, load_tokenizer
 from .errors import PrunekitError
+from .export.compact_files import is_compact_file, load_compact
 from .masks import folded_copy, get_masks
 from .models import MODELS, create_model_for, list_models
 from .models.hf import PACKAGED, check_model_folder, is_model_folder, load_model_folder, save_model_folder
@@ -100,7 +101,10 @@ def setup(model_name: str, dataset_name: str | None, data_dir=None, checkpoint=N
     metadata: dict[str, Any] = {}
     if checkpoint:
         state, metadata = read_state_dict(checkpoint)
-        load_state_dict_into(model, state)
+        if is_compact_file(metadata):  # `prunekit export --format compact`: narrower layers, sizes recorded
+            load_compact(checkpoint, model)
+        else:
+            load_state_dict_into(model, state)
     mean, std = checkpoint_normalization(metadata) or (dataset.mean, dataset.std)
     return Setup(model_name, model.to(target), dataset, tuple(mean), tuple(std), metadata, options, target)
 

@@ -39,6 +39,11 @@ def save_compact(compacted: nn.Module, dense: nn.Module, path: str | os.PathLike
                                  "memory_format": memory_format_of(compacted)})
 
 
+def is_compact_file(metadata: Mapping[str, str]) -> bool:
+    """Whether a safetensors file's metadata is a compact model's (`save_compact`)."""
+    return metadata.get("format") == COMPACT_FILE_FORMAT
+
+
 def load_compact(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """Resize `model`, in place, to the compact model saved at `path` and load its weights; returns `model`.
 

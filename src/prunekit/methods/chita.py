@@ -28,10 +28,11 @@ Solvers (`--solver`):
   Every refit is the exact minimiser on its support, so each only lowers the objective.
 - `backsolve` (CHITA-BSO, Alg. 5): magnitude support (or one line-searched gradient step when the
   first-order term is on), then the closed-form ridge refit on that support via Woodbury.
-- `block` (Alg. 6): the backsolve under a block-diagonal Fisher, for models of any size: G streamed
-  a group of tensors at a time and the blocks solved a chunk at a time (`solve_blockwise`); under an
-  unstructured budget followed by the same pursuit within each block, since the paper's magnitude
-  support is what loses most there.
+- `block` (Alg. 6): the backsolve under a block-diagonal Fisher, for models of any size: each block's
+  GᵀG summed as G's rows are computed (blocks narrower than n) or G streamed a group of tensors at a
+  time, and the blocks solved a chunk at a time (`solve_blockwise`); the start is the budget's
+  selection by OBS saliency or the magnitude support, as the held-out examples prefer, and under an
+  unstructured budget the same pursuit follows within each block.
 `chita++` solves at a rising sequence of sparsities, recomputing G at the current weights each
 stage (Alg. 1); `chita-gradual` interleaves CHITA prune events with SGD fine-tuning (§2.3).
 """
