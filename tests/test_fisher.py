@@ -17,6 +17,7 @@ from prunekit.fisher import (
     diagonal_fisher,
     fisher_examples,
     fitted_chunk,
+    gradient_call_bytes,
     gradient_matrix,
     require_memory,
 )
@@ -134,9 +135,9 @@ def test_block_chunks_cut_a_tensor_into_equal_blocks_and_chunks_of_whole_blocks(
 
 def test_the_gradient_chunk_shrinks_to_what_fits_beside_what_is_held():
     hp = FisherHparams(fisher_chunk=128, max_memory=1.0)
-    per_example = 2 * 4 * 1_000_000  # a call's result and as much in flight, float32, p = 1M
+    per_example = gradient_call_bytes(hp, 1_000_000, chunk=1)  # float32 rows of p = 1M, and what is in flight
     assert fitted_chunk(hp, 1_000_000, 2**30 - 10 * per_example) == 10
-    assert fitted_chunk(hp, 1_000_000, 0) == 128  # never above --fisher-chunk
+    assert fitted_chunk(FisherHparams(fisher_chunk=128, max_memory=8.0), 1_000_000, 0) == 128  # never above it
     assert fitted_chunk(hp, 1_000_000, 2**30) == 1  # at least one: the planner then refuses, naming the rest
 
 

@@ -649,13 +649,18 @@ def _block_fixed_parts(hp: ChitaHparams, targets: Sequence[Target], objective: O
 
 def _accumulated_parts(hp: ChitaHparams, targets: Sequence[Target],
                        objective: Objective | None) -> tuple[dict[str, int], int]:
-    """What the block solver holds when it sums the blocks' Hessians, with the examples per gradient call that fit
-    beside the rest."""
+    """What the block solver holds when it sums the blocks' Hessians: beside them, first the gradient pass (its
+    calls, with as many examples each as fit, and the column sums), then the solve (`ACCUMULATED_PHASES`); and
+    the examples per gradient call."""
     p = sum(target.numel for target in targets)
-    held = {"block Hessians": accumulated_hessian_bytes(targets, hp.block_size, PRECISIONS[hp.precision]),
-            **_block_fixed_parts(hp, targets, objective)}
-    chunk = fitted_chunk(hp, p, sum(held.values()))
-    return {**held, "gradient calls": gradient_call_bytes(hp, p, chunk)}, chunk
+    hessians = accumulated_hessian_bytes(targets, hp.block_size, PRECISIONS[hp.precision])
+    sums = matrix_bytes(1, p, torch.float64)
+    chunk = fitted_chunk(hp, p, hessians + sums)
+    return {"block Hessians": hessians, "gradient pass": gradient_call_bytes(hp, p, chunk) + sums,
+            "solve": sum(_block_fixed_parts(hp, targets, objective).values())}, chunk
+
+
+ACCUMULATED_PHASES = ("gradient pass", "solve")
 
 
 def check_before_work(ctx: PruneContext, hp: ChitaHparams, lowest_sparsity: float) -> None:
@@ -669,7 +674,7 @@ def check_before_work(ctx: PruneContext, hp: ChitaHparams, lowest_sparsity: floa
         method, fixed = f"chita (block solver, n={n}, p={p})", _block_fixed_parts(hp, ctx.targets, ctx.objective)
         if accumulates(hp):
             require_memory(method, _accumulated_parts(hp, ctx.targets, ctx.objective)[0], hp,
-                           "--block-size or --precision float32")
+                           "--block-size or --precision float32", apart=ACCUMULATED_PHASES)
         else:
             require_streamed_memory(method, ctx.targets, hp, fixed,
                                     f"--fisher-samples (n={n}), --precision float32 or --block-size", dtype)
