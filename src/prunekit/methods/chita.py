@@ -436,14 +436,15 @@ def solve_blockwise(ctx: PruneContext, hp: ChitaHparams, examples: Batch, anchor
     groups) and each group's block Hessians formed, solved and dropped a chunk at a time; nothing of size n×p or
     p×block is ever held.
 
-    The start is the budget's selection by OBS saliency under the local model (each weight's w̄ᵢ²/(2[A⁻¹]ᵢᵢ), A
-    its block's Hessian of f), not the paper's magnitude support, whose allocation across blocks lost most: on
+    The start may be the budget's selection by OBS saliency under the local model (each weight's w̄ᵢ²/(2[A⁻¹]ᵢᵢ),
+    A its block's Hessian of f) instead of the paper's magnitude support, whose allocation across blocks lost most: on
     MiniLM at 0.5 / 0.7 (distill) the pursuit from it stayed 1.3 / 0.9 points of cosine below WoodFisher's OBS
     selection on the same Fisher. Then the chosen model's pursuit runs in every block, each block keeping the
     start's count (swaps across blocks would need every block at once). With held-out examples the passes are
-    three: backsolves of every local model on the magnitude support, with the saliencies; backsolves on each
-    model's saliency support; the held-out examples choose the start (model and support) from both, and the
-    magnitude ones' best is the safeguard's floor. A single group's G is computed once for every pass."""
+    three per group of models (`StreamedFisher.model_groups`): backsolves on the magnitude support, with the
+    saliencies; backsolves on each model's saliency support; the held-out examples choose the start (model and
+    support) from both, and the magnitude ones' best is the safeguard's floor. Summed Hessians and a single
+    group's G cost no gradients after the first pass."""
     layout = WeightLayout.of(ctx.targets)
     fisher = StreamedFisher(ctx, hp, examples)
 
