@@ -14,6 +14,7 @@ from prunekit.fisher import GradientMatrix, WeightLayout
 from prunekit.methods import PruneContext
 from prunekit.methods._chita_solvers import (
     Blocks,
+    Columns,
     FullFits,
     NearbyRefits,
     Pools,
@@ -23,6 +24,7 @@ from prunekit.methods._chita_solvers import (
     refit_pursuit,
     ridge_solve,
 )
+from prunekit.methods import _chita_solvers as chita_solvers
 from prunekit.methods import chita as chita_module
 from prunekit.methods.chita import RIDGE_PATH, ChitaHparams, solve
 from prunekit.models import create_model_for
@@ -56,6 +58,21 @@ def test_ridge_solve_equals_a_direct_solve(n, m):
                                                                                       dtype=torch.float64)
     expected = torch.linalg.solve(a.T @ a + 0.3 * torch.eye(m, dtype=torch.float64), b)
     torch.testing.assert_close(ridge_solve(a, b, 0.3), expected)
+
+
+def test_float64_products_of_float32_columns_chunk_by_chunk_equal_those_of_a_float64_copy(monkeypatch):
+    monkeypatch.setattr(chita_solvers, "FLOAT64_COLUMNS", 7)  # several chunks, the last one short
+    generator = torch.Generator().manual_seed(3)
+    g = torch.randn(6, 40, generator=generator)
+    columns = torch.randperm(40, generator=generator)[:23]
+    copy64 = g[:, columns].to(torch.float64)
+    a = Columns(g, columns)
+    v, u = torch.randn(23, dtype=torch.float64, generator=generator), torch.randn(6, dtype=torch.float64,
+                                                                                   generator=generator)
+    torch.testing.assert_close(a.gram(), copy64 @ copy64.T)
+    torch.testing.assert_close(a.times(v), copy64 @ v)
+    torch.testing.assert_close(a.transposed_times(u), copy64.T @ u)
+    torch.testing.assert_close(ridge_solve(a, v, 0.3), ridge_solve(copy64, v, 0.3))
 
 
 @pytest.mark.parametrize("kept", [5, 25])  # fewer and more kept weights than gradients
@@ -320,7 +337,8 @@ def test_exact_sparsity_and_solved_weights(tiny_net, tiny_batches, solver, budge
 
 def test_the_block_solver_gives_the_same_from_g_in_one_group_g_by_tensor_and_hessians_summed_row_by_row(
         tiny_net, tiny_batches, monkeypatch):
-    settings = dict(solver="block", block_size=20, fisher_samples=24, holdout=24, seed=0)
+    # float64: the routes sum the same products in different orders, which float32 rounding would tell apart
+    settings = dict(solver="block", block_size=20, fisher_samples=24, holdout=24, seed=0, precision="float64")
     tensors = len(find_targets(tiny_net)[0])
     assert tensors > 1
     runs = {}

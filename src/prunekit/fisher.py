@@ -15,6 +15,8 @@ The gradient with respect to the masked original would be zero at pruned positio
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -317,6 +319,25 @@ def loss_with_weights(model: nn.Module, targets: Sequence[Target], weights: Mapp
         return objective.loss(_WithWeights(model, {**variables, **fixed}), batch)[0]
 
 
+def _glibc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    library = ctypes.CDLL(name) if name else None
+    return library if library is not None and hasattr(library, "malloc_trim") else None
+
+
+_LIBC = _glibc()
+
+
+def release_freed_memory() -> None:
+    """Give the memory freed so far back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    A gradient call's per-tensor gradients (a chunk × a tensor's size, below glibc's 32 MB mmap threshold) come
+    from the heap, and glibc keeps the heap once they are freed: on ResNet-20 (n = 1000, chunks of 128) that was
+    0.6 GiB still resident beside G through the whole solve, more than half of G itself."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 def gradient_matrix(model: nn.Module, targets: Sequence[Target], examples: Batch, objective: Objective | None = None,
                     *, batch: int = 1, chunk: int = 128, dtype: torch.dtype = torch.float32,
                     meter: CostMeter | None = None) -> GradientMatrix:
@@ -328,6 +349,7 @@ def gradient_matrix(model: nn.Module, targets: Sequence[Target], examples: Batch
         rows[indices.to(rows.device)] = part.to(dtype)
         del part  # before the next call computes its own
     loss_gradient_sum = separate_gradient_sum(model, targets, examples, objective, gradients.rows, chunk * batch, meter)
+    release_freed_memory()
     return GradientMatrix(rows, layout, batch, gradients.route,
                           None if loss_gradient_sum is None else loss_gradient_sum.to(dtype))
 

@@ -65,6 +65,7 @@ from ..fisher import (
     gradient_matrix,
     loss_with_weights,
     matrix_bytes,
+    release_freed_memory,
     require_memory,
 )
 from ..hparams import Check, group, integer, is_number, number, one_of, setting
@@ -127,8 +128,10 @@ class ChitaHparams(FisherHparams):
                                   "budgets only)", integer(0))
     tolerance: float = setting(1e-7, "iht: stop when a step lowers the objective by less than this fraction",
                                number(0, 1, high_open=True))
-    precision: str = setting("float64", "float64 | float32: how G is stored and the IHT computed (float32 halves "
-                             "the memory)", one_of(*PRECISIONS))
+    # float32 by default: on MLPNet (0.5-0.98) it moved chita's accuracy by -0.7..+0.05 points and chita++'s by
+    # +0.04 / -0.01 at 0.8 / 0.98, at half the memory and about 60% of the time (benchmarks/RESULTS.md).
+    precision: str = setting("float32", "float32 | float64: how G is stored and the IHT's products computed (refits "
+                             "and solves are float64 either way; float64 doubles the memory)", one_of(*PRECISIONS))
 
     def check_relations(self) -> None:
         if self.holdout == 0 and AUTO in (self.ridge, self.first_order):
@@ -288,6 +291,7 @@ class HeldOut:
         total = 0.0
         for objective, part, size in self.chunks:
             total += float(loss_with_weights(self.ctx.model, self.ctx.targets, weights, objective, part)) * size
+        release_freed_memory()  # the forward passes' activations, which glibc would keep beside G
         return total / self.count
 
 
