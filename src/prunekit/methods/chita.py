@@ -76,6 +76,7 @@ from ..training import TrainConfig
 from . import PruneContext, register
 from ._chita_solvers import (
     ACTIVE_SET_WIDTH,
+    FLOAT64_COLUMNS,
     Blocks,
     FullFits,
     Iterate,
@@ -684,15 +685,31 @@ def check_before_work(ctx: PruneContext, hp: ChitaHparams, lowest_sparsity: floa
             require_streamed_memory(method, ctx.targets, hp, fixed,
                                     f"--fisher-samples (n={n}), --precision float32 or --block-size", dtype)
         return
-    kept = p - round(lowest_sparsity * p)
-    # A refit holds G's kept columns in float64 and an n×n (or kept×kept) system.
-    side = min(n, kept)
-    parts = {"G": matrix_bytes(n, p, dtype), "gradient calls": gradient_call_bytes(hp, p),
-             "refit": matrix_bytes(n, kept, torch.float64) + matrix_bytes(side, side, torch.float64)}
+    most, fewest = (p - round(sparsity * p) for sparsity in (lowest_sparsity, ctx.sparsity))
+    # A refit multiplies G's kept columns a chunk at a time in float64 (two chunk buffers) and factorises n×n (or
+    # kept×kept) systems; the IHT copies its active set's columns, unless that is all of them. The gradient pass
+    # and the solve are phases: the calls are freed before the solve.
+    side = min(n, most)
+    solve = matrix_bytes(n, FLOAT64_COLUMNS, torch.float64) + matrix_bytes(n, FLOAT64_COLUMNS, dtype) + \
+        3 * matrix_bytes(side, side, torch.float64)
     if hp.solver == "iht":
-        parts["active set"] = matrix_bytes(n, min(p, math.ceil(ACTIVE_SET_WIDTH * kept) + kept), dtype)
+        solve += matrix_bytes(n, _widest_active_set(p, most, fewest), dtype)
+    parts = {"G": matrix_bytes(n, p, dtype), "gradient calls": gradient_call_bytes(hp, p), "solve": solve}
     require_memory(f"chita ({hp.solver} solver, n={n}, p={p})", parts, hp,
-                   f"--fisher-samples (n={n}), --precision float32 or --solver block")
+                   f"--fisher-samples (n={n}), --precision float32 or --solver block", apart=WHOLE_PHASES)
+
+
+WHOLE_PHASES = ("gradient calls", "solve")
+
+
+def _widest_active_set(p: int, most: int, fewest: int) -> int:
+    """The most columns the IHT's active set copies at a stage keeping between `fewest` and `most` weights: the
+    start's support and ACTIVE_SET_WIDTH × k more, no copy when that is every column."""
+    def width(kept: int) -> int:
+        return math.ceil((1 + ACTIVE_SET_WIDTH) * kept)
+    if width(most) < p:
+        return width(most)
+    return p - 1 if width(fewest) < p else 0
 
 
 def _install(ctx: PruneContext, layout: WeightLayout, w: torch.Tensor, masks: dict[str, torch.Tensor]) -> None:
