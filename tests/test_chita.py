@@ -272,9 +272,39 @@ def test_a_stage_returns_the_magnitude_backsolve_when_it_does_better_held_out():
     torch.testing.assert_close(solved.solution.w, backsolve)
 
 
+def test_the_papers_step_is_the_ihts_own_weights_under_the_first_order_model_at_the_smallest_ridge():
+    q, truth, k = planted_problem()
+    p = len(truth)
+    ctx, layout = planted_context(p, 1 - k / p)
+    rows = q.g.to(torch.float32)
+    g = GradientMatrix(rows, layout)
+    solved = solve(ctx, ChitaHparams(), g, q.anchor.to(torch.float32), 1 - k / p, None, paper=True)
+    scale = float(rows.norm()) ** 2 / (g.n * p)
+    assert solved.model.first_order and solved.model.ridge == pytest.approx(min(RIDGE_PATH) * scale)
+    assert solved.held_out is None and not solved.safeguard
+    support = solved.solution.support
+    assert int(support.sum()) == k
+    quadratic = Quadratic.on_columns(rows, q.anchor, solved.model.ridge * g.n / 2, g.gradient_sum() / g.batch)
+    assert not torch.allclose(solved.solution.w, quadratic.refit(support), atol=1e-4)  # not refitted
+
+
+def test_chita_plus_plus_takes_the_papers_step_before_its_last_stage_with_the_iht_solver(tiny_net, tiny_batches):
+    result = prunekit.prune(copy.deepcopy(tiny_net), "chita++", 0.8, tiny_batches, fisher_samples=16, stages=3,
+                            holdout=16)
+    stages = [event for event in result.history if "stage" in event]
+    assert [event["paper"] for event in stages] == [True, True, False]
+    assert all(event["first_order"] and event["held_out"] is None for event in stages[:-1])
+    assert stages[-1]["held_out"] > 0
+    chosen = prunekit.prune(copy.deepcopy(tiny_net), "chita++", 0.8, tiny_batches, fisher_samples=16, stages=3,
+                            holdout=16, solver="backsolve")
+    assert not any(event["paper"] for event in chosen.history if "stage" in event)  # auto: iht only
+    with pytest.raises(PrunekitError, match="--intermediate paper takes the iht solver's own weights"):
+        prunekit.prune(tiny_net, "chita++", 0.8, Unreadable(), solver="block", intermediate="paper")
+
+
 def test_the_stages_record_the_ridge_and_the_held_out_check(tiny_net, tiny_batches):
     result = prunekit.prune(copy.deepcopy(tiny_net), "chita++", 0.8, tiny_batches, fisher_samples=16, stages=2,
-                            holdout=16)
+                            holdout=16, intermediate="chosen")
     stages = [event for event in result.history if "stage" in event]
     assert all(event["ridge"] > 0 and event["held_out"] > 0 and event["safeguard"] in (True, False)
                and event["first_order"] in (True, False) for event in stages)
@@ -451,7 +481,7 @@ class Unreadable:
     ({"first_order": "maybe"}, r"first_order='maybe' is invalid: set it to auto, true or false"),
     ({"solver": "cg"}, r"solver='cg' is invalid: set it to one of iht, backsolve, block"),
     ({"pursuit_rounds": -1}, r"pursuit_rounds=-1 is invalid: set it to an integer >= 0"),
-    ({"max_memory": 1e-6}, r"needs? about .* GiB .*--max-memory 1e-06; lower --fisher-samples \(n=1000\)"),
+    ({"max_memory": 1e-6}, r"needs? about .* GiB, above --max-memory 1e-06 \(.*\); lower --fisher-samples \(n=1000\)"),
 ])
 def test_bad_inputs_are_refused_before_any_work(tiny_net, hparams, message):
     with pytest.raises(PrunekitError, match=message):

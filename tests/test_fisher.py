@@ -157,7 +157,7 @@ def test_layout_round_trip(tiny_net):
 
 def test_memory_estimate_refuses_naming_the_knobs():
     hp = FisherHparams(max_memory=0.5)
-    with pytest.raises(PrunekitError, match=r"about 1\.00 GiB \(G 1\.00\).*--max-memory 0\.5.*lower --fisher-samples"):
+    with pytest.raises(PrunekitError, match=r"about 1\.00 GiB, above --max-memory 0\.5 \(G 1\.00\); lower --fisher-samples"):
         require_memory("chita", {"G": 2**30}, hp, "--fisher-samples")
     require_memory("chita", {"G": 2**28}, hp, "--fisher-samples")
 

@@ -570,8 +570,8 @@ def require_memory(method: str, parts: Mapping[str, int], hp: FisherHparams, kno
     if needed > hp.max_memory * GIB:
         detail = ", ".join(f"{what} {size / GIB:.2f}" for what, size in parts.items() if size)
         phases = f"; of {' and '.join(apart)} only the larger at once" if apart else ""
-        raise PrunekitError(f"{method} would need about {needed / GIB:.2f} GiB ({detail}{phases}), above "
-                            f"--max-memory {hp.max_memory:g}; lower {knobs}, or raise --max-memory")
+        raise PrunekitError(f"{method} would need about {needed / GIB:.2f} GiB, above --max-memory "
+                            f"{hp.max_memory:g} ({detail}{phases}); lower {knobs}, or raise --max-memory")
 
 
 def memory_needed(parts: Mapping[str, int], apart: tuple[str, ...] = ()) -> int:
