@@ -20,10 +20,11 @@ from prunekit.fisher import (
     gradient_call_bytes,
     gradient_matrix,
     require_memory,
+    saved_activation_bytes,
 )
 from prunekit.hparams import validate
 from prunekit.masks import attach_masks
-from prunekit.objectives import Distill, LossFunction
+from prunekit.objectives import CrossEntropy, Distill, LossFunction
 from prunekit.targets import find_targets
 
 
@@ -139,6 +140,27 @@ def test_the_gradient_chunk_shrinks_to_what_fits_beside_what_is_held():
     assert fitted_chunk(hp, 1_000_000, 2**30 - 10 * per_example) == 10
     assert fitted_chunk(FisherHparams(fisher_chunk=128, max_memory=8.0), 1_000_000, 0) == 128  # never above it
     assert fitted_chunk(hp, 1_000_000, 2**30) == 1  # at least one: the planner then refuses, naming the rest
+
+
+def conv_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
+def test_the_activations_counted_are_one_examples_feature_maps_and_never_the_weights():
+    model = conv_net()
+    targets = find_targets(model)[0]
+    batch = (torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,)))
+    one = saved_activation_bytes(model, targets, CrossEntropy(), batch)
+    # the first example alone, not the batch whose view it is
+    assert one == saved_activation_bytes(model, targets, CrossEntropy(), (batch[0][:1].clone(), batch[1][:1]))
+    feature_maps = 4 * 64 * 16 * 16  # one float32 map of 64 channels
+    assert 2 * feature_maps <= one <= 5 * feature_maps
+    larger = saved_activation_bytes(model, targets, CrossEntropy(), (torch.randn(1, 3, 32, 32), batch[1][:1]))
+    assert 3.8 * one <= larger <= 4.2 * one  # four times the pixels
+    wide = nn.Sequential(nn.Linear(8, 4096), nn.ReLU(), nn.Linear(4096, 10))
+    hidden = saved_activation_bytes(wide, find_targets(wide)[0], CrossEntropy(), (torch.randn(1, 8), torch.tensor([0])))
+    assert 4 * 4096 <= hidden < 8 * 4096  # the hidden layer's output, once; its 0.3 MB of weights not at all
 
 
 def test_tensor_groups_pack_consecutive_tensors_within_the_budget():

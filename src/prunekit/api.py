@@ -12,6 +12,7 @@ from .budgets import Budget, Plan, check_sparsity
 from .channels import ChannelGroups, channel_groups
 from .cost import Cost, CostMeter
 from .errors import PrunekitError
+from .fisher import FisherHparams, saved_activation_bytes
 from .masks import attach_masks, mask_sparsity
 from .methods import PruneContext, get_method
 from .modes import model_mode
@@ -121,8 +122,12 @@ def prune(
     meter = CostMeter(model, device)
     ctx = PruneContext(model, targets, sparsity, budget, data, seed, meter, device, observer=observer, plan=plan)
     if spec.check is not None:
+        spec.check(ctx, hp)  # before the data is read: bad settings fail first
+    ctx.objective, first = _objective(loss, model, data, device)  # reads the first batch, before work
+    if first is not None and spec.check is not None and issubclass(spec.hparams, FisherHparams):
+        # The memory planner's per-example term, which the first batch shows; checked again with it.
+        ctx.example_activations = saved_activation_bytes(model, targets, ctx.objective, first)
         spec.check(ctx, hp)
-    ctx.objective = _objective(loss, model, data, device)  # reads the first batch: after the checks, before work
     with meter:
         masks = spec.run(ctx, hp)
         attach_masks(model, masks, spec.mask_mode)
@@ -130,11 +135,12 @@ def prune(
                        skipped, meter.cost, budget, ctx.history, ctx.objective)
 
 
-def _objective(loss: Loss, model: nn.Module, data: Any, device: torch.device) -> Objective | None:
+def _objective(loss: Loss, model: nn.Module, data: Any, device: torch.device) -> tuple[Objective | None, Any]:
     """The loss made concrete (inferred from the first batch when None) and tried once on that batch, so a
-    batch the model cannot take or a loss that is not a finite scalar fails here, before any work."""
+    batch the model cannot take or a loss that is not a finite scalar fails here, before any work; and the
+    first batch (None without data)."""
     if data is None:
-        return None if loss is None else as_objective(loss, model)
+        return None if loss is None else as_objective(loss, model), None
     try:
         first = to_device(next(iter(data)), device)
     except StopIteration:
@@ -142,7 +148,7 @@ def _objective(loss: Loss, model: nn.Module, data: Any, device: torch.device) ->
     objective = infer_objective(loss, model, first)
     with model_mode(model, training=False):
         probe(objective, model, first)
-    return objective
+    return objective, first
 
 
 def _coupling(model: nn.Module, budget: Budget, targets: list[Target], data: Any,

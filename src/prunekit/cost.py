@@ -19,13 +19,15 @@ class Cost:
     backward_passes: int = 0
     backward_examples: int = 0
     peak_memory_bytes: int = 0
+    planned_memory_bytes: int = 0  # the method's estimate of that peak, checked against --max-memory (0: none made)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def __str__(self) -> str:
         return (f"{self.seconds:.2f} s, {self.forward_examples} examples forward / {self.backward_examples} backward "
-                f"({self.forward_passes}/{self.backward_passes} passes), peak +{self.peak_memory_bytes / 2**20:.0f} MiB")
+                f"({self.forward_passes}/{self.backward_passes} passes), peak +{self.peak_memory_bytes / 2**20:.0f} MiB"
+                + (f" (planned {self.planned_memory_bytes / 2**20:.0f})" if self.planned_memory_bytes else ""))
 
 
 class CostMeter:

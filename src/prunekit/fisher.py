@@ -390,7 +390,8 @@ def diagonal_fisher(model: nn.Module, targets: Sequence[Target], examples: Batch
     total = torch.zeros(WeightLayout.of(targets).p, dtype=torch.float64, device=layout_device(targets))
     gradients = RowGradients(model, targets, examples, objective, batch=batch, chunk=chunk, meter=meter)
     for _, part in gradients:
-        total += part.to(torch.float64).square().sum(dim=0)
+        # In place, in float32 over one call's rows: a float64 copy and its square had been 4× the rows.
+        total += part.square_().sum(dim=0)
         del part  # before the next call computes its own
     return total / gradients.rows
 
@@ -525,21 +526,57 @@ def matrix_bytes(rows: int, columns: int, dtype: torch.dtype = torch.float32) ->
     return rows * columns * torch.empty((), dtype=dtype).element_size()
 
 
-# A vectorised gradient call's peak over its (chunk, p) float32 rows: the per-tensor gradients, their
-# concatenation and torch.func's buffers in flight (measured 2.33-2.59 on ResNet-18 and MiniLM, chunks 8-45).
-GRADIENT_CALL_FACTOR = 2.6
+# A vectorised gradient call's peak: GRADIENT_CALL_FACTOR times its (chunk, p) float32 rows (the per-tensor
+# gradients, their concatenation, torch.func's buffers) and ACTIVATION_FACTOR times what autograd saves for its
+# examples' forward passes (the saved tensors and, in the backward pass, their gradients). Fitted to the peak of
+# one call on ResNet-20 (chunks of 32 and 128: -26 / -6%), ResNet-18 (8 and 24: -1 / +4%) and MiniLM (8 sequences
+# of 40 and 128 tokens: +8 / +9%); the rows alone had counted a third of ResNet-20's.
+GRADIENT_CALL_FACTOR = 2.2
+ACTIVATION_FACTOR = 2.5
 
 
-def gradient_call_bytes(hp: FisherHparams, p: int, chunk: int | None = None) -> int:
-    """What one vectorised gradient call of `chunk` examples (default --fisher-chunk) holds at its peak."""
-    return math.ceil(GRADIENT_CALL_FACTOR * matrix_bytes(hp.fisher_chunk if chunk is None else chunk, p))
+def gradient_call_bytes(hp: FisherHparams, p: int, chunk: int | None = None, activations: int = 0) -> int:
+    """What one vectorised gradient call of `chunk` examples (default --fisher-chunk) holds at its peak, for a model
+    whose autograd saves `activations` bytes an example (`saved_activation_bytes`)."""
+    examples = hp.fisher_chunk if chunk is None else chunk
+    return math.ceil(GRADIENT_CALL_FACTOR * matrix_bytes(examples, p) + call_activation_bytes(examples, activations))
 
 
-def fitted_chunk(hp: FisherHparams, p: int, held: int) -> int:
+def call_activation_bytes(examples: int, activations: int) -> int:
+    """The part of a gradient call of `examples` examples that its forward and backward passes hold."""
+    return math.ceil(ACTIVATION_FACTOR * examples * activations)
+
+
+def fitted_chunk(hp: FisherHparams, p: int, held: int, activations: int = 0) -> int:
     """--fisher-chunk, or as many examples per gradient call as fit beside `held` bytes within --max-memory (at
     least 1): the chunk changes the speed, never the result."""
     free = hp.max_memory * GIB - held
-    return max(1, min(hp.fisher_chunk, int(free // gradient_call_bytes(hp, p, chunk=1))))
+    return max(1, min(hp.fisher_chunk, int(free // gradient_call_bytes(hp, p, chunk=1, activations=activations))))
+
+
+def saved_activation_bytes(model: nn.Module, targets: Sequence[Target], objective: Objective, batch: Batch) -> int:
+    """What autograd saves for the backward pass of the batch's first example, as G's rows take it (the curvature
+    loss, eval mode, gradients with respect to the targets' effective weights), the model's own tensors aside: the
+    per-example memory of a gradient call beside its rows, which no parameter count shows (a conv net's feature
+    maps, a transformer's attention)."""
+    # A copy: a view would count the whole batch's storage as saved.
+    curvature, example = objective.curvature(map_batch(slice_batch(batch, 0, 1), torch.clone))
+    variables, fixed, _ = _effective_weights(targets)
+    variables = {key: tensor.detach().requires_grad_() for key, tensor in variables.items()}
+    own = {tensor.untyped_storage().data_ptr()
+           for tensor in (*variables.values(), *fixed.values(), *model.parameters(), *model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with model_mode(model, training=False), torch.enable_grad(), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        curvature.loss(_WithWeights(model, {**variables, **fixed}), example)
+    return sum(saved.values())
 
 
 def column_bytes(hp: FisherHparams, dtype: torch.dtype = torch.float32) -> int:
@@ -554,24 +591,25 @@ def streamed_groups(targets: Sequence[Target], hp: FisherHparams, fixed: Mapping
 
 
 def require_streamed_memory(method: str, targets: Sequence[Target], hp: FisherHparams, fixed: Mapping[str, int],
-                            knobs: str, dtype: torch.dtype = torch.float32) -> None:
+                            knobs: str, dtype: torch.dtype = torch.float32) -> int:
     """`require_memory` for a method that streams G by groups of targets (`streamed_groups`): the widest group's G
-    and gradient calls, and `fixed`."""
+    and gradient calls' rows, and `fixed` (the calls' activations among them)."""
     widest = max(sum(targets[i].numel for i in members) for members in streamed_groups(targets, hp, fixed, dtype))
-    require_memory(method, {"G of one group of tensors": matrix_bytes(hp.fisher_samples, widest, dtype),
-                            "gradient calls": gradient_call_bytes(hp, widest), **fixed}, hp, knobs)
+    return require_memory(method, {"G of one group of tensors": matrix_bytes(hp.fisher_samples, widest, dtype),
+                                   "gradient calls": gradient_call_bytes(hp, widest), **fixed}, hp, knobs)
 
 
 def require_memory(method: str, parts: Mapping[str, int], hp: FisherHparams, knobs: str,
-                   apart: tuple[str, ...] = ()) -> None:
-    """Refuse before allocating when the estimate exceeds --max-memory, naming what would reduce it. The parts
-    named in `apart` are phases never held at once: only the largest of them counts."""
+                   apart: tuple[str, ...] = ()) -> int:
+    """The estimate of the peak, refused before allocating when it exceeds --max-memory, naming what would reduce
+    it. The parts named in `apart` are phases never held at once: only the largest of them counts."""
     needed = memory_needed(parts, apart)
     if needed > hp.max_memory * GIB:
         detail = ", ".join(f"{what} {size / GIB:.2f}" for what, size in parts.items() if size)
         phases = f"; of {' and '.join(apart)} only the larger at once" if apart else ""
         raise PrunekitError(f"{method} would need about {needed / GIB:.2f} GiB, above --max-memory "
                             f"{hp.max_memory:g} ({detail}{phases}); lower {knobs}, or raise --max-memory")
+    return needed
 
 
 def memory_needed(parts: Mapping[str, int], apart: tuple[str, ...] = ()) -> int:

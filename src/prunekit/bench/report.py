@@ -30,7 +30,8 @@ FORMATS = ("markdown", "csv")
 MIB = 2 ** 20
 CSV_COLUMNS = ("suite", "setting", "run", "label", "method", "target_sparsity", "seed", "point", "final", "event",
                "sparsity", "objective", "accuracy", "loss", "macs_dense", "macs", "seconds", "forward_passes",
-               "forward_examples", "backward_passes", "backward_examples", "peak_memory_bytes", "hparams", "budget",
+               "forward_examples", "backward_passes", "backward_examples", "peak_memory_bytes", "planned_memory_bytes",
+               "hparams", "budget",
                "code_version", "finished", "mask_path")
 FAMILY_TITLES = {"one-shot": "one-shot methods", "training": "methods that train",
                  "at-init": "methods for pruning at initialisation"}
@@ -203,7 +204,11 @@ def _accuracy(run: StoredRun) -> float:
 
 
 def _cost(key: str) -> Callable[[StoredRun], float]:
-    return lambda run: run.cost[key]
+    return lambda run: run.cost.get(key, 0)  # runs stored before a key existed have none
+
+
+def _planned(planned_bytes: float) -> str:
+    return f"{planned_bytes / MIB:.1f}" if planned_bytes else "–"
 
 
 def accuracy_table(results: SettingResults) -> tuple[list[str], list[list[str]]]:
@@ -338,11 +343,12 @@ def _cost_section(results: SettingResults) -> list[str]:
     passes = [_passes_row(results, label) for label in results.labels
               if any(run.label == label for run in results.finals)]
     explained = ("At each method's largest sparsity (means over seeds): examples through the model, peak memory "
-                 "above the start, MACs kept and the theoretical speed-up of a kernel that skips zeros:")
+                 "above the start and the method's own estimate of it (– where it plans none), MACs kept and the "
+                 "theoretical speed-up of a kernel that skips zeros:")
     return ["### Cost", "", "Wall seconds of pruning, mean ± std over seeds:", "",
             *_markdown_table(["method"] + [f"{s:g}" for s in results.sparsities], seconds), "", explained, "",
             *_markdown_table(["method", "sparsity", "forward examples", "backward examples", "peak memory (MiB)",
-                              "MACs kept (%)", "speed-up"], passes), ""]
+                              "planned (MiB)", "MACs kept (%)", "speed-up"], passes), ""]
 
 
 def _passes_row(results: SettingResults, label: str) -> list[str]:
@@ -354,7 +360,7 @@ def _passes_row(results: SettingResults, label: str) -> list[str]:
         return statistics.fmean(metric(run) for run in at_top)
 
     return [label, f"{top:g}", f"{mean(_cost('forward_examples')):,.0f}", f"{mean(_cost('backward_examples')):,.0f}",
-            f"{mean(_cost('peak_memory_bytes')) / MIB:.1f}",
+            f"{mean(_cost('peak_memory_bytes')) / MIB:.1f}", _planned(mean(_cost('planned_memory_bytes'))),
             f"{100 * mean(lambda r: r.final.macs / r.final.macs_dense):.1f}",
             f"{mean(lambda r: r.final.macs_dense / max(r.final.macs, 1)):.2f}×"]
 
@@ -576,7 +582,8 @@ def _write_csv(all_results: list[SettingResults], path: Path) -> Path:
                         int(point.final), "" if point.event is None else json.dumps(point.event), point.sparsity,
                         objective_of(run.config), point.accuracy, point.loss, point.macs_dense, point.macs,
                         cost["seconds"], cost["forward_passes"], cost["forward_examples"], cost["backward_passes"],
-                        cost["backward_examples"], cost["peak_memory_bytes"], json.dumps(run.config["hparams"]),
+                        cost["backward_examples"], cost["peak_memory_bytes"], cost.get("planned_memory_bytes", 0),
+                        json.dumps(run.config["hparams"]),
                         json.dumps(run.config["budget"]), run.code_version,
                         time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(run.finished)), run.mask_path])
     return path

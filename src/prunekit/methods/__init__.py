@@ -43,6 +43,7 @@ class PruneContext:
     observer: Callable[[nn.Module, dict[str, Any]], None] | None = None
     plan: Plan | None = None  # the budget's counts for these targets; made from the budget when not given
     objective: Objective | None = None  # what the data-driven methods minimise (None: no data was given)
+    example_activations: int = 0  # bytes autograd saves for one example's loss (fisher.saved_activation_bytes)
 
     def __post_init__(self) -> None:
         if self.plan is None:

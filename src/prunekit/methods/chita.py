@@ -39,7 +39,7 @@ stage (Alg. 1); `chita-gradual` interleaves CHITA prune events with SGD fine-tun
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -61,6 +61,7 @@ from ..fisher import (
     require_streamed_memory,
     streamed_groups,
     fisher_examples,
+    call_activation_bytes,
     gradient_call_bytes,
     gradient_matrix,
     loss_with_weights,
@@ -88,7 +89,6 @@ from ._chita_solvers import (
     refit_pursuit,
 )
 from ._stages import Stages
-from ..targets import Target
 from ._training import require_training_data, train_under_masks
 
 SOLVERS = ("iht", "backsolve", "block")
@@ -561,11 +561,11 @@ class StreamedFisher:
         dtype = PRECISIONS[hp.precision]
         settings = dict(batch=hp.fisher_batch, chunk=hp.fisher_chunk, dtype=dtype, meter=ctx.meter)
         if accumulates(hp):
-            settings["chunk"] = _accumulated_parts(hp, ctx.targets, ctx.objective)[1]
+            settings["chunk"] = _accumulated_parts(hp, ctx)[1]
             self.source = AccumulatedBlocks(ctx.model, ctx.targets, examples, ctx.objective, hp.block_size, **settings)
             self.gradients = None
         else:
-            groups = streamed_groups(ctx.targets, hp, _block_fixed_parts(hp, ctx.targets, ctx.objective), dtype)
+            groups = streamed_groups(ctx.targets, hp, _block_fixed_parts(hp, ctx), dtype)
             self.gradients = GroupedGradients(ctx.model, ctx.targets, examples, ctx.objective, groups, **settings)
         self.block_size = hp.block_size
 
@@ -661,11 +661,13 @@ def _blocked(blocks: Blocks, vector: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _block_fixed_parts(hp: ChitaHparams, targets: Sequence[Target], objective: Objective | None) -> dict[str, int]:
+def _block_fixed_parts(hp: ChitaHparams, ctx: PruneContext) -> dict[str, int]:
     """What the block solver holds besides G or the blocks' Hessians: a chunk of blocks (Hessians, G's columns in
     float64, the solve's copies: about 4 times the chunk), the candidates' weights (one vector per local model, and
-    a few more), and per ridge the saliencies (float32) and their supports."""
-    models = _block_models(hp, objective)
+    a few more), per ridge the saliencies (float32) and their supports, and where G is streamed by groups of
+    tensors, the gradient calls' activations (the whole model's, whichever group the call is for)."""
+    targets = ctx.targets
+    models = _block_models(hp, ctx.objective)
     ridges = len({model.ridge for model in models})
     if accumulates(hp):  # one ridge's models at a time (StreamedFisher.model_groups)
         models, ridges = models[:len(models) // ridges], 1
@@ -675,42 +677,47 @@ def _block_fixed_parts(hp: ChitaHparams, targets: Sequence[Target], objective: O
     widest = max(min(BLOCK_CHUNK_BYTES, math.ceil(target.numel / width) * matrix_bytes(width, max(width, rows),
                                                                                          torch.float64))
                  for target, width in zip(targets, widths))
-    return {"block chunk": 4 * widest,
-            "candidates": matrix_bytes(len(models) + 4, p, PRECISIONS[hp.precision]),
-            "saliencies": matrix_bytes(ridges, p, torch.float32) + matrix_bytes(2 * ridges, p, torch.bool)}
+    parts = {"block chunk": 4 * widest,
+             "candidates": matrix_bytes(len(models) + 4, p, PRECISIONS[hp.precision]),
+             "saliencies": matrix_bytes(ridges, p, torch.float32) + matrix_bytes(2 * ridges, p, torch.bool)}
+    if not accumulates(hp):
+        parts["gradient calls' activations"] = call_activation_bytes(hp.fisher_chunk, ctx.example_activations)
+    return parts
 
 
-def _accumulated_parts(hp: ChitaHparams, targets: Sequence[Target],
-                       objective: Objective | None) -> tuple[dict[str, int], int]:
+def _accumulated_parts(hp: ChitaHparams, ctx: PruneContext) -> tuple[dict[str, int], int]:
     """What the block solver holds when it sums the blocks' Hessians: beside them, first the gradient pass (its
     calls, with as many examples each as fit, and the column sums), then the solve (`ACCUMULATED_PHASES`); and
     the examples per gradient call."""
-    p = sum(target.numel for target in targets)
-    hessians = accumulated_hessian_bytes(targets, hp.block_size, PRECISIONS[hp.precision])
+    p = sum(target.numel for target in ctx.targets)
+    hessians = accumulated_hessian_bytes(ctx.targets, hp.block_size, PRECISIONS[hp.precision])
     sums = matrix_bytes(1, p, torch.float64)
-    chunk = fitted_chunk(hp, p, hessians + sums)
-    return {"block Hessians": hessians, "gradient pass": gradient_call_bytes(hp, p, chunk) + sums,
-            "solve": sum(_block_fixed_parts(hp, targets, objective).values())}, chunk
+    chunk = fitted_chunk(hp, p, hessians + sums, ctx.example_activations)
+    return {"block Hessians": hessians,
+            "gradient pass": gradient_call_bytes(hp, p, chunk, ctx.example_activations) + sums,
+            "solve": sum(_block_fixed_parts(hp, ctx).values())}, chunk
 
 
 ACCUMULATED_PHASES = ("gradient pass", "solve")
 
 
 def check_before_work(ctx: PruneContext, hp: ChitaHparams, lowest_sparsity: float) -> None:
-    """The solver suits the budget, and the memory estimate for the widest stage is within --max-memory."""
+    """The solver suits the budget, and the memory estimate for the widest stage is within --max-memory (kept as
+    the cost's planned peak)."""
     if hp.solver == "iht" and ctx.budget.structure != "unstructured":
         raise PrunekitError(f"chita's iht solver selects single weights; for {ctx.budget.structure} sparsity "
                             "use --solver backsolve or --solver block")
     n, p = hp.fisher_samples, sum(t.numel for t in ctx.targets)
     dtype = PRECISIONS[hp.precision]
     if hp.solver == "block":
-        method, fixed = f"chita (block solver, n={n}, p={p})", _block_fixed_parts(hp, ctx.targets, ctx.objective)
+        method = f"chita (block solver, n={n}, p={p})"
         if accumulates(hp):
-            require_memory(method, _accumulated_parts(hp, ctx.targets, ctx.objective)[0], hp,
-                           "--block-size or --precision float32", apart=ACCUMULATED_PHASES)
+            needed = require_memory(method, _accumulated_parts(hp, ctx)[0], hp,
+                                    "--block-size or --precision float32", apart=ACCUMULATED_PHASES)
         else:
-            require_streamed_memory(method, ctx.targets, hp, fixed,
-                                    f"--fisher-samples (n={n}), --precision float32 or --block-size", dtype)
+            needed = require_streamed_memory(method, ctx.targets, hp, _block_fixed_parts(hp, ctx),
+                                             f"--fisher-samples (n={n}), --precision float32 or --block-size", dtype)
+        ctx.meter.cost.planned_memory_bytes = needed
         return
     most, fewest = (p - round(sparsity * p) for sparsity in (lowest_sparsity, ctx.sparsity))
     # A refit multiplies G's kept columns a chunk at a time in float64 (two chunk buffers) and factorises n×n (or
@@ -721,9 +728,11 @@ def check_before_work(ctx: PruneContext, hp: ChitaHparams, lowest_sparsity: floa
         3 * matrix_bytes(side, side, torch.float64)
     if hp.solver == "iht":
         solve += matrix_bytes(n, _widest_active_set(p, most, fewest), dtype)
-    parts = {"G": matrix_bytes(n, p, dtype), "gradient calls": gradient_call_bytes(hp, p), "solve": solve}
-    require_memory(f"chita ({hp.solver} solver, n={n}, p={p})", parts, hp,
-                   f"--fisher-samples (n={n}), --precision float32 or --solver block", apart=WHOLE_PHASES)
+    parts = {"G": matrix_bytes(n, p, dtype), "gradient calls": gradient_call_bytes(hp, p, None, ctx.example_activations),
+             "solve": solve}
+    ctx.meter.cost.planned_memory_bytes = require_memory(
+        f"chita ({hp.solver} solver, n={n}, p={p})", parts, hp,
+        f"--fisher-samples (n={n}), --precision float32 or --solver block", apart=WHOLE_PHASES)
 
 
 WHOLE_PHASES = ("gradient calls", "solve")

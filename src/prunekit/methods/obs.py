@@ -29,6 +29,7 @@ from ..fisher import (
     blocked_rows,
     diagonal_fisher,
     fisher_examples,
+    call_activation_bytes,
     gradient_call_bytes,
     matrix_bytes,
     require_memory,
@@ -81,16 +82,18 @@ def block_inverses(rows: torch.Tensor, dampening: float) -> torch.Tensor:
     return inverse / dampening
 
 
-def _woodfisher_fixed_parts(hp: WoodFisherHparams, p: int) -> dict[str, int]:
-    """What WoodFisher holds besides a group's G: a chunk of block inverses with their factorisation's copies, and
-    the weights, inverse diagonal and masks."""
-    return {"block chunk": 4 * BLOCK_CHUNK_BYTES, "vectors": matrix_bytes(4, p, torch.float64)}
+def _woodfisher_fixed_parts(hp: WoodFisherHparams, ctx: PruneContext) -> dict[str, int]:
+    """What WoodFisher holds besides a group's G: a chunk of block inverses with their factorisation's copies, the
+    weights, inverse diagonal and masks, and the gradient calls' activations."""
+    return {"block chunk": 4 * BLOCK_CHUNK_BYTES, "vectors": matrix_bytes(4, WeightLayout.of(ctx.targets).p,
+                                                                          torch.float64),
+            "gradient calls' activations": call_activation_bytes(hp.fisher_chunk, ctx.example_activations)}
 
 
 def _check_woodfisher_memory(ctx: PruneContext, hp: WoodFisherHparams) -> None:
-    p = WeightLayout.of(ctx.targets).p
-    require_streamed_memory(f"woodfisher (n={hp.fisher_samples}, block size {hp.block_size})", ctx.targets, hp,
-                            _woodfisher_fixed_parts(hp, p), f"--fisher-samples (n={hp.fisher_samples})")
+    ctx.meter.cost.planned_memory_bytes = require_streamed_memory(
+        f"woodfisher (n={hp.fisher_samples}, block size {hp.block_size})", ctx.targets, hp,
+        _woodfisher_fixed_parts(hp, ctx), f"--fisher-samples (n={hp.fisher_samples})")
 
 
 @register("woodfisher", WoodFisherHparams, "WoodFisher (Singh & Alistarh 2020): OBS with a block-diagonal "
@@ -98,7 +101,7 @@ def _check_woodfisher_memory(ctx: PruneContext, hp: WoodFisherHparams) -> None:
           needs_data=True, check=_check_woodfisher_memory)
 def woodfisher(ctx: PruneContext, hp: WoodFisherHparams) -> dict[str, torch.Tensor]:
     layout = WeightLayout.of(ctx.targets)
-    groups = streamed_groups(ctx.targets, hp, _woodfisher_fixed_parts(hp, layout.p))
+    groups = streamed_groups(ctx.targets, hp, _woodfisher_fixed_parts(hp, ctx))
     stages = Stages(ctx)
     for step, sparsity in enumerate(stage_sparsities(ctx.sparsity, hp.steps, "linear", ctx.sparsity / hp.steps)):
         kept = layout.flatten(stages.masks)
@@ -136,8 +139,9 @@ def _streamed_inverses(gradients: GroupedGradients, kept: torch.Tensor,
 
 
 def _check_obd_memory(ctx: PruneContext, hp: ObdHparams) -> None:
-    require_memory("obd", {"gradient calls": gradient_call_bytes(hp, WeightLayout.of(ctx.targets).p)}, hp,
-                   "--fisher-chunk")
+    ctx.meter.cost.planned_memory_bytes = require_memory(
+        "obd", {"gradient calls": gradient_call_bytes(hp, WeightLayout.of(ctx.targets).p, None,
+                                                      ctx.example_activations)}, hp, "--fisher-chunk")
 
 
 @register("obd", ObdHparams, "OBD (LeCun et al. 1990) with the diagonal empirical Fisher: remove the smallest "
