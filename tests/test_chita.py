@@ -4,6 +4,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import prunekit
 from prunekit.budgets import Budget
@@ -486,6 +487,48 @@ class Unreadable:
 def test_bad_inputs_are_refused_before_any_work(tiny_net, hparams, message):
     with pytest.raises(PrunekitError, match=message):
         prunekit.prune(tiny_net, "chita", 0.5, Unreadable(), **hparams)
+
+
+def loss_out_of_reach(model, batch):
+    """A loss that does not depend on the weights, as a frozen model (its outputs detached) gives."""
+    inputs, labels = batch
+    return F.cross_entropy(model(inputs).detach(), labels)
+
+
+@pytest.mark.parametrize("method, hparams", [
+    ("chita", {"ridge": 1e-3, "first_order": True, "holdout": 0}),
+    ("chita", {"solver": "block"}),
+    ("chita", {"solver": "block", "ridge": 1e-3, "first_order": False, "holdout": 0}),
+    ("woodfisher", {}),
+    ("obd", {}),
+])
+def test_a_fisher_of_zero_gradients_is_refused_with_the_reason(tiny_net, tiny_batches, method, hparams):
+    before = {name: tensor.clone() for name, tensor in tiny_net.state_dict().items()}
+    with pytest.raises(PrunekitError, match=r"every gradient of the objective is zero at these weights \(a frozen "
+                                            r"model, or a loss that does not depend on them\).*check the loss"):
+        prunekit.prune(tiny_net, method, 0.5, tiny_batches, loss=loss_out_of_reach, fisher_samples=32, **hparams)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in tiny_net.state_dict().items())
+
+
+class WithUnusedHead(nn.Module):
+    """A network with a tensor no loss reaches (as a Hugging Face model's pooler under distill)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head, self.unused = nn.Linear(12, 16), nn.Linear(16, 3), nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+@pytest.mark.parametrize("hparams", [{}, {"solver": "block"}, {"solver": "block", "block_size": 8}])
+def test_a_tensor_out_of_the_losss_reach_is_pruned_and_does_not_stop_the_solve(hparams):
+    torch.manual_seed(0)
+    model = WithUnusedHead()
+    batches = [(torch.randn(16, 12), torch.randint(0, 3, (16,))) for _ in range(4)]
+    result = prunekit.prune(model, "chita", 0.5, batches, fisher_samples=32, holdout=32, **hparams)
+    assert result.sparsity == pytest.approx(0.5, abs=1e-3)
+    assert all(torch.isfinite(t.weight).all() for t in (model.body, model.head, model.unused))
 
 
 def test_stage_settings_are_checked(tiny_net):

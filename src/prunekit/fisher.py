@@ -143,6 +143,7 @@ class GradientMatrix:
         return self.rows.shape[1]
 
     loss_gradient_sum: torch.Tensor | None = None  # n × the loss's mean gradient, where the rows are not gradients
+    reached: bool = True  # some row is not zero (RowGradients.reached)
 
     def gradient_sum(self, columns: slice = slice(None)) -> torch.Tensor:
         """Gᵀ·1 on `columns`: n times the mean gradient (the first-order term of the local model); for curvature
@@ -204,6 +205,7 @@ class RowGradients:
                           for start in range(0, self.rows, self.rows_per_call)]
         self.weights, self.fixed, self.keys = _effective_weights(targets)
         self.route = "vmap"
+        self.reached = False  # some gradient was not zero: the loss depends on these weights
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         with model_mode(self.model, training=False):
@@ -215,6 +217,7 @@ class RowGradients:
                 if self.meter is not None:
                     self.meter.count(forward_examples=size * self.batch, backward_examples=size * self.batch)
                 flat = torch.cat([gradients[key].reshape(size, -1) for key in self.keys], dim=1)
+                self.reached = self.reached or bool(flat.any())
                 # Neither these per-tensor gradients nor the rows may outlive the next call: each is chunk × p.
                 del gradients
                 yield indices, flat
@@ -351,7 +354,17 @@ def gradient_matrix(model: nn.Module, targets: Sequence[Target], examples: Batch
     loss_gradient_sum = separate_gradient_sum(model, targets, examples, objective, gradients.rows, chunk * batch, meter)
     release_freed_memory()
     return GradientMatrix(rows, layout, batch, gradients.route,
-                          None if loss_gradient_sum is None else loss_gradient_sum.to(dtype))
+                          None if loss_gradient_sum is None else loss_gradient_sum.to(dtype),
+                          reached=gradients.reached)
+
+
+def require_some_gradient(reached: bool) -> None:
+    """Refuse a Fisher of all-zero gradients (over every target): it gives nothing to prune by, and every method
+    on it would fall back to the weights' order without saying so."""
+    if not reached:
+        raise PrunekitError("every gradient of the objective is zero at these weights (a frozen model, or a loss "
+                            "that does not depend on them): the empirical Fisher gives nothing to prune by; check "
+                            "the loss, or prune by magnitude")
 
 
 def separate_gradient_sum(model: nn.Module, targets: Sequence[Target], examples: Batch, objective: Objective | None,
@@ -393,6 +406,7 @@ def diagonal_fisher(model: nn.Module, targets: Sequence[Target], examples: Batch
         # In place, in float32 over one call's rows: a float64 copy and its square had been 4× the rows.
         total += part.square_().sum(dim=0)
         del part  # before the next call computes its own
+    require_some_gradient(gradients.reached)
     return total / gradients.rows
 
 
@@ -428,6 +442,7 @@ class GroupedGradients:
 
     def __iter__(self) -> Iterator[tuple[int, GradientMatrix]]:
         starts = [columns.start for columns in WeightLayout.of(self.targets).slices()]
+        reached = False
         for members in self.groups:
             g = self.kept
             if g is None:
@@ -436,7 +451,9 @@ class GroupedGradients:
                 self.route = g.route
                 if len(self.groups) == 1:
                     self.kept = g
+            reached = reached or g.reached
             yield starts[members[0]], g
+        require_some_gradient(reached)  # a group alone may be out of the loss's reach (an unused head)
 
 
 # ---------------------------------------------------------------- the blocks' Hessians, for the block solvers
@@ -489,6 +506,7 @@ class AccumulatedBlocks:
                 rows = _blocked_columns(part[:, local].to(dtype), width)
                 hessian.baddbmm_(rows.transpose(1, 2), rows)
             del part, rows  # before the next call computes its own
+        require_some_gradient(gradients.reached)
         self.route = gradients.route
         separate = separate_gradient_sum(model, targets, examples, objective, self.n, chunk * batch, meter)
         self.gradient_sum = sums if separate is None else separate

@@ -68,6 +68,7 @@ from ..fisher import (
     matrix_bytes,
     release_freed_memory,
     require_memory,
+    require_some_gradient,
 )
 from ..hparams import Check, group, integer, is_number, number, one_of, setting
 from ..masks import MASKED, attach_masks, mask_of
@@ -334,6 +335,7 @@ def solve_whole(ctx: PruneContext, hp: ChitaHparams, examples: Batch, anchor: to
     """The iht or backsolve solver, on G of all the targets at once (`paper`: the reference code's IHT step)."""
     g = gradient_matrix(ctx.model, ctx.targets, examples, ctx.objective, batch=hp.fisher_batch, chunk=hp.fisher_chunk,
                         dtype=PRECISIONS[hp.precision], meter=ctx.meter)
+    require_some_gradient(g.reached)
     return solve(ctx, hp, g, anchor.to(g.rows.dtype), sparsity, held_out, paper)
 
 
@@ -409,10 +411,7 @@ def _local_models(hp: ChitaHparams, g: GradientMatrix, objective: Objective | No
     orders = _first_orders(hp, objective)
     if hp.ridge != AUTO:
         return [LocalModel(hp.ridge, first_order) for first_order in orders]
-    scale = float(torch.linalg.vector_norm(g.rows)) ** 2 / (g.n * g.p)
-    if scale == 0:
-        raise PrunekitError("every gradient of the objective is zero at these weights (a frozen model, or a loss "
-                            "that does not depend on them): CHITA has no curvature to work with; check the loss")
+    scale = float(torch.linalg.vector_norm(g.rows)) ** 2 / (g.n * g.p)  # > 0: solve_whole refuses an all-zero G
     return [LocalModel(factor * scale, first_order) for first_order in orders for factor in RIDGE_PATH]
 
 
@@ -645,8 +644,11 @@ def _grouped_by_support(per_ridge: dict[float, torch.Tensor]) -> dict[torch.Tens
 
 
 def _ridge(blocks: Blocks, chunk: BlockChunk, model: LocalModel) -> torch.Tensor:
-    """λ' = λn/2 for every block, λ a factor of the tensor's scale when the model's ridge is per tensor."""
-    return torch.full_like(blocks.ridge, model.ridge * (chunk.scale if model.per_tensor else 1.0) * chunk.n / 2)
+    """λ' = λn/2 for every block, λ a factor of the tensor's scale when the model's ridge is per tensor. A tensor
+    out of the loss's reach (an unused head) has scale 0 and a zero Hessian: any positive ridge keeps its weights
+    as they are, and makes its blocks' systems definite."""
+    scale = (chunk.scale or 1.0) if model.per_tensor else 1.0
+    return torch.full_like(blocks.ridge, model.ridge * scale * chunk.n / 2)
 
 
 def _first_order_term(blocks: Blocks, chunk: BlockChunk) -> torch.Tensor:
