@@ -1,4 +1,5 @@
 import copy
+from dataclasses import replace
 import itertools
 
 import pytest
@@ -235,7 +236,7 @@ def test_ridge_auto_picks_the_ridge_the_held_out_examples_prefer():
     ctx, layout = planted_context(40, 0.5)
     g = GradientMatrix(sample, layout)
     held_out = QuadraticHeldOut(held, anchor)
-    hp = ChitaHparams(first_order=False)  # ridge="auto"
+    hp = ChitaHparams(first_order=False, solver="iht")  # ridge="auto"
     solved = solve(ctx, hp, g, anchor, 0.5, held_out)
 
     scale = float(sample.norm()) ** 2 / (30 * 40)
@@ -254,7 +255,7 @@ def test_a_stage_returns_the_magnitude_backsolve_when_it_does_better_held_out():
     p = len(truth)
     ctx, layout = planted_context(p, 1 - k / p)
     g = GradientMatrix(q.g, layout)
-    hp = ChitaHparams(ridge=2 * q.ridge / g.n, first_order=False)
+    hp = ChitaHparams(ridge=2 * q.ridge / g.n, first_order=False, solver="iht")
     magnitude = Pools(torch.zeros(p, dtype=torch.long), [k]).top(q.anchor)
     backsolve = q.refit(magnitude)
 
@@ -279,7 +280,7 @@ def test_the_papers_step_is_the_ihts_own_weights_under_the_first_order_model_at_
     ctx, layout = planted_context(p, 1 - k / p)
     rows = q.g.to(torch.float32)
     g = GradientMatrix(rows, layout)
-    solved = solve(ctx, ChitaHparams(), g, q.anchor.to(torch.float32), 1 - k / p, None, paper=True)
+    solved = solve(ctx, ChitaHparams(solver="iht"), g, q.anchor.to(torch.float32), 1 - k / p, None, paper=True)
     scale = float(rows.norm()) ** 2 / (g.n * p)
     assert solved.model.first_order and solved.model.ridge == pytest.approx(min(RIDGE_PATH) * scale)
     assert solved.held_out is None and not solved.safeguard
@@ -454,15 +455,38 @@ def test_chita_plus_plus_recomputes_the_fisher_at_every_stage(tiny_net, tiny_bat
     assert result.sparsity == pytest.approx(0.8, abs=1e-3)
 
 
-@pytest.mark.parametrize("solver", ["backsolve", "block"])
+@pytest.mark.parametrize("solver", ["auto", "backsolve", "block"])
 def test_structured_budgets_need_a_backsolve(tiny_net, tiny_batches, solver):
     with pytest.raises(PrunekitError, match="--solver backsolve"):
-        prunekit.prune(tiny_net, "chita", 0.5, Unreadable(), structure="filters", fisher_samples=8)
+        prunekit.prune(tiny_net, "chita", 0.5, Unreadable(), structure="filters", fisher_samples=8, solver="iht")
     result = prunekit.prune(tiny_net, "chita", 0.5, tiny_batches, structure="filters", fisher_samples=8,
                             solver=solver, block_size=50)  # the block solver's pursuit stays off: filters
+    assert result.history[-1]["solver"] == ("backsolve" if solver == "auto" else solver)
     rows = [mask.reshape(mask.shape[0], -1) for mask in result.masks.values()]
     assert all((r.all(1) | ~r.any(1)).all() for r in rows)  # whole filters
     assert sum(int(r.all(1).sum()) for r in rows) == 20 - 10  # 8 + 8 + 4 filters, half of them kept
+
+
+def test_auto_settings_take_the_whole_g_where_it_fits_else_the_widest_blocks_that_fit(tiny_net, tiny_batches):
+    settings = {"fisher_samples": 48, "holdout": 16}
+    roomy = prunekit.prune(copy.deepcopy(tiny_net), "chita", 0.5, tiny_batches, **settings)
+    assert {(event["solver"], event["block_size"]) for event in roomy.history} == {("iht", 500)}
+
+    targets = find_targets(tiny_net)[0]
+    ctx = PruneContext(tiny_net, targets, 0.5, Budget("global"), tiny_batches, 0, CostMeter(tiny_net))
+    hp = ChitaHparams(**settings)
+
+    def needed(**concrete):
+        return chita_module._memory_plan(ctx, replace(hp, **concrete), 0.5).needed / 2**30
+
+    # a budget below G's plan, just above the blocks' at 32 (narrower than n: their Hessians are summed)
+    budget = needed(solver="block", block_size=32) * 1.001
+    assert budget < needed(solver="iht", block_size=500)
+    widest = next(size for size in chita_module.BLOCK_SIZES if needed(solver="block", block_size=size) <= budget)
+    tight = prunekit.prune(copy.deepcopy(tiny_net), "chita", 0.5, tiny_batches, max_memory=budget, **settings)
+    assert {(event["solver"], event["block_size"]) for event in tight.history} == {("block", widest)}
+    assert tight.cost.planned_memory_bytes <= budget * 2**30
+    assert tight.sparsity == pytest.approx(0.5, abs=1e-3)
 
 
 class Unreadable:
@@ -480,9 +504,14 @@ class Unreadable:
     ({"holdout": 0}, r"--ridge auto and --first-order auto choose on held-out examples but --holdout is 0; "
                      r"raise --holdout, or set a numeric --ridge and --first-order true or false"),
     ({"first_order": "maybe"}, r"first_order='maybe' is invalid: set it to auto, true or false"),
-    ({"solver": "cg"}, r"solver='cg' is invalid: set it to one of iht, backsolve, block"),
+    ({"solver": "cg"}, r"solver='cg' is invalid: set it to one of auto, iht, backsolve, block"),
+    ({"block_size": 0}, r"block_size=0 is invalid: set it to auto or an integer >= 1"),
     ({"pursuit_rounds": -1}, r"pursuit_rounds=-1 is invalid: set it to an integer >= 0"),
-    ({"max_memory": 1e-6}, r"needs? about .* GiB, above --max-memory 1e-06 \(.*\); lower --fisher-samples \(n=1000\)"),
+    ({"max_memory": 1e-6}, r"chita would need about .* GiB with the iht solver and .* GiB with the block solver at "
+                           r"blocks of 1, above --max-memory 1e-06; lower --fisher-samples \(n=1000\), prune fewer "
+                           r"tensors \(--exclude\), or raise --max-memory"),
+    ({"max_memory": 1e-6, "solver": "iht"}, r"needs? about .* GiB, above --max-memory 1e-06 \(.*\); lower "
+                                            r"--fisher-samples \(n=1000\)"),
 ])
 def test_bad_inputs_are_refused_before_any_work(tiny_net, hparams, message):
     with pytest.raises(PrunekitError, match=message):

@@ -608,13 +608,19 @@ def streamed_groups(targets: Sequence[Target], hp: FisherHparams, fixed: Mapping
     return tensor_groups(targets, column_bytes(hp, dtype), hp.max_memory * GIB - sum(fixed.values()))
 
 
+def streamed_parts(targets: Sequence[Target], hp: FisherHparams, fixed: Mapping[str, int],
+                   dtype: torch.dtype = torch.float32) -> dict[str, int]:
+    """What a method that streams G by groups of targets (`streamed_groups`) holds: the widest group's G and
+    gradient calls' rows, and `fixed` (the calls' activations among them)."""
+    widest = max(sum(targets[i].numel for i in members) for members in streamed_groups(targets, hp, fixed, dtype))
+    return {"G of one group of tensors": matrix_bytes(hp.fisher_samples, widest, dtype),
+            "gradient calls": gradient_call_bytes(hp, widest), **fixed}
+
+
 def require_streamed_memory(method: str, targets: Sequence[Target], hp: FisherHparams, fixed: Mapping[str, int],
                             knobs: str, dtype: torch.dtype = torch.float32) -> int:
-    """`require_memory` for a method that streams G by groups of targets (`streamed_groups`): the widest group's G
-    and gradient calls' rows, and `fixed` (the calls' activations among them)."""
-    widest = max(sum(targets[i].numel for i in members) for members in streamed_groups(targets, hp, fixed, dtype))
-    return require_memory(method, {"G of one group of tensors": matrix_bytes(hp.fisher_samples, widest, dtype),
-                                   "gradient calls": gradient_call_bytes(hp, widest), **fixed}, hp, knobs)
+    """`require_memory` on `streamed_parts`."""
+    return require_memory(method, streamed_parts(targets, hp, fixed, dtype), hp, knobs)
 
 
 def require_memory(method: str, parts: Mapping[str, int], hp: FisherHparams, knobs: str,

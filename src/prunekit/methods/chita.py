@@ -58,7 +58,7 @@ from ..fisher import (
     block_width,
     chunks_of_gradients,
     fitted_chunk,
-    require_streamed_memory,
+    streamed_parts,
     streamed_groups,
     fisher_examples,
     call_activation_bytes,
@@ -68,9 +68,11 @@ from ..fisher import (
     matrix_bytes,
     release_freed_memory,
     require_memory,
+    GIB,
+    memory_needed,
     require_some_gradient,
 )
-from ..hparams import Check, group, integer, is_number, number, one_of, setting
+from ..hparams import Check, group, integer, is_integer, is_number, number, one_of, setting
 from ..masks import MASKED, attach_masks, mask_of
 from ..objectives import Batch, Objective, batch_examples, slice_batch, to_device
 from ..schedules import STAGE_SCHEDULES, stage_sparsities
@@ -119,10 +121,13 @@ class ChitaHparams(FisherHparams):
                                       "held-out examples prefer, chosen with the ridge (the term helps once earlier "
                                       "stages have moved the weights off a minimum)",
                                       Check("auto, true or false", lambda v: v == AUTO or isinstance(v, bool)))
-    solver: str = setting("iht", "iht: active-set IHT with line search; backsolve: magnitude support + ridge "
-                          "refit; block: backsolve under a block-diagonal Fisher (large models)", one_of(*SOLVERS))
-    block_size: int = setting(500, "block solver: tensors of at least this many weights are cut into blocks of "
-                              "about this size", integer(1))
+    solver: str = setting(AUTO, "iht: active-set IHT with line search; backsolve: magnitude support + ridge "
+                          "refit; block: backsolve under a block-diagonal Fisher (large models); auto: iht (backsolve "
+                          "for structured budgets) where G fits --max-memory, else block", one_of(AUTO, *SOLVERS))
+    block_size: int | str = setting(AUTO, "block solver: tensors of at least this many weights are cut into blocks "
+                                    "of about this size; auto: the widest of 500, 256, ..., 1 whose plan fits "
+                                    "--max-memory", Check("auto or an integer >= 1",
+                                                          lambda v: v == AUTO or (is_integer(v) and v >= 1)))
     iterations: int = setting(100, "iht: IHT steps per active-set round", integer(1))
     active_set_rounds: int = setting(10, "iht: times the active set may grow", integer(1))
     pursuit_rounds: int = setting(10, "iht and block: rounds of IHT step + exact refit after the start, each "
@@ -162,7 +167,7 @@ class ChitaPlusPlusHparams(ChitaHparams):
 
     def check_relations(self) -> None:
         super().check_relations()
-        if self.intermediate == "paper" and self.solver != "iht":
+        if self.intermediate == "paper" and self.solver not in ("iht", AUTO):
             raise PrunekitError("--intermediate paper takes the iht solver's own weights; use --solver iht, or "
                                 "--intermediate chosen")
 
@@ -209,7 +214,7 @@ def _check_chita(ctx: PruneContext, hp: ChitaHparams) -> None:
 @register("chita", ChitaHparams, "CHITA (Benbaki et al. 2023): ℓ0-constrained least squares on the empirical Fisher; "
           "weights re-solved, not just masked", needs_data=True, check=_check_chita)
 def chita(ctx: PruneContext, hp: ChitaHparams) -> dict[str, torch.Tensor]:
-    return solve_stages(ctx, hp, [ctx.sparsity])
+    return solve_stages(ctx, resolved(ctx, hp, ctx.sparsity), [ctx.sparsity])
 
 
 def _plus_plus_stages(ctx: PruneContext, hp: ChitaPlusPlusHparams) -> list[float]:
@@ -225,7 +230,8 @@ def _check_plus_plus(ctx: PruneContext, hp: ChitaPlusPlusHparams) -> None:
 @register("chita++", ChitaPlusPlusHparams, "CHITA++: CHITA at rising sparsities, the Fisher recomputed at each stage",
           needs_data=True, check=_check_plus_plus)
 def chita_plus_plus(ctx: PruneContext, hp: ChitaPlusPlusHparams) -> dict[str, torch.Tensor]:
-    return solve_stages(ctx, hp, _plus_plus_stages(ctx, hp))
+    sparsities = _plus_plus_stages(ctx, hp)
+    return solve_stages(ctx, resolved(ctx, hp, min(sparsities)), sparsities)
 
 
 def _events(ctx: PruneContext, hp: ChitaGradualHparams) -> list[float]:
@@ -245,6 +251,7 @@ def _check_gradual(ctx: PruneContext, hp: ChitaGradualHparams) -> None:
           check=_check_gradual)
 def chita_gradual(ctx: PruneContext, hp: ChitaGradualHparams) -> dict[str, torch.Tensor]:
     previous, epoch = 0.0, 0
+    hp = resolved(ctx, hp, min(_events(ctx, hp)))
     for event, sparsity in enumerate(_events(ctx, hp)):
         inner = stage_sparsities(sparsity, hp.inner_stages, "exponential", base=previous)
         masks = solve_stages(ctx, hp, inner)
@@ -278,7 +285,7 @@ def solve_stages(ctx: PruneContext, hp: ChitaHparams, sparsities: list[float]) -
         # The solver's support already holds the plan's counts: it is the stage's mask as it is.
         masks = stages.accept(layout.unflatten(solved.solution.support))
         _install(ctx, layout, solved.solution.w, masks)
-        stages.record(stage=stage, scheduled=sparsity, solver=hp.solver, objective=solved.trace,
+        stages.record(stage=stage, scheduled=sparsity, solver=hp.solver, block_size=hp.block_size, objective=solved.trace,
                       swapped=solved.swapped, gradients=solved.route, ridge=solved.model.ridge,
                       first_order=solved.model.first_order, held_out=solved.held_out, safeguard=solved.safeguard,
                       start=solved.start, paper=paper)
@@ -703,24 +710,76 @@ def _accumulated_parts(hp: ChitaHparams, ctx: PruneContext) -> tuple[dict[str, i
 ACCUMULATED_PHASES = ("gradient pass", "solve")
 
 
-def check_before_work(ctx: PruneContext, hp: ChitaHparams, lowest_sparsity: float) -> None:
-    """The solver suits the budget, and the memory estimate for the widest stage is within --max-memory (kept as
-    the cost's planned peak)."""
-    if hp.solver == "iht" and ctx.budget.structure != "unstructured":
+def check_before_work(ctx: PruneContext, hp: ChitaHparams, lowest_sparsity: float) -> ChitaHparams:
+    """The settings with the auto solver and block size made concrete (`resolved`), once the solver is checked
+    against the budget and the memory estimate for the widest stage against --max-memory (kept as the cost's
+    planned peak)."""
+    concrete = resolved(ctx, hp, lowest_sparsity)
+    if concrete.solver == "iht" and ctx.budget.structure != "unstructured":
         raise PrunekitError(f"chita's iht solver selects single weights; for {ctx.budget.structure} sparsity "
                             "use --solver backsolve or --solver block")
+    plan = _memory_plan(ctx, concrete, lowest_sparsity)
+    if hp.solver == AUTO and concrete.solver == "block" and plan.needed > hp.max_memory * GIB:
+        _refuse_every_solver(ctx, hp, concrete, plan, lowest_sparsity)
+    ctx.meter.cost.planned_memory_bytes = require_memory(plan.method, plan.parts, hp, plan.knobs, plan.apart)
+    return concrete
+
+
+def _refuse_every_solver(ctx: PruneContext, hp: ChitaHparams, block: ChitaHparams, plan: MemoryPlan,
+                         lowest_sparsity: float) -> None:
+    """--solver auto found no solver within --max-memory: say what the whole-G one and the narrowest blocks need."""
+    whole = "iht" if ctx.budget.structure == "unstructured" else "backsolve"
+    needed = _memory_plan(ctx, replace(block, solver=whole), lowest_sparsity).needed
+    raise PrunekitError(f"chita would need about {needed / GIB:.2f} GiB with the {whole} solver and "
+                        f"{plan.needed / GIB:.2f} GiB with the block solver at blocks of {block.block_size}, above "
+                        f"--max-memory {hp.max_memory:g}; lower --fisher-samples (n={hp.fisher_samples}), prune "
+                        "fewer tensors (--exclude), or raise --max-memory")
+
+
+# The block sizes --block-size auto tries, widest first: 500 keeps the solves of the paper's models as they were.
+BLOCK_SIZES = (500, 256, 128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def resolved(ctx: PruneContext, hp: ChitaHparams, lowest_sparsity: float) -> ChitaHparams:
+    """--solver auto: iht (backsolve for a structured budget; iht for chita++'s paper steps) where G fits
+    --max-memory, else block; --block-size auto: for the block solver the widest of BLOCK_SIZES whose plan fits
+    (the narrowest when none does, which the memory check then refuses, naming the knobs)."""
+    def fits(candidate: ChitaHparams) -> bool:
+        return _memory_plan(ctx, candidate, lowest_sparsity).needed <= hp.max_memory * GIB
+
+    if hp.solver == AUTO:
+        paper = isinstance(hp, ChitaPlusPlusHparams) and hp.intermediate == "paper"
+        whole = "iht" if ctx.budget.structure == "unstructured" or paper else "backsolve"
+        hp = replace(hp, solver=whole if paper or fits(replace(hp, solver=whole)) else "block")
+    if hp.block_size == AUTO:
+        sizes = BLOCK_SIZES if hp.solver == "block" else BLOCK_SIZES[:1]
+        hp = replace(hp, block_size=next((size for size in sizes if fits(replace(hp, block_size=size))), sizes[-1]))
+    return hp
+
+
+@dataclass
+class MemoryPlan:
+    method: str  # what the refusal names
+    parts: dict[str, int]
+    knobs: str  # the settings that lower the estimate
+    apart: tuple[str, ...] = ()  # phases never held at once
+
+    @property
+    def needed(self) -> int:
+        return memory_needed(self.parts, self.apart)
+
+
+def _memory_plan(ctx: PruneContext, hp: ChitaHparams, lowest_sparsity: float) -> MemoryPlan:
+    """What the concrete solver holds at its peak, for the widest stage (at `lowest_sparsity`)."""
     n, p = hp.fisher_samples, sum(t.numel for t in ctx.targets)
     dtype = PRECISIONS[hp.precision]
     if hp.solver == "block":
-        method = f"chita (block solver, n={n}, p={p})"
+        method = f"chita (block solver, n={n}, p={p}, block size {hp.block_size})"
         if accumulates(hp):
-            needed = require_memory(method, _accumulated_parts(hp, ctx)[0], hp,
-                                    "--block-size or --precision float32", apart=ACCUMULATED_PHASES)
-        else:
-            needed = require_streamed_memory(method, ctx.targets, hp, _block_fixed_parts(hp, ctx),
-                                             f"--fisher-samples (n={n}), --precision float32 or --block-size", dtype)
-        ctx.meter.cost.planned_memory_bytes = needed
-        return
+            return MemoryPlan(method, _accumulated_parts(hp, ctx)[0], "--block-size or --precision float32",
+                              ACCUMULATED_PHASES)
+        return MemoryPlan(method, streamed_parts(ctx.targets, hp, _block_fixed_parts(hp, ctx), dtype),
+                          f"--fisher-samples (n={n}), --precision float32 or --block-size")
     most, fewest = (p - round(sparsity * p) for sparsity in (lowest_sparsity, ctx.sparsity))
     # A refit multiplies G's kept columns a chunk at a time in float64 (two chunk buffers) and factorises n×n (or
     # kept×kept) systems; the IHT copies its active set's columns, unless that is all of them. The gradient pass
@@ -732,9 +791,8 @@ def check_before_work(ctx: PruneContext, hp: ChitaHparams, lowest_sparsity: floa
         solve += matrix_bytes(n, _widest_active_set(p, most, fewest), dtype)
     parts = {"G": matrix_bytes(n, p, dtype), "gradient calls": gradient_call_bytes(hp, p, None, ctx.example_activations),
              "solve": solve}
-    ctx.meter.cost.planned_memory_bytes = require_memory(
-        f"chita ({hp.solver} solver, n={n}, p={p})", parts, hp,
-        f"--fisher-samples (n={n}), --precision float32 or --solver block", apart=WHOLE_PHASES)
+    return MemoryPlan(f"chita ({hp.solver} solver, n={n}, p={p})", parts,
+                      f"--fisher-samples (n={n}), --precision float32 or --solver block", WHOLE_PHASES)
 
 
 WHOLE_PHASES = ("gradient calls", "solve")
