@@ -175,10 +175,13 @@ class BilevelStep(Callback):
 
     def _restore_pruned_weights(self) -> None:
         """Weight decay and momentum must not move pruned weights: the paper's step changes kept ones only."""
+        multipliers = self.scores.multipliers
         with torch.no_grad():
             for target in self.ctx.targets:
-                kept = self.scores.masks[target.name]
-                torch.where(kept, target.dense, self.weights_before_step[target.name], out=target.dense)
+                # With weights of exactly 0 and 1, lerp is exact: the stepped value where kept, the
+                # value before the step where pruned (a float where(), without a boolean mask).
+                torch.lerp(self.weights_before_step[target.name], target.dense, multipliers[target.name],
+                           out=target.dense)
 
     def _upper_level(self, trainer: Trainer) -> None:
         """One SGD step on the scores at θ_{t+1}, on a batch independent of the lower level's."""
