@@ -35,8 +35,10 @@ Choices, and where the official code (OPTML-Group/BiP) differs:
   iteration costs two forward and backward passes. The lower level runs the masks with masked
   gradients (autograd gives z* ⊙ ∂ℓ/∂z), the upper level straight-through (∂ℓ/∂z of every weight);
   the projection finds the exact top-k near the last one (`_topk.py`) and writes it into the
-  masks already attached. On LeNet-300 an iteration's two passes cost about 1.3× two steps of
-  plain masked training (benchmarks/RESULTS.md, `benchmarks/bip_step_cost.py`).
+  masks already attached. Per example through a backward pass BiP costs 1.3–1.5× plain masked
+  training on LeNet-300 (1.54× over a whole suite: the projection and the score step are passes
+  over every score that the small layers do not hide) and about 1× on ResNet-20
+  (benchmarks/RESULTS.md, `benchmarks/bip_step_cost.py`).
 - The upper level's batches come from a second pass over the data per epoch (see `_upper_level_pass`),
   like the official code's second loader over the training set.
 - Learning rates and schedules follow the official CIFAR config as it runs: 0.1 for both, cosine for
