@@ -24,7 +24,7 @@ from ..targets import Target
 class RunningStatsForPrunedChannels:
     """A context manager over training: while it is open, pruned channels use their running statistics.
 
-    `masks()` gives the current masks (True = kept) by target name; a filter is pruned when its
+    `masks()` gives the current masks (nonzero = kept) by target name; a filter is pruned when its
     whole slice along the target's output dimension is.
     """
 

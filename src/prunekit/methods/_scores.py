@@ -30,30 +30,31 @@ STRUCTURES_BY_GROUP = ("filters", "channels", "groups")
 class Scores:
     """A score tensor with the shape of each target weight; the mask keeps the budget's top-k of |score|.
 
-    `masks` is the mask the model computes with, recomputed from the scores by `project()`, which
-    attaches it straight-through the first time; `multipliers` are the same masks as the model
-    multiplies by them (in the weights' dtype).
+    `project()` recomputes the mask from the scores into `multipliers`, the masks the model
+    multiplies by (in the weights' dtype, attached straight-through the first time); `masks` are
+    the same as booleans.
     """
 
     def __init__(self, ctx: PruneContext, initial: Mapping[str, torch.Tensor]):
         self.ctx = ctx
         self.tensors = {t.name: initial[t.name].detach().clone().to(t.dense.device).requires_grad_(True)
                         for t in ctx.targets}
-        self.masks: dict[str, torch.Tensor] = {}
         unstructured = ctx.budget.structure == "unstructured"
-        self._select = TrackedTopK(ctx.plan.at(ctx.sparsity)).select if unstructured else ctx.select
+        self._tracked = TrackedTopK(ctx.plan.at(ctx.sparsity)) if unstructured else None
         self._parametrizations: dict[str, Mask] = {}
 
     def project(self) -> None:
         """Recompute the exact top-k mask from the scores and make the model compute with it."""
-        self.masks = self._select(self._ranking())
         if not self._parametrizations:
-            attach_masks(self.ctx.model, self.masks, STRAIGHT_THROUGH)
+            # Written below, like every later mask: into the masks attached here, without walking the model again.
+            attach_masks(self.ctx.model, {name: torch.ones_like(score, dtype=torch.bool)
+                                          for name, score in self.tensors.items()}, STRAIGHT_THROUGH)
             self._parametrizations = {t.name: mask_of(t.module) for t in self.ctx.targets}
+        if self._tracked is not None:
+            self._tracked.select_into(self.tensors, self.multipliers)
             return
-        # Every iteration: write into the masks attached at the first, without walking the model again.
-        for name, parametrization in self._parametrizations.items():
-            parametrization.mask.copy_(self.masks[name])
+        for name, mask in self.ctx.select(self._ranking()).items():
+            self._parametrizations[name].mask.copy_(mask)
 
     def set_gradient_mode(self, mode: str) -> None:
         """Switch the attached masks between masked and straight-through gradients (`masks.GRADIENT_MODES`)."""
@@ -64,6 +65,10 @@ class Scores:
     def multipliers(self) -> dict[str, torch.Tensor]:
         return {name: parametrization.mask for name, parametrization in self._parametrizations.items()}
 
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {name: parametrization.mask.bool() for name, parametrization in self._parametrizations.items()}
+
     def _ranking(self) -> dict[str, torch.Tensor]:
         if self.ctx.budget.structure in STRUCTURES_BY_GROUP:
             # The budget ranks a group by its mean entry: the mean of s² orders filters (channels) by the
@@ -73,7 +78,8 @@ class Scores:
 
     def flips(self, before: Mapping[str, torch.Tensor]) -> int:
         """How many mask entries differ from `before`."""
-        return sum(int((self.masks[name] != before[name]).sum()) for name in self.masks)
+        masks = self.masks
+        return sum(int((masks[name] != before[name]).sum()) for name in masks)
 
 
 def grad_at_masked_weight(target: Target) -> torch.Tensor:

@@ -125,7 +125,7 @@ def search(ctx: PruneContext, hp: BipHparams) -> Scores:
     """The bi-level iterations for `epochs` passes over the data; the model's weights are trained in place."""
     scores = Scores(ctx, {t.name: t.dense for t in ctx.targets})
     scores.project()
-    pruned_channels = (RunningStatsForPrunedChannels(ctx.model, ctx.targets, lambda: scores.masks)
+    pruned_channels = (RunningStatsForPrunedChannels(ctx.model, ctx.targets, lambda: scores.multipliers)
                        if hp.pruned_channel_bn == "running" else nullcontext())
     with pruned_channels:
         train(ctx, hp.training, [BilevelStep(ctx, scores, hp), RecordEpochs(ctx, "bilevel", scores)])
