@@ -54,13 +54,13 @@ def test_the_band_widens_after_jumps_and_narrows_again_to_a_small_share_of_the_s
     tracked = TrackedTopK(Budget().plan(SHAPES, 0.9))
     jumps = drifting_scores(5, 1.0)
     tracked_masks(tracked, next(jumps))
-    first_width = tracked.cuts[0].width
+    first_width = tracked.pools[0].cut.width
     for scores in jumps:  # the cut leaves the band: it widens
         tracked_masks(tracked, scores)
-    assert tracked.cuts[0].width > first_width
+    assert tracked.pools[0].cut.width > first_width
     for scores in drifting_scores(40, 1e-4, seed=1):
         tracked_masks(tracked, scores)
-    cut = tracked.cuts[0]
+    cut = tracked.pools[0].cut
     values = torch.cat([s.reshape(-1) for s in scores.values()]).abs()
     inside = int(((values - cut.value).abs() <= cut.width).sum())
     assert 0 < inside <= 0.05 * values.numel()

@@ -37,10 +37,6 @@ class TrackedTopK:
         if shared:
             self.pools.append(_Pool(shared, plan.counts[None]))
 
-    @property
-    def cuts(self) -> list[_Cut]:
-        return [pool.cut for pool in self.pools]
-
     def select_into(self, scores: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
         """Write the selection of |scores| into `masks` (any dtype, the scores' shapes): 1 kept, 0 pruned."""
         for pool in self.pools:
