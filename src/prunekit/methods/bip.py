@@ -35,9 +35,9 @@ Choices, and where the official code (OPTML-Group/BiP) differs:
   iteration costs two forward and backward passes. The lower level runs the masks with masked
   gradients (autograd gives z* ⊙ ∂ℓ/∂z), the upper level straight-through (∂ℓ/∂z of every weight);
   the projection finds the exact top-k near the last one (`_topk.py`) and writes it into the
-  masks already attached. Per example through a backward pass BiP costs 1.2–1.5× plain masked
-  training on LeNet-300 (1.54× in a two-process suite: the projection and the score step are
-  passes over every score that the small layers do not hide) and about 1× on ResNet-20
+  masks already attached. Per example through a backward pass BiP costs 1.1–1.3× plain masked
+  training on LeNet-300 (the projection, the upper gradient and the restore are passes over
+  every score that the small layers do not hide) and about 1× on ResNet-20
   (benchmarks/RESULTS.md, `benchmarks/bip_step_cost.py`).
 - The upper level's batches come from a second pass over the data per epoch (see `_upper_level_pass`),
   like the official code's second loader over the training set.
