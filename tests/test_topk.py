@@ -25,8 +25,10 @@ def tracked_masks(tracked: TrackedTopK, scores: dict, dtype=torch.float32) -> di
     return {name: mask.bool() for name, mask in masks.items()}
 
 
-def plan_masks(plan, scores: dict) -> dict:
-    return plan.select({name: score.abs() for name, score in scores.items()})
+def assert_selection_is_the_plans(tracked: TrackedTopK, plan, scores: dict, mask_dtype=torch.float32) -> None:
+    ours = tracked_masks(tracked, scores, mask_dtype)
+    reference = plan.select({name: score.abs() for name, score in scores.items()})
+    assert all(torch.equal(ours[name], reference[name]) for name in SHAPES)
 
 
 @pytest.mark.parametrize("budget", [Budget(), Budget("uniform"), Budget(layer_sparsity={"^fc2": 0.5})],
@@ -36,8 +38,8 @@ def test_tracked_selection_is_the_plans_bit_for_bit_while_scores_drift(budget, s
     plan = budget.plan(SHAPES, 0.9)
     tracked = TrackedTopK(plan)
     for step, scores in enumerate(drifting_scores(30, step_size)):
-        ours, reference = tracked_masks(tracked, scores, (torch.float32, torch.float16)[step % 2]), plan_masks(plan, scores)
-        assert all(torch.equal(ours[name], reference[name]) for name in SHAPES)
+        mask_dtype = torch.float16 if step % 2 else torch.float32  # the model's masks are in its weights' dtype
+        assert_selection_is_the_plans(tracked, plan, scores, mask_dtype)
 
 
 def test_ties_at_the_cut_are_pruned_in_index_order_as_the_plan_does():
@@ -46,8 +48,7 @@ def test_ties_at_the_cut_are_pruned_in_index_order_as_the_plan_does():
     generator = torch.Generator().manual_seed(1)
     for _ in range(10):  # a few distinct values: most of the cut is ties
         scores = {name: torch.randint(-3, 4, shape, generator=generator).float() for name, shape in SHAPES.items()}
-        ours, reference = tracked_masks(tracked, scores), plan_masks(plan, scores)
-        assert all(torch.equal(ours[name], reference[name]) for name in SHAPES)
+        assert_selection_is_the_plans(tracked, plan, scores)
 
 
 def test_the_band_widens_after_jumps_and_narrows_again_to_a_small_share_of_the_scores():
@@ -86,5 +87,4 @@ def test_scores_numpy_cannot_hold_take_the_torch_path_to_the_same_selection():
     tracked = TrackedTopK(plan)
     for scores in drifting_scores(10, 1e-2):
         scores = {name: score.bfloat16() for name, score in scores.items()}
-        ours, reference = tracked_masks(tracked, scores), plan_masks(plan, scores)
-        assert all(torch.equal(ours[name], reference[name]) for name in SHAPES)
+        assert_selection_is_the_plans(tracked, plan, scores)
